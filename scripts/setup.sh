@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-step set-up: a virtual environment in .venv with sdgraph installed (editable).
+#   bash scripts/setup.sh          runtime only
+#   bash scripts/setup.sh --test   plus the test tools (pytest, torch CPU, diffusers, transformers, ruff)
+# On Linux it also installs OpenBLAS when it can (MLX's CPU wheel ships a slow reference BLAS).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas.*\.so\.0'; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        (apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+          || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1)) \
+          || echo "setup: could not install OpenBLAS; MLX will use its slow reference BLAS on the CPU" >&2
+    else
+        echo "setup: for fast CPU runs install OpenBLAS: sudo apt-get install libopenblas0-pthread" >&2
+    fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".${extras}"
+echo "setup: done. Run: .venv/bin/sdgraph --help"
