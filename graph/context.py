@@ -1,0 +1,110 @@
+"""The execution context a node receives when it declares a `ctx` parameter."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graph.errors import Cancelled
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where models are read from, inputs found and outputs written (ComfyUI's layout by default)."""
+
+    models_dir: Path = Path("models")
+    input_dir: Path = Path("input")
+    output_dir: Path = Path("output")
+
+    @classmethod
+    def from_env(cls, models_dir=None, input_dir=None, output_dir=None) -> Folders:
+        """Explicit arguments win, then SDGRAPH_*_DIR environment variables, then ./models etc."""
+        env = os.environ.get
+        return cls(
+            Path(models_dir or env("SDGRAPH_MODELS_DIR") or "models"),
+            Path(input_dir or env("SDGRAPH_INPUT_DIR") or "input"),
+            Path(output_dir or env("SDGRAPH_OUTPUT_DIR") or "output"),
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is renamed onto `path` (readers never see a
+    half-written file), on failure it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class ExecutionContext:
+    """Passed to nodes that declare `ctx`. One per node execution; the run-wide parts are shared."""
+
+    node_id: str
+    node_type: str
+    folders: Folders
+    run_info: dict[str, Any]
+    cache_dir: Path
+    on_progress: Callable[[str, int, int], None] = lambda node, step, total: None
+    on_log: Callable[[str, str], None] = lambda node, msg: None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    written_files: list[Path] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.folders.output_dir
+
+    @property
+    def input_dir(self) -> Path:
+        return self.folders.input_dir
+
+    @property
+    def models_dir(self) -> Path:
+        return self.folders.models_dir
+
+    def progress(self, step: int, total: int) -> None:
+        """Report progress (e.g. sampling step 3 of 20); also a cancellation point."""
+        self.check_cancelled()
+        self.on_progress(self.node_id, step, total)
+
+    def check_cancelled(self) -> None:
+        """Raise Cancelled if the run was cancelled; call it in long loops."""
+        if self.cancel_event.is_set():
+            raise Cancelled("cancelled")
+
+    def log(self, msg: str) -> None:
+        self.on_log(self.node_id, msg)
+
+    def cache_path(self, kind: str, key: str) -> Path:
+        """A path in the cache folder for a derived file (e.g. converted weights), keyed by `key`
+        (use a file fingerprint). Write it with `atomic_path` so concurrent runs never see half a file."""
+        folder = self.cache_dir / "derived" / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / key
+
+    def register_file(self, path: str | os.PathLike) -> Path:
+        """Record an output file this node wrote: listed in the run summary, removed if the run fails."""
+        p = Path(path)
+        self.written_files.append(p)
+        return p
+
+    @contextlib.contextmanager
+    def output_file(self, path: str | os.PathLike) -> Iterator[Path]:
+        """Write an output file atomically: `with ctx.output_file(p) as tmp: image.save(tmp, "PNG")`."""
+        with atomic_path(path) as tmp:
+            yield tmp
+        self.register_file(path)
