@@ -10,8 +10,8 @@ import numpy as np
 
 from sd.vae import VAEConfig
 
-# Small channels, real structure: 4 levels, 2 res blocks, nin_shortcuts where widths change, mid attention.
-TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2)
+# SD1.5's structure and channel multipliers (so exactly its key set), a quarter of its widths.
+TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2)
 SD15_VAE = VAEConfig(base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2)
 
 
