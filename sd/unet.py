@@ -1,0 +1,169 @@
+"""The SD1.x denoising UNet (LDM `openaimodel.UNetModel`) in MLX, NHWC.
+
+Parameter names equal the checkpoint keys without `model.diffusion_model.` (see docs/CONTRACTS.md).
+The architecture comes from `UNetConfig`, read off the weights by `unet_config_from_weights`; nothing
+here knows SD1.5's sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from sd.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm
+
+NORM_GROUPS = 32  # LDM's GroupNorm32
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_levels: tuple[int, ...]  # levels (indices into channel_mult) that carry SpatialTransformers
+    transformer_depth: int
+    context_dim: int
+    # Heads cannot be read from shapes (q/k/v are one inner-dim matrix). SD1.x's configs fix the head
+    # *count* (num_heads=8, num_head_channels=-1), so the head width grows with the level's channels.
+    num_heads: int = 8
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+def timestep_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """LDM's sinusoidal embedding, cos half first (diffusers: flip_sin_to_cos=True, freq_shift=0), fp32."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = timesteps.astype(mx.float32)[:, None] * freqs[None, :]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+class UNetModel(nn.Module):
+    """`unet(x [B,h,w,C], timesteps [B], context [B,L,D]) -> eps [B,h,w,C]`, output in x's dtype."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        mc, emb_dim, groups = config.model_channels, config.time_embed_dim, NORM_GROUPS
+
+        def transformer(channels: int) -> SpatialTransformer:
+            return SpatialTransformer(channels, config.num_heads, config.transformer_depth,
+                                      config.context_dim, groups)
+
+        self.time_embed = [nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)]
+
+        self.input_blocks = [[nn.Conv2d(config.in_channels, mc, 3, padding=1)]]
+        skip_channels = [mc]
+        channels = mc
+        last_level = len(config.channel_mult) - 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                block = [ResBlock(channels, mult * mc, emb_dim, groups)]
+                channels = mult * mc
+                if level in config.attention_levels:
+                    block.append(transformer(channels))
+                self.input_blocks.append(block)
+                skip_channels.append(channels)
+            if level != last_level:
+                self.input_blocks.append([Downsample(channels)])
+                skip_channels.append(channels)
+
+        self.middle_block = [ResBlock(channels, channels, emb_dim, groups), transformer(channels),
+                             ResBlock(channels, channels, emb_dim, groups)]
+
+        self.output_blocks = []
+        for level in reversed(range(len(config.channel_mult))):
+            out_channels = config.channel_mult[level] * mc
+            for index in range(config.num_res_blocks + 1):
+                block = [ResBlock(channels + skip_channels.pop(), out_channels, emb_dim, groups)]
+                channels = out_channels
+                if level in config.attention_levels:
+                    block.append(transformer(channels))
+                if level != 0 and index == config.num_res_blocks:
+                    block.append(Upsample(channels))
+                self.output_blocks.append(block)
+
+        self.out = [group_norm(groups, channels, 1e-5), nn.SiLU(),
+                    nn.Conv2d(channels, config.out_channels, 3, padding=1)]
+
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
+        dtype = self.time_embed[0].weight.dtype
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).astype(dtype)
+        emb = self.time_embed[2](nn.silu(self.time_embed[0](t_emb)))
+        context = context.astype(dtype)
+
+        h = self.input_blocks[0][0](x.astype(dtype))
+        skips = [h]
+        for block in self.input_blocks[1:]:
+            for layer in block:
+                h = layer(h, emb, context)
+            skips.append(h)
+        for layer in self.middle_block:
+            h = layer(h, emb, context)
+        for block in self.output_blocks:
+            h = mx.concatenate([h, skips.pop()], axis=-1)
+            for layer in block:
+                h = layer(h, emb, context)
+        h = self.out[2](nn.silu(self.out[0](h)))
+        return h.astype(x.dtype)
+
+
+_INPUT_BLOCK = re.compile(r"input_blocks\.(\d+)\.")
+_TRANSFORMER_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+def _block_count(shapes: Mapping[str, tuple], pattern: re.Pattern, prefix: str = "") -> int:
+    indices = {int(m.group(1)) for key in shapes
+               if key.startswith(prefix) and (m := pattern.match(key[len(prefix):]))}
+    return max(indices) + 1 if indices else 0
+
+
+def unet_config_from_weights(shapes: Mapping[str, tuple]) -> UNetConfig:
+    """Read an SD1.x-layout UNet's hyper-parameters from its prefix-stripped key -> shape mapping.
+
+    Raises KeyError (naming the key) when the layout lacks a key it needs and ValueError when the
+    layout is irregular; `sd.detect` turns both into errors that name the file.
+    """
+    model_channels, in_channels = shapes["input_blocks.0.0.weight"][:2]
+    out_channels = shapes["out.2.weight"][0]
+
+    levels: list[list[int]] = [[]]  # output channels of each level's res blocks
+    attention: list[bool] = []
+    for index in range(1, _block_count(shapes, _INPUT_BLOCK)):
+        if f"input_blocks.{index}.0.op.weight" in shapes:
+            levels.append([])
+            continue
+        levels[-1].append(shapes[f"input_blocks.{index}.0.out_layers.3.weight"][0])
+        attention.append(f"input_blocks.{index}.1.proj_in.weight" in shapes)
+
+    res_blocks = {len(level) for level in levels}
+    if len(res_blocks) != 1 or not levels[0]:
+        raise ValueError(f"levels have different numbers of res blocks: {[len(lv) for lv in levels]}")
+    num_res_blocks = res_blocks.pop()
+    attention_levels = tuple(lv for lv in range(len(levels)) if attention[lv * num_res_blocks])
+
+    attn_prefix = "middle_block.1."
+    depth = _block_count(shapes, _TRANSFORMER_BLOCK, attn_prefix)
+    if depth == 0:
+        raise KeyError(f"{attn_prefix}transformer_blocks.0.attn2.to_k.weight")
+    context_dim = shapes[f"{attn_prefix}transformer_blocks.0.attn2.to_k.weight"][1]
+
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        model_channels=model_channels,
+        channel_mult=tuple(level[-1] // model_channels for level in levels),
+        num_res_blocks=num_res_blocks,
+        attention_levels=attention_levels,
+        transformer_depth=depth,
+        context_dim=context_dim,
+    )

@@ -1,0 +1,162 @@
+"""Building blocks of the SD1.x UNet (LDM `openaimodel` / `attention` modules), NHWC, in MLX.
+
+Attribute names and list indices reproduce the checkpoint's key names (`in_layers.2`, `out_layers.3`,
+`ff.net.0.proj`, `to_out.0`, ...): parameter-free layers (SiLU, Dropout) are not stored, so index gaps
+are kept by calling the stored layers by their index. Every block takes `(x, emb, context)` so the UNet
+can run a block's layers in one loop.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# LDM's GroupNorm32 uses 32 groups everywhere; ResBlocks use eps 1e-5, SpatialTransformer's norm 1e-6.
+RESBLOCK_NORM_EPS = 1e-5
+TRANSFORMER_NORM_EPS = 1e-6
+LAYER_NORM_EPS = 1e-5
+
+
+def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)
+
+
+def pointwise_conv(conv: nn.Conv2d, x: mx.array) -> mx.array:
+    """A 1x1 convolution as one matmul over the channel axis (NHWC makes it a plain GEMM)."""
+    weight = conv.weight.reshape(conv.weight.shape[0], -1)  # (O,1,1,I) -> (O,I): a free reshape
+    return mx.addmm(conv.bias, x, weight.T)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, plus the projected timestep embedding, GroupNorm-SiLU-Conv, residual."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.in_layers = [group_norm(groups, in_channels, RESBLOCK_NORM_EPS), nn.SiLU(),
+                          nn.Conv2d(in_channels, out_channels, 3, padding=1)]
+        self.emb_layers = [nn.SiLU(), nn.Linear(emb_dim, out_channels)]
+        # index 2 is Dropout in LDM: kept as Identity so the conv stays at index 3
+        self.out_layers = [group_norm(groups, out_channels, RESBLOCK_NORM_EPS), nn.SiLU(), nn.Identity(),
+                           nn.Conv2d(out_channels, out_channels, 3, padding=1)]
+        if in_channels != out_channels:
+            self.skip_connection = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array, emb: mx.array, context: mx.array | None = None) -> mx.array:
+        h = self.in_layers[2](nn.silu(self.in_layers[0](x)))
+        h = h + self.emb_layers[1](nn.silu(emb))[:, None, None, :]
+        h = self.out_layers[3](nn.silu(self.out_layers[0](h)))
+        skip = pointwise_conv(self.skip_connection, x) if "skip_connection" in self else x
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention; `context` None means self-attention. q/k/v have no bias, as in LDM."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.scale = head_dim ** -0.5
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = [nn.Linear(inner, query_dim)]
+
+    def _split_heads(self, t: mx.array) -> mx.array:
+        batch, length, inner = t.shape
+        return t.reshape(batch, length, self.heads, inner // self.heads).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))
+        k = self._split_heads(self.to_k(context))
+        v = self._split_heads(self.to_v(context))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        batch, _, length, _ = out.shape
+        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the width; the second half, through exact GELU, gates the first."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner_dim * 2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        value, gate = mx.split(self.proj(x), 2, axis=-1)
+        return value * nn.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # net.1 is Dropout in LDM
+        self.net = [GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the text context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.attn1 = Attention(dim, dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim)
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, 1x1 conv in, transformer blocks over the h*w tokens, 1x1 conv out, residual (SD1.x)."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
+        super().__init__()
+        head_dim = channels // heads
+        self.norm = group_norm(groups, channels, TRANSFORMER_NORM_EPS)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = [BasicTransformerBlock(channels, context_dim, heads, head_dim)
+                                   for _ in range(depth)]
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None) -> mx.array:
+        batch, height, width, channels = x.shape
+        h = pointwise_conv(self.proj_in, self.norm(x)).reshape(batch, height * width, channels)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = pointwise_conv(self.proj_out, h.reshape(batch, height, width, channels))
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (key `op`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None) -> mx.array:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (key `conv`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None) -> mx.array:
+        batch, height, width, channels = x.shape
+        # broadcast each pixel to a 2x2 patch: one materialisation, no gather
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+        return self.conv(x.reshape(batch, height * 2, width * 2, channels))
