@@ -1,0 +1,93 @@
+"""Apply LoRA patch sets to a module without touching it: the result is a new module tree that shares every
+unpatched array with the base. MLX arrays are immutable, so sharing is safe; only the containers (modules,
+lists) on the way to a patched weight are new objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from sd.lora.lora_file import LoRA, canonical_component
+
+PatchSet = Sequence[tuple[LoRA, float]]
+
+# Patched modules by (base identity, component, patch set): weak, so a module lives as long as someone
+# uses it, plus a small strong LRU so a strength sweep that comes back to a value does not recompute it.
+_WEAK: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_RECENT: OrderedDict[tuple, nn.Module] = OrderedDict()
+_RECENT_SIZE = 2
+_BASES: dict[int, weakref.ref] = {}
+
+
+def patch_set_key(loras: PatchSet) -> tuple[tuple[str, float], ...]:
+    """The identity of a patch set: (file fingerprint, strength) pairs in order, zero strengths dropped."""
+    return tuple((lora.fingerprint, float(strength)) for lora, strength in loras if strength != 0)
+
+
+def _copy_tree(value):
+    """Copy modules, lists and dicts (the containers); arrays and everything else are shared."""
+    if isinstance(value, nn.Module):
+        new = copy.copy(value)
+        for attr, attr_value in vars(new).items():
+            if isinstance(attr_value, (set, list, dict)):  # e.g. the frozen-parameter set: never share state
+                vars(new)[attr] = copy.copy(attr_value)
+        for key in list(new.keys()):
+            dict.__setitem__(new, key, _copy_tree(dict.__getitem__(new, key)))
+        return new
+    if isinstance(value, list):
+        return [_copy_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy_tree(v) for k, v in value.items()}
+    return value
+
+
+def _set_parameter(module: nn.Module, name: str, value: mx.array) -> None:
+    *path, leaf = name.split(".")
+    node = module
+    for part in path:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[int(leaf) if isinstance(node, list) else leaf] = value
+
+
+def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partial: bool = False) -> nn.Module:
+    """A new module equal to `module` with W' = W + sum(strength_i * delta_i) for every patched weight.
+
+    `component` is "unet" (alias "model") or "text_encoder" (alias "clip"); strengths may be negative; zero
+    strengths are skipped and an empty set returns `module` itself. The base module is never modified.
+    Unmatched LoRA keys raise LoRAError unless `allow_partial` (then they are skipped with a warning).
+    """
+    component = canonical_component(component)
+    active = [(lora, float(s)) for lora, s in loras if s != 0]
+    if not active:
+        return module
+    key = (id(module), component, patch_set_key(active), allow_partial)
+    base_ref = _BASES.get(id(module))
+    if base_ref is not None and base_ref() is module:
+        hit = _WEAK.get(key)
+        if hit is not None:
+            return hit
+    total: dict[str, mx.array] = {}
+    for lora, strength in active:
+        for name, delta in lora.deltas(component, module, allow_partial).items():
+            total[name] = total[name] + strength * delta if name in total else strength * delta
+    params = dict(tree_flatten(module.parameters()))
+    patched_values = {name: (params[name].astype(mx.float32) + d).astype(params[name].dtype)
+                      for name, d in total.items()}
+    mx.eval(list(patched_values.values()))
+    patched = _copy_tree(module)
+    for name, value in patched_values.items():
+        _set_parameter(patched, name, value)
+
+    _BASES[id(module)] = weakref.ref(module)
+    _WEAK[key] = patched
+    _RECENT[key] = patched
+    while len(_RECENT) > _RECENT_SIZE:
+        _RECENT.popitem(last=False)
+    return patched
