@@ -79,7 +79,8 @@ class NodeSpec:
         (checked at run time, so serializers may be registered after the node is declared)."""
         if self.cache != "auto":
             return self.cache
-        return "disk" if self.outputs and all(o.type.serializable for o in self.outputs) else "memory"
+        # A sink without outputs is "disk" too: its entry records the files it wrote.
+        return "disk" if all(o.type.serializable for o in self.outputs) else "memory"
 
     @property
     def title(self) -> str:
