@@ -1,0 +1,254 @@
+"""Load an SD1.x single-file checkpoint into MLX modules, strictly.
+
+Keys are split into UNet / VAE / text encoder by their LDM prefixes; each part present is built from a
+config read off its shapes, checked key-for-key and shape-for-shape against the module *before* any
+weight is assigned (so no module is ever half-random), converted (convs OIHW -> OHWI, dtype) and
+evaluated once. Parts missing from the file stay None; `require_*` then says so clearly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from sd.detect import check_family, detect_unet_config
+from sd.errors import CheckpointError, MissingComponentError
+from sd.precision import COMPONENTS, default_dtype, parse_dtype
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip": "cond_stage_model.transformer.",
+}
+LABELS = {"unet": "UNet", "vae": "VAE", "clip": "text encoder (CLIP)"}
+
+_CLIP_MODEL_PREFIX = "text_model."
+# LatentDiffusion's noise-schedule buffers: saved at the top level (some tools add 'model.'), never used.
+_DDPM_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar",
+})
+_IGNORED_PREFIXES = (
+    "model_ema.",  # EMA copy of the UNet (names with dots removed); the plain weights are what loads
+    "first_stage_model.loss.",  # VAE training losses (LPIPS / discriminator) in some training dumps
+)
+# The CLIP position_ids buffer: a constant arange, stored as int64, float or not at all.
+_IGNORED_CLIP_KEYS = frozenset({"text_model.embeddings.position_ids"})
+
+V = TypeVar("V")
+
+
+def _is_ignored(key: str) -> bool:
+    if key.startswith(_IGNORED_PREFIXES):
+        return True
+    name = key.removeprefix("model.")
+    return name in _DDPM_BUFFERS
+
+
+def split_components(keys_or_mapping: Mapping[str, V] | Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Sort checkpoint keys into {"unet", "vae", "clip", "ignored", "unknown"}.
+
+    Component entries map the prefix-stripped (and normalised) key to the mapping's value, or to the
+    original key when given plain keys. "ignored" holds known harmless extras (EMA copies, DDPM
+    buffers, CLIP position_ids); "unknown" whatever is left, keyed by the original key.
+    Older files store the text encoder without 'text_model.' (pre-4.x transformers): it is added.
+    """
+    is_mapping = isinstance(keys_or_mapping, Mapping)
+    parts: dict[str, dict[str, Any]] = {name: {} for name in (*COMPONENTS, "ignored", "unknown")}
+    for key in keys_or_mapping:
+        value = keys_or_mapping[key] if is_mapping else key
+        part = next((p for p, prefix in PREFIXES.items() if key.startswith(prefix)), None)
+        if part is None:
+            parts["ignored" if _is_ignored(key) else "unknown"][key] = value
+            continue
+        name = key[len(PREFIXES[part]):]
+        if part == "clip" and not name.startswith(_CLIP_MODEL_PREFIX):
+            name = _CLIP_MODEL_PREFIX + name
+        if (part == "clip" and name in _IGNORED_CLIP_KEYS) or _is_ignored(key):
+            parts["ignored"][key] = value
+        else:
+            parts[part][name] = value
+    return parts
+
+
+def _open_tensors(path: Path):
+    try:
+        from sd.checkpoint_io import open_tensors
+    except ImportError:  # TODO(remove): until sd/checkpoint_io.py lands, read .safetensors only
+        return _SafetensorsShim(path)
+    return open_tensors(path)
+
+
+class _SafetensorsShim(Mapping):
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="numpy")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._file.get_slice(key).get_shape())
+
+
+def _abbreviate(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{shown} (and {len(items) - limit} more, {len(items)} in all)" if len(items) > limit else shown
+
+
+def _mlx_layout(shape: tuple) -> tuple:
+    """PyTorch OIHW conv shape -> MLX OHWI; other shapes unchanged."""
+    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+def _torch_layout(shape: tuple) -> tuple:
+    return (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else tuple(shape)
+
+
+def _fmt(shape: tuple) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def check_weights_match(path: object, part: str, expected: Mapping[str, tuple],
+                        file_shapes: Mapping[str, tuple]) -> None:
+    """Raise CheckpointError listing missing, unexpected and mis-shaped keys (full checkpoint names).
+
+    `expected` are the module's parameter shapes (MLX layout), `file_shapes` the file's (PyTorch layout).
+    """
+    prefix = PREFIXES[part]
+    missing = [prefix + k for k in expected if k not in file_shapes]
+    unexpected = [prefix + k for k in file_shapes if k not in expected]
+    misshaped = [f"{prefix}{k} (file {_fmt(file_shapes[k])}, expected {_fmt(_torch_layout(shape))})"
+                 for k, shape in expected.items()
+                 if k in file_shapes and _mlx_layout(file_shapes[k]) != tuple(shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_abbreviate(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_abbreviate(unexpected)}")
+    if misshaped:
+        problems.append(f"{len(misshaped)} with the wrong shape: {_abbreviate(misshaped)}")
+    if problems:
+        raise CheckpointError(path, f"{LABELS[part]} weights do not fit the architecture read from the file: "
+                                    + "; ".join(problems)
+                                    + ". The file is damaged, edited, or a model variant sdgraph does not "
+                                    "support.")
+
+
+def _to_mlx(array: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    if array.ndim == 4:
+        array = array.transpose(0, 2, 3, 1)  # OIHW -> OHWI; mx.array copies into contiguous memory
+    weight = mx.array(array)
+    return weight if weight.dtype == dtype else weight.astype(dtype)
+
+
+def _builders(part: str) -> tuple[Callable[[Path, Mapping[str, tuple]], Any], Callable[[Any], nn.Module]]:
+    """(config_from_shapes(path, shapes), model_class) per part; VAE/CLIP imported only when needed."""
+    if part == "unet":
+        from sd.unet import UNetModel
+
+        return detect_unet_config, UNetModel
+    if part == "vae":
+        from sd.vae import AutoencoderKL, vae_config_from_weights
+
+        return lambda path, shapes: vae_config_from_weights(shapes, path), AutoencoderKL
+    from sd.clip import CLIPTextModel, clip_config_from_weights
+
+    return lambda path, shapes: clip_config_from_weights(shapes, path), CLIPTextModel
+
+
+def _build(path: Path, part: str, keys: Mapping[str, str], tensors, dtype: mx.Dtype | None):
+    """Build, check and fill one component. `keys` maps prefix-stripped names to the file's keys."""
+    file_shapes = {name: tuple(tensors.shape(key)) for name, key in keys.items()}
+    config_from_shapes, model_class = _builders(part)
+    config = config_from_shapes(path, file_shapes)
+    model = model_class(config)
+    expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+    check_weights_match(path, part, expected, file_shapes)
+    dtype = dtype or default_dtype(part)
+    model.load_weights([(name, _to_mlx(tensors[keys[name]], dtype)) for name in expected], strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return config, model
+
+
+@dataclass
+class Checkpoint:
+    """The parts one checkpoint file holds; a part the file lacks is None."""
+
+    path: Path
+    unet: Any = None
+    vae: Any = None
+    clip: Any = None
+    unet_config: Any = None
+    vae_config: Any = None
+    clip_config: Any = None
+
+    def _require(self, part: str):
+        model = getattr(self, part)
+        if model is None:
+            raise MissingComponentError(
+                f"{self.path}: the checkpoint has no {LABELS[part]} weights ('{PREFIXES[part]}*' keys); "
+                f"load a separate {LABELS[part]} file or use a checkpoint that includes one")
+        return model
+
+    def require_unet(self):
+        return self._require("unet")
+
+    def require_vae(self):
+        return self._require("vae")
+
+    def require_clip(self):
+        return self._require("clip")
+
+
+def _open_and_split(path: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
+    tensors = _open_tensors(path)
+    check_family(path, tensors.keys())
+    parts = split_components(tensors.keys())
+    if parts["unknown"]:
+        raise CheckpointError(path, f"{len(parts['unknown'])} keys belong to no SD1.x component: "
+                                    f"{_abbreviate(sorted(parts['unknown']))}. Is this an SD1.x checkpoint?")
+    if not any(parts[p] for p in COMPONENTS):
+        raise CheckpointError(path, "no SD1.x weights found (expected keys starting with "
+                                    + ", ".join(f"'{p}'" for p in PREFIXES.values()) + ")")
+    return tensors, parts
+
+
+def load_checkpoint(path: str | Path, dtype: str | mx.Dtype | None = None,
+                    parts: Iterable[str] = COMPONENTS) -> Checkpoint:
+    """Load every part the file has (of `parts`). `dtype` None: per-part defaults (sd/precision.py)."""
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    tensors, split = _open_and_split(path)
+    checkpoint = Checkpoint(path)
+    for part in parts:
+        if split[part]:
+            config, model = _build(path, part, split[part], tensors, dtype)
+            setattr(checkpoint, part, model)
+            setattr(checkpoint, f"{part}_config", config)
+    return checkpoint
+
+
+def load_component(path: str | Path, part: str, dtype: str | mx.Dtype | None = None):
+    """Load only one part ("unet", "vae" or "clip") of a checkpoint; MissingComponentError if absent."""
+    if part not in COMPONENTS:
+        raise ValueError(f"unknown part {part!r}; use one of {COMPONENTS}")
+    return load_checkpoint(path, dtype, parts=(part,))._require(part)
