@@ -123,7 +123,7 @@ class TorchCPUGenerator:
         full = size - size % _BLOCK
         data[:full] = _box_muller_blocks(data[:full])
         if full != size:
-            data[size - _BLOCK:] = _box_muller_blocks(self._uniform_float(_BLOCK))
+            data[size - _BLOCK :] = _box_muller_blocks(self._uniform_float(_BLOCK))
         return data.reshape(shape)
 
 
