@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from sd.checkpoint_io import open_tensors
 from sd.detect import check_family, detect_unet_config
 from sd.errors import CheckpointError, MissingComponentError
 from sd.precision import COMPONENTS, default_dtype, parse_dtype
@@ -78,34 +79,6 @@ def split_components(keys_or_mapping: Mapping[str, V] | Iterable[str]) -> dict[s
         else:
             parts[part][name] = value
     return parts
-
-
-def _open_tensors(path: Path):
-    try:
-        from sd.checkpoint_io import open_tensors
-    except ImportError:  # TODO(remove): until sd/checkpoint_io.py lands, read .safetensors only
-        return _SafetensorsShim(path)
-    return open_tensors(path)
-
-
-class _SafetensorsShim(Mapping):
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._file = safe_open(str(path), framework="numpy")
-        self._keys = list(self._file.keys())
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._file.get_tensor(key)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def shape(self, key: str) -> tuple:
-        return tuple(self._file.get_slice(key).get_shape())
 
 
 def _abbreviate(items: list[str], limit: int = 5) -> str:
@@ -220,7 +193,7 @@ class Checkpoint:
 
 
 def _open_and_split(path: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
-    tensors = _open_tensors(path)
+    tensors = open_tensors(path)
     check_family(path, tensors.keys())
     parts = split_components(tensors.keys())
     if parts["unknown"]:
