@@ -3,25 +3,379 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
+import os
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+examples:
+  sdgraph run workflows/txt2img.yaml
+  sdgraph run workflows/txt2img.yaml --set seed=7 --set sampler.steps=30
+  sdgraph run workflows/txt2img.yaml --sweep sampler.seed=1,2,3 --sweep pos.text=@prompts.txt
+  sdgraph run image.png                     re-run the workflow embedded in an image
+  sdgraph validate workflows/img2img.yaml
+  sdgraph nodes KSampler
+  sdgraph convert comfy_api.json -o workflow.yaml
+  sdgraph cache info
+
+exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted.
+environment: SDGRAPH_MODELS_DIR, SDGRAPH_INPUT_DIR, SDGRAPH_OUTPUT_DIR, SDGRAPH_CACHE_DIR,
+  SDGRAPH_CACHE_MAX_BYTES, SDGRAPH_EXTRA_NODES (comma-separated modules or .py files with more nodes).
+"""
+
+
+def load_node_modules() -> None:
+    """Populate the node registry: the built-in nodes, then any named in SDGRAPH_EXTRA_NODES."""
+    import nodes  # noqa: F401  (importing the package registers sdgraph's nodes)
+
+    for entry in filter(None, (e.strip() for e in os.environ.get("SDGRAPH_EXTRA_NODES", "").split(","))):
+        if entry.endswith(".py"):
+            name = Path(entry).stem
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, entry)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+        else:
+            importlib.import_module(entry)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdgraph",
         description="Run Stable Diffusion 1.5 node-graph workflows on MLX.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="TARGET=VALUE",
+                       help="override a node input (node.input=value) or a param (name=value)")
+        p.add_argument("--sweep", action="append", default=[], metavar="TARGET=V1,V2|@FILE",
+                       help="run once per value (cartesian product of all --sweep); @FILE: one per line")
+
+    def folders(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models-dir", help="model folder (default $SDGRAPH_MODELS_DIR or ./models)")
+        p.add_argument("--input-dir", help="input folder (default $SDGRAPH_INPUT_DIR or ./input)")
+        p.add_argument("--output-dir", help="output folder (default $SDGRAPH_OUTPUT_DIR or ./output)")
+
+    def cache_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", help="disk cache folder (default $SDGRAPH_CACHE_DIR or user cache dir)")
+
+    run = sub.add_parser("run", help="run a workflow", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("workflow", help="workflow file (.yaml, .json, or an importable format)")
+    overrides(run)
+    folders(run)
+    cache_dir(run)
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the disk cache")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar or table; print outputs")
+    run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+
+    val = sub.add_parser("validate", help="check a workflow without running it")
+    val.add_argument("workflow")
+    overrides(val)
+    folders(val)
+    val.add_argument("--json", action="store_true", help="print problems as JSON")
+
+    nodes = sub.add_parser("nodes", help="list node types, or describe one")
+    nodes.add_argument("type", nargs="?", help="a node type to describe")
+
+    schema = sub.add_parser("schema", help="print the workflow file's JSON Schema")
+    schema.add_argument("--with-nodes", action="store_true", help="include each node type's inputs")
+
+    conv = sub.add_parser("convert", help="convert a workflow (YAML <-> JSON, or from an imported format)")
+    conv.add_argument("input")
+    conv.add_argument("-o", "--output", required=True, help="output file; .json or .yaml decides the format")
+
+    cache = sub.add_parser("cache", help="inspect or clear the disk cache")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache_dir(cache)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and usage errors (2)
+        return int(e.code or 0)
     if args.command is None:
         parser.print_help()
         return 0
+    from graph.errors import NodeFailed, ValidationFailed
+
+    try:
+        load_node_modules()
+        return COMMANDS[args.command](args)
+    except ValidationFailed as e:
+        _print_problems(e, getattr(args, "json", False))
+        return 2
+    except NodeFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no partial output files were left", file=sys.stderr)
+        return 130
+
+
+def _print_problems(e, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"status": "invalid", "errors": [p.to_dict() for p in e.problems]}, indent=2))
+    for p in e.problems:
+        print(str(p), file=sys.stderr)
+    n = len(e.problems)
+    print(f"{n} error{'s' if n != 1 else ''}; nothing was run.", file=sys.stderr)
+
+
+def _folders(args):
+    from graph.context import Folders
+
+    return Folders.from_env(args.models_dir, args.input_dir, args.output_dir)
+
+
+def _prepare(args):
+    from graph.importers import load_workflow
+    from graph.runner import prepare
+    from graph.sweep import parse_assignment, parse_sweep
+
+    wf = load_workflow(args.workflow)
+    sets = [parse_assignment(s) for s in args.set]
+    sweeps = [parse_sweep(s, Path(args.workflow).parent) for s in args.sweep]
+    return prepare(wf, sets, sweeps, _folders(args))
+
+
+def cmd_validate(args) -> int:
+    prepared = _prepare(args)
+    if args.json:
+        print(json.dumps({"status": "ok", "variations": len(prepared)}))
+    else:
+        n = len(prepared[0].bound)
+        plural = "s" if len(prepared) != 1 else ""
+        print(f"{args.workflow}: ok ({n} nodes, {len(prepared)} variation{plural})")
     return 0
+
+
+def cmd_run(args) -> int:
+    from graph.disk_cache import DiskCache, default_cache_dir
+    from graph.executor import Caches, Executor
+    from graph.runner import run_variation
+
+    prepared = _prepare(args)  # every variation is validated before anything runs
+    if args.no_cache:
+        tmp = tempfile.TemporaryDirectory(prefix="sdgraph-nocache-")
+        caches = Caches(Path(tmp.name), None)
+    else:
+        root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        caches = Caches(root, DiskCache(root))
+    printer = _RunPrinter(quiet=args.quiet or args.json)
+    executor = Executor(caches, _folders(args), printer)
+    summary: dict[str, Any] = {"status": "ok", "workflow": str(args.workflow), "variations": [], "files": []}
+    try:
+        for pv in prepared:
+            if len(prepared) > 1:
+                printer.variation(pv, len(prepared))
+            result = run_variation(executor, pv)
+            printer.close_bars()
+            item = pv.variation.to_data() | {
+                "nodes": [{"id": r.id, "type": r.type, "status": r.status, "seconds": round(r.seconds, 4)}
+                          for r in result.nodes],
+                "files": [_display_path(f) for f in result.files],
+            }
+            summary["variations"].append(item)
+            summary["files"] += item["files"]
+            if not (args.quiet or args.json):
+                _print_table(result)
+            elif args.quiet:
+                for f in item["files"]:
+                    print(f)
+    except BaseException as e:
+        printer.close_bars()
+        if args.json:
+            summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            summary["error"] = str(e)
+            summary["failed_node"] = getattr(e, "node_id", None)
+            print(json.dumps(summary, indent=2))
+        raise
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _display_path(path: str) -> str:
+    """Relative to the current folder when inside it (shorter to read), else absolute."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _print_table(result) -> None:
+    rows = [(r.id, r.type, r.status, f"{r.seconds:.2f}") for r in result.nodes]
+    header = ("node", "type", "status", "seconds")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    for f in result.files:
+        print(f"output: {_display_path(f)}")
+
+
+class _RunPrinter:
+    """RunEvents for the terminal: a tqdm bar per node that reports progress, logs and warnings."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars: dict[str, Any] = {}
+
+    def node_started(self, node_id: str, node_type: str) -> None:
+        pass
+
+    def node_finished(self, report) -> None:
+        bar = self.bars.pop(report.id, None)
+        if bar is not None:
+            bar.close()
+
+    def progress(self, node_id: str, step: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(node_id)
+        if bar is None:
+            bar = self.bars[node_id] = tqdm(total=total, desc=node_id, file=sys.stderr, leave=False)
+        bar.total = total
+        bar.update(step - bar.n)
+
+    def log(self, node_id: str, message: str) -> None:
+        if not self.quiet:
+            print(f"[{node_id}] {message}", file=sys.stderr)
+
+    def warning(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    def variation(self, pv, count: int) -> None:
+        if not self.quiet:
+            sets = " ".join(f"{k}={v}" for k, v in pv.variation.overrides.items())
+            print(f"variation {pv.variation.index + 1}/{count} [{pv.variation.id}] {sets}")
+
+    def close_bars(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def cmd_nodes(args) -> int:
+    from graph.declare import NODE_REGISTRY
+    from graph.errors import Problem, ValidationFailed, did_you_mean
+
+    if args.type is None:
+        if not NODE_REGISTRY:
+            print("no node types are registered")
+            return 0
+        by_category: dict[str, list] = {}
+        for spec in NODE_REGISTRY.values():
+            by_category.setdefault(spec.category, []).append(spec)
+        width = max(len(n) for n in NODE_REGISTRY)
+        for category in sorted(by_category):
+            print(f"{category}:")
+            for spec in sorted(by_category[category], key=lambda s: s.type_name):
+                print(f"  {spec.type_name.ljust(width)}  {spec.title}")
+        return 0
+    spec = NODE_REGISTRY.get(args.type)
+    if spec is None:
+        raise ValidationFailed([Problem(f"unknown node type '{args.type}'",
+                                        hint=did_you_mean(args.type, NODE_REGISTRY))])
+    print(describe_node(spec))
+    return 0
+
+
+def describe_node(spec) -> str:
+    lines = [f"{spec.type_name}  ({spec.category})", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    rows = []
+    for inp in spec.inputs.values():
+        kind = "link" if inp.is_socket else inp.type.describe()
+        if isinstance(getattr(inp.type, "options", None), tuple):
+            kind = "one of: " + ", ".join(inp.type.options)
+        default = "required" if inp.required else ("optional" if inp.default is None else repr(inp.default))
+        rows.append((inp.name, inp.type_name, default, kind))
+    if rows:
+        lines.append("inputs:")
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            cells = "  ".join(x.ljust(w) for x, w in zip(r[:3], widths, strict=True))
+            lines.append(f"  {cells}  {r[3]}")
+    outs = ", ".join(f"{o.name} ({o.type.name})" if o.name != o.type.name else o.name for o in spec.outputs)
+    lines.append(f"outputs: {outs or 'none'}")
+    extras = [f"cache: {spec.cache_tier}", f"version: {spec.version}"]
+    if spec.is_output:
+        extras.append("output node (writes files)")
+    if spec.reads_files:
+        extras.append("reads files named by: " + ", ".join(spec.reads_files))
+    lines.append("; ".join(extras))
+    return "\n".join(lines)
+
+
+def cmd_schema(args) -> int:
+    from graph.declare import NODE_REGISTRY
+    from graph.schema import schema_with_nodes, workflow_schema
+
+    schema = schema_with_nodes(list(NODE_REGISTRY.values())) if args.with_nodes else workflow_schema()
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import yaml
+
+    from graph.context import atomic_path
+    from graph.importers import load_workflow
+
+    data = load_workflow(args.input).to_data()
+    out = Path(args.output)
+    if out.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from graph.disk_cache import DiskCache, default_cache_dir
+
+    store = DiskCache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    if args.action == "clear":
+        store.clear()
+        print(f"cleared {store.root}")
+        return 0
+    info = store.info()
+    print(f"cache dir:     {info['cache_dir']}")
+    print(f"entries:       {info['entries']}")
+    print(f"size:          {_human(info['bytes'])} of {_human(info['max_bytes'])}")
+    print(f"derived files: {_human(info['derived_bytes'])}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "schema": cmd_schema,
+            "convert": cmd_convert, "cache": cmd_cache}
 
 
 if __name__ == "__main__":

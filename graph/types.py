@@ -8,6 +8,7 @@ socket type (INT, FLOAT, STRING, BOOLEAN).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,10 +65,17 @@ CONDITIONING = Conditioning = socket_type("CONDITIONING")
 LATENT = Latent = socket_type("LATENT")
 IMAGE = Image = socket_type("IMAGE")
 MASK = Mask = socket_type("MASK")
-INT = socket_type("INT")
-FLOAT = socket_type("FLOAT")
-STRING = socket_type("STRING")
-BOOLEAN = socket_type("BOOLEAN")
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+# Primitives are JSON on disk, so nodes producing them are disk-cached without any set-up.
+INT = socket_type("INT", to_bytes=_json_bytes, from_bytes=json.loads)
+FLOAT = socket_type("FLOAT", to_bytes=_json_bytes, from_bytes=json.loads)
+STRING = socket_type("STRING", to_bytes=_json_bytes, from_bytes=json.loads)
+BOOLEAN = socket_type("BOOLEAN", to_bytes=_json_bytes, from_bytes=json.loads)
 
 
 def _fmt(value: Any) -> str:
