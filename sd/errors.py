@@ -25,3 +25,7 @@ class LoRAError(CheckpointError):
 
 class MissingComponentError(SDGraphError):
     """A checkpoint lacks a part (VAE, text encoder) that a node tried to use."""
+
+
+class Cancelled(SDGraphError):
+    """The user cancelled a long-running operation (sampling) between two steps."""
