@@ -20,20 +20,23 @@ def _byte_table() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> HFCLIPTokenizer:
+def build_reference_tokenizer(folder) -> HFCLIPTokenizer:
     raw = resources.files("sd").joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     byte_chars = list(_byte_table().values())
     words = byte_chars + [c + "</w>" for c in byte_chars] + [m.replace(" ", "") for m in merges]
     words += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
     (folder / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tokenizer = HFCLIPTokenizer.from_pretrained(str(folder))
     assert tokenizer("")["input_ids"] == [49406, 49407], "reference tokenizer did not load the vocabulary"
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> HFCLIPTokenizer:
+    return build_reference_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 PROMPTS = [
