@@ -18,7 +18,7 @@ SD15_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=320, channe
 
 # SD1.5's structure (4 levels, attention on the first three, 2 res blocks, depth 1) at toy widths.
 # Widths stay multiples of 32 for GroupNorm(32); context_dim equals the tiny CLIP's width.
-TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2, 2),
+TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 4, 4),
                        num_res_blocks=2, attention_levels=(0, 1, 2), transformer_depth=1, context_dim=64)
 
 Shapes = dict[str, tuple[int, ...]]
