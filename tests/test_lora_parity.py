@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint
+from lora_testing import CLIP_PREFIX, UNET_PREFIX, load_component
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
@@ -26,7 +27,6 @@ from sd.synthetic.clip import TINY_CLIP
 from sd.synthetic.unet import TINY_UNET
 from sd.unet import UNetModel, unet_config_from_weights
 
-UNET_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
 TOLERANCE = 1e-4
 RANK, ALPHA = 4, 2.0
 START, END = 49406, 49407
@@ -48,16 +48,6 @@ def diffusers_unet_config(cfg) -> dict:
         up_block_types=tuple("CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D"
                              for lv in reversed(levels)),
     )
-
-
-def load_component(path, prefix: str, config_from_weights, model_class):
-    """The loader contract in small: strip the prefix, convs OIHW -> OHWI, skip the position_ids buffer."""
-    raw = {k[len(prefix):]: v for k, v in load_file(str(path)).items()
-           if k.startswith(prefix) and not k.endswith("position_ids")}
-    model = model_class(config_from_weights({k: v.shape for k, v in raw.items()}))
-    model.load_weights([(k, mx.array(v.transpose(0, 2, 3, 1) if v.ndim == 4 else v)) for k, v in raw.items()],
-                       strict=True)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,70 @@
+"""Shared helpers for the LoRA tests: tiny random SD1.5-layout models and LoRA files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from safetensors.numpy import load_file, save_file
+
+from sd.clip import CLIPTextModel, clip_config_from_weights
+from sd.synthetic import make_checkpoint
+from sd.unet import UNetModel, unet_config_from_weights
+
+UNET_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
+
+
+def load_component(path, prefix: str, config_from_weights, model_class):
+    """The loader contract in small: strip the prefix, convs OIHW -> OHWI, skip the position_ids buffer."""
+    raw = {k[len(prefix):]: v for k, v in load_file(str(path)).items()
+           if k.startswith(prefix) and not k.endswith("position_ids")}
+    model = model_class(config_from_weights({k: v.shape for k, v in raw.items()}))
+    model.load_weights([(k, mx.array(v.transpose(0, 2, 3, 1) if v.ndim == 4 else v)) for k, v in raw.items()],
+                       strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny SD1.5-layout UNet and CLIP text encoder with random weights."""
+    path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", "tiny", seed=7,
+                           parts=("unet", "clip"))
+    return dict(path=path, unet=load_component(path, UNET_PREFIX, unet_config_from_weights, UNetModel),
+                clip=load_component(path, CLIP_PREFIX, clip_config_from_weights, CLIPTextModel))
+
+
+def params(module) -> dict[str, mx.array]:
+    return dict(tree_flatten(module.parameters()))
+
+
+def torch_layout(weight: mx.array) -> np.ndarray:
+    """An MLX weight as a numpy array in PyTorch layout (convs O, I, kh, kw)."""
+    w = np.array(weight.astype(mx.float32))
+    return w.transpose(0, 3, 1, 2) if w.ndim == 4 else w
+
+
+def save(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
+    return path
+
+
+def randn(rng: np.random.Generator, *shape: int, scale: float = 0.3) -> np.ndarray:
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def kohya_pair(rng, key: str, out_f: int, in_f: int, rank: int, alpha: float | None = None,
+               kernel: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """kohya lora_down/lora_up (+alpha) for one layer; convs get a kh x kw down and a 1x1 up."""
+    down = randn(rng, rank, in_f, *kernel) if kernel else randn(rng, rank, in_f)
+    up = randn(rng, out_f, rank, 1, 1) if kernel else randn(rng, out_f, rank)
+    tensors = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}
+    if alpha is not None:
+        tensors[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
+    return tensors
+
+
+def max_rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
