@@ -145,3 +145,21 @@ def Slow(x: Float(), steps: Int(1, 100) = 3, fail_at: Int(0, 100) = 0, ctx=None)
                 raise RuntimeError(f"boom at step {step}")
             time.sleep(0.001)
         tmp.write_text(f"done {x}")
+
+
+@node(category="toy", output=True, volatile=True)
+def Hang(x: Float(), seconds: Float(0.0, 60.0) = 30.0, ctx=None):
+    """Writes a partial file, signals $SDGRAPH_TEST_MARKER, then waits to be interrupted."""
+    _executed("Hang")
+    (Path(ctx.output_dir)).mkdir(parents=True, exist_ok=True)
+    with ctx.output_file(Path(ctx.output_dir) / "first.txt") as tmp:
+        tmp.write_text("complete")
+    with ctx.output_file(Path(ctx.output_dir) / "hang.txt") as tmp:
+        tmp.write_text("partial")
+        marker = os.environ.get("SDGRAPH_TEST_MARKER")
+        if marker:
+            Path(marker).write_text("started")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ctx.check_cancelled()
+            time.sleep(0.01)
