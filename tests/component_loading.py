@@ -1,30 +1,38 @@
-"""Test helper: write synthetic component weights as a real-layout .safetensors file and load one component.
-
-Uses sd.checkpoint.load_checkpoint (the path users take) once it exists; until then a minimal stand-in that
-does what the loader contract says: strip the prefix, transpose 4-D conv weights OIHW -> OHWI, strict load.
-"""
+"""Test helper: write synthetic component weights as a user would have them (a real-layout .safetensors or a
+torch.save'd .ckpt with a 'state_dict' wrapper), load them through sd.checkpoint like users do, and read the
+same file back as torch tensors for the reference models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-from safetensors.numpy import load_file, save_file
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import load_file as torch_load_file
+
+from sd.checkpoint import load_component as sd_load_component
 
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 
 
 def write_component(path: Path, prefix: str, weights: dict[str, np.ndarray]) -> Path:
-    save_file({prefix + k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path))
+    tensors = {prefix + k: np.ascontiguousarray(v) for k, v in weights.items()}
+    if path.suffix == ".ckpt":
+        state = {k: torch.from_numpy(v) for k, v in tensors.items()}
+        torch.save({"state_dict": state, "global_step": 1}, path)
+    else:
+        save_file(tensors, str(path))
     return path
 
 
-def load_component(path: Path, prefix: str, config_from_weights, model_class):
-    raw = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-    config = config_from_weights({k: v.shape for k, v in raw.items()})
-    model = model_class(config)
-    model.load_weights([(k, mx.array(v.transpose(0, 2, 3, 1) if v.ndim == 4 else v)) for k, v in raw.items()],
-                       strict=True)
-    return model
+def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".ckpt":
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return torch_load_file(str(path))
+
+
+def load_component(path: Path, part: str):
+    """Our model for one part ("vae" or "clip") of the file, in float32."""
+    return sd_load_component(path, part, dtype="float32")

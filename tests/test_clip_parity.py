@@ -8,9 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from component_loading import CLIP_PREFIX, load_component, write_component
+from component_loading import CLIP_PREFIX, load_component, read_torch_state, write_component
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-from safetensors.torch import load_file as torch_load_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 
@@ -36,7 +35,7 @@ def reference_clip(path, cfg: CLIPTextConfig) -> HFCLIPTextModel:
         hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=START, eos_token_id=END, pad_token_id=END,
     )
     model = HFCLIPTextModel(hf_cfg)
-    state = convert_ldm_clip_checkpoint(torch_load_file(str(path)))
+    state = convert_ldm_clip_checkpoint(read_torch_state(path))
     # transformers 5 names the text tower's parameters without the 'text_model.' level of the file
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
@@ -54,12 +53,14 @@ def random_prompts(rng: np.random.Generator, lengths: list[int], n: int = 77) ->
     return np.array(rows, dtype=np.int64)
 
 
-@pytest.fixture(scope="module", params=[TINY_CLIP, TWO_HEADS], ids=["tiny", "two_heads"])
+@pytest.fixture(scope="module", params=[(TINY_CLIP, "safetensors"), (TWO_HEADS, "ckpt")],
+                ids=["tiny-safetensors", "two_heads-ckpt"])
 def clip_pair(request, tmp_path_factory):
-    cfg = request.param
-    path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
+    cfg, fmt = request.param
+    path = tmp_path_factory.mktemp("clip") / f"clip.{fmt}"
     write_component(path, CLIP_PREFIX, random_clip_weights(cfg, np.random.default_rng(5)))
-    ours = load_component(path, CLIP_PREFIX, clip_config_from_weights, CLIPTextModel)
+    ours = load_component(path, "clip")
+    assert isinstance(ours, CLIPTextModel)
     assert ours.config == cfg
     return ours, reference_clip(path, cfg)
 

@@ -14,7 +14,7 @@ from component_loading import CLIP_PREFIX, load_component, write_component
 from test_clip_parity import reference_clip
 from test_tokenizer import build_reference_tokenizer
 
-from sd.clip import CLIPTextModel, clip_config_from_weights, encode_tokens
+from sd.clip import encode_tokens
 from sd.prompt_weights import PromptError, parse_prompt_weights, tokenize_weighted
 from sd.synthetic.clip import TINY_CLIP, random_clip_weights
 from sd.text_encode import chunk_token_groups, encode_prompt
@@ -117,8 +117,7 @@ def test_chunking_keeps_short_groups_together_and_splits_long_ones():
 def tiny_clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
     write_component(path, CLIP_PREFIX, random_clip_weights(TINY_CLIP, np.random.default_rng(11)))
-    return load_component(path, CLIP_PREFIX, clip_config_from_weights, CLIPTextModel), reference_clip(path,
-                                                                                                      TINY_CLIP)
+    return load_component(path, "clip"), reference_clip(path, TINY_CLIP)
 
 
 def _reference_layer(ref, rows: list[list[int]], clip_skip: int) -> np.ndarray:

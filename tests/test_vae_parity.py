@@ -8,10 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from component_loading import VAE_PREFIX, load_component, write_component
+from component_loading import VAE_PREFIX, load_component, read_torch_state, write_component
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from safetensors.torch import load_file as torch_load_file
 
 from sd.synthetic.vae import SD15_VAE, TINY_VAE, random_vae_weights
 from sd.vae import AutoencoderKL, VAEConfig, vae_config_from_weights
@@ -32,16 +31,17 @@ def reference_vae(path, cfg: VAEConfig) -> DiffusersAutoencoderKL:
         layers_per_block=cfg.num_res_blocks, latent_channels=cfg.embed_dim, norm_num_groups=32,
     )
     model = DiffusersAutoencoderKL(**config)
-    state = convert_ldm_vae_checkpoint(torch_load_file(str(path)), config)
+    state = convert_ldm_vae_checkpoint(read_torch_state(path), config)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def vae_pair(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vae") / "tiny_vae.safetensors"
+@pytest.fixture(scope="module", params=["safetensors", "ckpt"])
+def vae_pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / f"tiny_vae.{request.param}"
     write_component(path, VAE_PREFIX, random_vae_weights(TINY_VAE, np.random.default_rng(1)))
-    ours = load_component(path, VAE_PREFIX, vae_config_from_weights, AutoencoderKL)
+    ours = load_component(path, "vae")
+    assert isinstance(ours, AutoencoderKL) and ours.config == TINY_VAE
     return ours, reference_vae(path, TINY_VAE)
 
 
