@@ -53,8 +53,10 @@ class TensorFile(Mapping[str, np.ndarray]):
             return entry.read()
         except CheckpointError:
             raise
-        except (OSError, ValueError, MemoryError) as exc:
-            raise CheckpointError(self.path, f"cannot read tensor '{key}': {exc}") from exc
+        except Exception as exc:  # e.g. an I/O error from a file that changed under us
+            raise CheckpointError(
+                self.path, f"cannot read tensor '{key}': {type(exc).__name__}: {exc}"
+            ) from exc
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -135,7 +137,8 @@ def _check_file(path: Path) -> int:
 def _state_dict(path: Path, obj: object) -> dict[str, TensorRef]:
     """Find the tensors in an unpickled checkpoint: unwrap training wrappers, drop non-tensor entries."""
     if not isinstance(obj, dict):
-        raise CheckpointError(path, f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+        what = "single tensor" if isinstance(obj, TensorRef) else type(obj).__name__
+        raise CheckpointError(path, f"the checkpoint holds a {what}, not a dict of named tensors")
     for _ in range(len(_WRAPPER_KEYS) + 1):
         inner = obj.get("state_dict")
         if isinstance(inner, dict):  # PyTorch Lightning: {"state_dict": ..., "global_step": ..., ...}

@@ -263,11 +263,11 @@ _PLACEHOLDERS = frozenset(
 
 
 def _short(value: object, limit: int = 80) -> str:
-    text = (
-        repr(value)
-        if not isinstance(value, (bytes, str)) or len(value) < limit
-        else repr(value[:limit]) + "..."
-    )
+    """Text for error messages: bounded, and without control characters from the file."""
+    if isinstance(value, (bytes, str)):
+        value = value[: limit + 1]
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else "?" for c in text[: limit + 1])
     return text if len(text) <= limit else text[:limit] + "..."
 
 
