@@ -158,8 +158,10 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
             hidden.append(x)
         last = tm.final_layer_norm(x)
-        # end-of-text has the largest id in CLIP's vocabulary; argmax picks its first occurrence
-        eos = mx.argmax(tokens, axis=-1)
+        # end-of-text has the largest id in CLIP's vocabulary: pool at the first position holding the row's
+        # largest id (torch's argmax rule, spelled out so it does not rest on a backend's tie-breaking)
+        positions = mx.arange(tokens.shape[1])
+        eos = mx.where(tokens == tokens.max(axis=-1, keepdims=True), positions, tokens.shape[1]).min(axis=-1)
         pooled = mx.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
         return CLIPTextOutput(hidden_states=hidden, last_hidden_state=last, pooled=pooled)
 
