@@ -182,7 +182,7 @@ def _build_spec(f, name, category, outputs, output_names, version, output, cache
             raise TypeError(f"{type_name}: reads_files names {key!r}, which is not a literal input")
 
     out_types = _output_types(type_name, outputs, sig.return_annotation)
-    names = list(output_names) if output_names else [t.name for t in out_types]
+    names = list(output_names) if output_names else _default_output_names(out_types)
     if len(names) != len(out_types) or len(set(names)) != len(names):
         raise TypeError(f"{type_name}: output_names must be {len(out_types)} distinct names")
     out_specs = tuple(OutputSpec(n, t, i) for i, (n, t) in enumerate(zip(names, out_types, strict=True)))
@@ -192,6 +192,14 @@ def _build_spec(f, name, category, outputs, output_names, version, output, cache
         raise ValueError(f"{type_name}: cache must be one of {CACHE_TIERS}, not {cache!r}")
     return NodeSpec(type_name, f, category, inspect.getdoc(f) or "", inputs, out_specs, version,
                     output, cache, volatile, dict(reads_files), wants_ctx)
+
+
+def _default_output_names(types: list[SocketType]) -> list[str]:
+    """The type names; a repeated type gets its index appended (FLOAT, FLOAT_1)."""
+    names = []
+    for i, t in enumerate(types):
+        names.append(t.name if t.name not in names else f"{t.name}_{i}")
+    return names
 
 
 def _input_type(type_name: str, param: str, annotation: Any) -> SocketType | LiteralType:
