@@ -79,14 +79,47 @@ class TensorRef:
         return to_result(view, self.dtype)
 
 
-class StorageType:
+class _Shared:
+    """Base of the allow-list's objects, which are shared by every load in the process.
+
+    The BUILD opcode calls ``__setstate__`` or sets attributes on any object; refusing it here keeps
+    one hostile file from altering what later files are read with.
+    """
+
+    __slots__ = ()
+
+    def __setstate__(self, state: object) -> None:
+        raise pickle.UnpicklingError(f"BUILD on {self!r} is not allowed")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise pickle.UnpicklingError(f"{self!r} is read-only")
+
+
+class StorageType(_Shared):
     """Inert token for ``torch.FloatStorage`` & co. and ``torch.float16`` & co.: just an element type."""
 
+    __slots__ = ("dtype",)
+
     def __init__(self, dtype: str):
-        self.dtype = dtype
+        object.__setattr__(self, "dtype", dtype)
 
     def __repr__(self) -> str:
         return f"StorageType({self.dtype})"
+
+
+class _Function(_Shared):
+    """One of our own functions as handed to the pickle: callable, but not modifiable by it."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Callable[..., object]):
+        object.__setattr__(self, "func", func)
+
+    def __call__(self, *args: object) -> object:
+        return self.func(*args)
+
+    def __repr__(self) -> str:
+        return f"<allowed {self.func.__name__}>"
 
 
 class Opaque:
@@ -195,7 +228,7 @@ _REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild
 
 def _rebuild_from_type_v2(func: object, new_type: object, args: object, state: object) -> TensorRef:
     # torch wraps Tensor subclasses (e.g. Parameter) this way; we only accept our own rebuilders.
-    if func not in _REBUILDERS or not isinstance(args, tuple):
+    if not (isinstance(func, _Function) and func.func in _REBUILDERS and isinstance(args, tuple)):
         raise pickle.UnpicklingError(f"_rebuild_from_type_v2 got an unexpected function {_short(func)}")
     return func(*args)
 
@@ -226,14 +259,14 @@ _STORAGE_TYPES = {
 
 _ALLOWED: dict[str, object] = {
     "collections.OrderedDict": collections.OrderedDict,
-    "torch._utils._rebuild_tensor": _rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
-    "torch.Size": _torch_size,
-    "_codecs.encode": _codecs_encode,
+    "torch._utils._rebuild_tensor": _Function(_rebuild_tensor),
+    "torch._utils._rebuild_tensor_v2": _Function(_rebuild_tensor_v2),
+    "torch._utils._rebuild_tensor_v3": _Function(_rebuild_tensor_v3),
+    "torch._utils._rebuild_parameter": _Function(_rebuild_parameter),
+    "torch._utils._rebuild_parameter_with_state": _Function(_rebuild_parameter),
+    "torch._tensor._rebuild_from_type_v2": _Function(_rebuild_from_type_v2),
+    "torch.Size": _Function(_torch_size),
+    "_codecs.encode": _Function(_codecs_encode),
     "builtins.set": set,
     "__builtin__.set": set,
     "builtins.frozenset": frozenset,

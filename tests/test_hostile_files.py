@@ -226,6 +226,23 @@ def test_single_tensor_file_is_refused(tmp_path):
         open_tensors(tmp_path / "one.pt")
 
 
+@pytest.mark.parametrize(
+    "target",
+    [glob("torch", "FloatStorage"), glob("torch._utils", "_rebuild_tensor_v2"), glob("torch", "float16")],
+)
+def test_build_cannot_alter_shared_allow_list_objects(tmp_path, target):
+    """BUILD (set attributes) on an allowed global must fail, or one file could poison later loads."""
+    for state in (
+        dict_of(dtype=text("float64")),
+        tup(b"N", dict_of(dtype=text("float64"), __defaults__=tup())),
+    ):
+        with pytest.raises(CheckpointError, match="not a valid PyTorch checkpoint pickle"):
+            open_tensors(torch_like_zip(tmp_path / "poison.ckpt", PROTO2 + target + state + b"b" + STOP))
+    body = dict_of(w=tensor(storage_record("0", 4), 0, (4,), (1,)))
+    tf = open_tensors(torch_like_zip(tmp_path / "after.ckpt", PROTO2 + body + STOP, {"0": FOUR_FLOATS}))
+    assert tf.dtype("w") == np.float32 and tf["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def _tensor_file(tmp_path: Path, body: bytes, storages: dict[str, bytes] | None = None) -> Path:
     return torch_like_zip(
         tmp_path / "t.ckpt", PROTO2 + dict_of(w=body) + STOP, storages or {"0": FOUR_FLOATS}
