@@ -114,7 +114,10 @@ def test_strided_views_and_shared_storage(tmp_path):
 def test_parameters_and_uint16_new_style_rebuild(tmp_path):
     g = torch.Generator().manual_seed(3)
     module = torch.nn.Linear(3, 2)
+    tagged = torch.randn(2, 2, generator=g)
+    tagged.note = "python attribute"  # makes torch use _rebuild_from_type_v2
     tensors = {
+        "tagged": tagged,
         "param": torch.nn.Parameter(torch.randn(2, 3, generator=g)),
         "u16": torch.tensor([1, 65535, 300], dtype=torch.uint16),  # saved via _rebuild_tensor_v3
         **{f"linear.{k}": v for k, v in module.state_dict().items()},

@@ -229,6 +229,7 @@ def test_single_tensor_file_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "target",
     [glob("torch", "FloatStorage"), glob("torch._utils", "_rebuild_tensor_v2"), glob("torch", "float16")],
+    ids=["storage-type", "rebuild-function", "dtype"],
 )
 def test_build_cannot_alter_shared_allow_list_objects(tmp_path, target):
     """BUILD (set attributes) on an allowed global must fail, or one file could poison later loads."""
