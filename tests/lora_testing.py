@@ -6,7 +6,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
@@ -27,9 +26,8 @@ def load_component(path, prefix: str, config_from_weights, model_class):
     return model
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    """A tiny SD1.5-layout UNet and CLIP text encoder with random weights."""
+def make_tiny(tmp_path_factory) -> dict:
+    """A tiny SD1.5-layout UNet and CLIP text encoder with random weights (for a module-scoped fixture)."""
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", "tiny", seed=7,
                            parts=("unet", "clip"))
     return dict(path=path, unet=load_component(path, UNET_PREFIX, unet_config_from_weights, UNetModel),
