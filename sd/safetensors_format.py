@@ -18,7 +18,9 @@ import numpy as np
 from sd.errors import CheckpointError
 from sd.tensor_dtypes import itemsize, result_dtype, storage_dtype, to_result
 
-MAX_HEADER_BYTES = 100_000_000  # the reference implementation's own limit
+# The reference implementation allows 100 MB; SD-family headers are ~0.2 MB, and a 100 MB JSON header
+# would cost gigabytes of Python objects, so we stop far lower.
+MAX_HEADER_BYTES = 16 << 20
 
 _DTYPES = {
     "F16": "float16",

@@ -21,7 +21,8 @@ from sd.safe_pickle import StorageRef, load_restricted
 from sd.safetensors_format import FileMap
 from sd.tensor_dtypes import itemsize
 
-MAX_PICKLE_BYTES = 1 << 30
+MAX_PICKLE_BYTES = 64 << 20  # SD checkpoints' pickles are ~0.2 MB; this bounds time and memory
+MAX_MEMBERS = 100_000  # an SD checkpoint has ~1,200 storages
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032x; more means a lying header
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 _PICKLE_NAME = re.compile(r"[^/]+/data\.pkl")
@@ -29,6 +30,9 @@ _PICKLE_NAME = re.compile(r"[^/]+/data\.pkl")
 
 def read_torch_zip(path: Path, file_size: int) -> Any:
     """Unpickle the checkpoint at ``path`` safely; tensors come back as lazy ``TensorRef``s."""
+    entries = _declared_entry_count(path, file_size)
+    if entries is not None and entries > MAX_MEMBERS:
+        raise CheckpointError(path, f"the zip claims {entries} members, far more than a checkpoint has")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
@@ -49,6 +53,27 @@ def read_torch_zip(path: Path, file_size: int) -> Any:
         storages = _StorageMembers(path, file_size, raw, members, prefix, byteorder)
         data = _read_member(path, archive, members[pickle_names[0]], MAX_PICKLE_BYTES)
         return load_restricted(data, path, pickle_names[0], storages.load)
+
+
+def _declared_entry_count(path: Path, file_size: int) -> int | None:
+    """Member count from the end-of-central-directory record, read before zipfile builds one object
+    per member; None when the record is not found (zipfile will then report the damage)."""
+    tail_size = min(file_size, 22 + 0xFFFF)  # the record plus the longest possible comment
+    with open(path, "rb") as f:
+        f.seek(file_size - tail_size)
+        tail = f.read(tail_size)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + 22 > len(tail):
+            return None
+        count = int.from_bytes(tail[at + 10 : at + 12], "little")
+        locator = at - 20
+        if count != 0xFFFF or locator < 0 or tail[locator : locator + 4] != b"PK\x06\x07":
+            return count
+        f.seek(min(int.from_bytes(tail[locator + 8 : locator + 16], "little"), file_size))
+        record = f.read(56)  # zip64 end-of-central-directory record
+    if len(record) < 40 or record[:4] != b"PK\x06\x06":
+        return None
+    return int.from_bytes(record[32:40], "little")
 
 
 def _members_by_name(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:

@@ -351,6 +351,13 @@ def test_zip_bomb_sizes_are_refused_before_allocating(tmp_path):
         open_tensors(path)
 
 
+def test_zip_with_too_many_members_is_refused_before_parsing(tmp_path, monkeypatch):
+    monkeypatch.setattr("sd.torch_zip.MAX_MEMBERS", 3)
+    torch.save({"a": torch.ones(1), "b": torch.ones(2)}, tmp_path / "many.ckpt")
+    with pytest.raises(CheckpointError, match=r"many\.ckpt: the zip claims \d+ members"):
+        open_tensors(tmp_path / "many.ckpt")
+
+
 def _safetensors_bytes(header: dict | bytes, data: bytes = b"") -> bytes:
     raw = header if isinstance(header, bytes) else __import__("json").dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + data
