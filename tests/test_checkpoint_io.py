@@ -229,3 +229,24 @@ def test_mapping_behaviour(tmp_path):
     assert tf.path == tmp_path / "m.safetensors"
     with pytest.raises(KeyError):
         tf["c"]
+
+
+def test_random_views_of_shared_storages_match_torch(tmp_path):
+    """Many random slices/permutations of a few base tensors, all sharing storage, in every float dtype."""
+    rng = np.random.default_rng(11)
+    g = torch.Generator().manual_seed(11)
+    tensors = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
+        base = (torch.randn(5, 6, 7, generator=g) * 100).to(dtype)
+        for i in range(8):
+            view = base.permute(*rng.permutation(3).tolist())
+            for dim in range(3):
+                start = int(rng.integers(0, view.shape[dim]))
+                step = int(rng.integers(1, 3))
+                view = view.narrow(dim, start, view.shape[dim] - start)[
+                    (slice(None),) * dim + (slice(None, None, step),)
+                ]
+            tensors[f"{dtype}.{i}"] = view
+    torch.save(tensors, tmp_path / "views.ckpt")
+    assert len(zipfile.ZipFile(tmp_path / "views.ckpt").namelist()) < 20  # storages really are shared
+    _assert_same(open_tensors(tmp_path / "views.ckpt"), tensors)
