@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from graph.errors import NodeFailed, ValidationFailed
+    from graph.errors import Cancelled, NodeFailed, ValidationFailed
 
     try:
         load_node_modules()
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except NodeFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Cancelled):
         print("interrupted; no partial output files were left", file=sys.stderr)
         return 130
 

@@ -63,6 +63,7 @@ class ExecutionContext:
     on_log: Callable[[str, str], None] = lambda node, msg: None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     written_files: list[Path] = field(default_factory=list)
+    fingerprinter: Callable[[Path], str] | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -85,6 +86,20 @@ class ExecutionContext:
         """Raise Cancelled if the run was cancelled; call it in long loops."""
         if self.cancel_event.is_set():
             raise Cancelled("cancelled")
+
+    def is_cancelled(self) -> bool:
+        """For code that polls (e.g. a sampler's `cancel=ctx.is_cancelled`); any exception a node raises
+        after cancellation is reported as a cancellation, not a failure."""
+        return self.cancel_event.is_set()
+
+    def fingerprint(self, path: str | os.PathLike) -> str:
+        """The file's fingerprint (size, mtime, content hash; the hash is computed once per file
+        version and remembered). A good key for `cache_path` derived from that file."""
+        if self.fingerprinter is None:
+            from graph.fingerprint import FingerprintIndex
+
+            self.fingerprinter = FingerprintIndex().fingerprint
+        return self.fingerprinter(Path(path))
 
     def log(self, msg: str) -> None:
         self.on_log(self.node_id, msg)

@@ -183,7 +183,7 @@ class _Run:
             ctx = ExecutionContext(
                 pn.id, spec.type_name, self.ex.folders, self.run_info, self.ex.caches.cache_dir,
                 on_progress=self.ex.events.progress, on_log=self.ex.events.log,
-                cancel_event=self.ex.cancel_event)
+                cancel_event=self.ex.cancel_event, fingerprinter=self.ex.caches.fingerprints.fingerprint)
             kwargs["ctx"] = ctx
         self.ex.events.node_started(pn.id, spec.type_name)
         start = time.perf_counter()
@@ -202,6 +202,8 @@ class _Run:
             raise NodeFailed(pn.id, spec.type_name, e) from e
         except Exception as e:
             self._collect(ctx)
+            if self.ex.cancel_event.is_set():  # e.g. the model code's own Cancelled after ctx.is_cancelled()
+                raise Cancelled("cancelled") from e
             raise NodeFailed(pn.id, spec.type_name, e) from e
         seconds = time.perf_counter() - start
         files = [str(Path(p).resolve()) for p in self._collect(ctx)]

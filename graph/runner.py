@@ -45,5 +45,8 @@ def prepare(wf: Workflow, sets: list[tuple[str, str]], sweeps: list[tuple[str, l
 
 
 def run_variation(executor: Executor, pv: PreparedVariation) -> RunResult:
-    plan = make_plan(pv.bound, executor.caches.fingerprints)
+    try:
+        plan = make_plan(pv.bound, executor.caches.fingerprints)
+    except OSError as e:  # a file validated a moment ago has gone
+        raise ValidationFailed([Problem(f"cannot read {e.filename}: {e.strerror}")]) from e
     return executor.run(plan, pv.run_info())

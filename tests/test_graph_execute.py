@@ -250,3 +250,40 @@ def test_volatile_and_never_cached_nodes_rerun(tmp_path):
     assert calls.count("Clock") == 2  # volatile: its consumers never hit either
     assert ran().count("Add") == 2
     assert calls.count("Twice") == 1  # not stored, but its consumer (w2) was a cache hit
+
+
+def test_an_error_after_cancellation_is_a_cancellation(tmp_path):
+    from graph.errors import Cancelled
+
+    class ModelCodeCancelled(Exception):
+        pass
+
+    @node(name="Polls", output=True)
+    def polls(x: Float() = 1.0, ctx=None):
+        with ctx.output_file(ctx.output_dir / "polled.txt") as tmp:
+            tmp.write_text("done")
+        ctx.cancel_event.set()  # as Executor.cancel() would, from another thread
+        if ctx.is_cancelled():
+            raise ModelCodeCancelled()
+
+    path = write(tmp_path, "nodes:\n  p: {type: Polls}\n")
+    with pytest.raises(Cancelled):
+        Runner(tmp_path).run(path)
+    assert list((tmp_path / "output").iterdir()) == []
+
+
+def test_ctx_offers_fingerprints_and_cache_paths(tmp_path):
+    seen = {}
+
+    @node(name="Derive", output=True)
+    def derive(name: str = "w.bin", ctx=None):
+        src = ctx.models_dir / name
+        seen["fp"] = ctx.fingerprint(src)
+        seen["path"] = ctx.cache_path("converted", seen["fp"].replace(":", "-"))
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "w.bin").write_bytes(b"weights")
+    Runner(tmp_path).run(write(tmp_path, "nodes:\n  d: {type: Derive}\n"))
+    assert seen["fp"].startswith("7:")
+    assert seen["path"].parent == tmp_path / "cache" / "derived" / "converted"
+    assert seen["path"].parent.is_dir()
