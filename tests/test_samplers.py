@@ -169,3 +169,98 @@ def test_callback_once_per_step_and_cancel_between_steps(name):
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="unknown sampler"):
         get_sampler("euler_magic")
+
+
+# --- Third-party references: diffusers' schedulers, stepped with the same Gaussian model ----------
+# diffusers works in the variance-preserving form x_vp = x / sqrt(1 + sigma^2) for DPM-Solver and
+# UniPC, and in our (variance-exploding) form for Euler ancestral. We feed diffusers' own sigma
+# tables to our samplers, so only the update rules are compared.
+
+
+def _diffusers_scheduler(kind, **options):
+    import warnings
+
+    import diffusers
+
+    warnings.simplefilter("ignore", DeprecationWarning)
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return getattr(diffusers, kind)(**common, **options)
+
+
+def _eps(x_ve, sigma):
+    return (x_ve - gaussian_denoiser(x_ve, sigma)) / sigma
+
+
+def _run_diffusers(scheduler, sigmas, x_ve, vp, generator=None):
+    x = x_ve / math.sqrt(1 + sigmas[0] ** 2) if vp else x_ve
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = float(sigmas[i])
+        current_ve = x * math.sqrt(1 + sigma**2) if vp else x
+        eps = torch.tensor(_eps(current_ve, sigma))
+        kwargs = {"generator": generator} if generator is not None else {}
+        x = scheduler.step(eps, t, torch.tensor(x), **kwargs).prev_sample.numpy()
+    return x
+
+
+def _nchw_start(sigma0, seed=0):
+    z = np.random.default_rng(seed).standard_normal((1, 4, 8, 8))
+    return MU + math.sqrt(S * S + sigma0 * sigma0) * z
+
+
+def _ours(name, x_nchw, sigmas, **kw):
+    x = mx.array(x_nchw.transpose(0, 2, 3, 1).astype(np.float32))
+    return np.array(get_sampler(name)(gaussian_denoiser, x, sigmas.astype(np.float32), **kw)).transpose(
+        0, 3, 1, 2
+    )
+
+
+@pytest.mark.parametrize("steps", [4, 9, 20])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_pp(steps):
+    scheduler = _diffusers_scheduler(
+        "DPMSolverMultistepScheduler",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        use_karras_sigmas=True,
+        final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.numpy().astype(np.float64)
+    x_t = _nchw_start(sigmas[0])
+    expected = _run_diffusers(scheduler, sigmas, x_t, vp=True)
+    np.testing.assert_allclose(_ours("dpmpp_2m", x_t, sigmas), expected, atol=5e-6)
+
+
+@pytest.mark.parametrize(("name", "variant"), [("uni_pc", "bh1"), ("uni_pc_bh2", "bh2")])
+@pytest.mark.parametrize("steps", [4, 9, 20])
+def test_uni_pc_matches_diffusers_unipc(name, variant, steps):
+    scheduler = _diffusers_scheduler(
+        "UniPCMultistepScheduler",
+        solver_order=3,
+        solver_type=variant,
+        use_karras_sigmas=True,
+        final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(steps)
+    scheduler.sigmas[-1] = 0.001  # ComfyUI's UniPC stands in 0.001 for the final sigma 0
+    sigmas = scheduler.sigmas.numpy().astype(np.float64)
+    x_t = _nchw_start(sigmas[0])
+    expected_vp = _run_diffusers(scheduler, sigmas, x_t, vp=True)
+    ours_sigmas = sigmas.copy()
+    ours_sigmas[-1] = 0.0
+    ours = _ours(name, x_t, ours_sigmas) / math.sqrt(1 + 0.001**2)  # back to diffusers' VP form
+    np.testing.assert_allclose(ours, expected_vp, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [3, 10])
+def test_euler_ancestral_matches_diffusers_with_comfyui_cpu_noise(steps):
+    seed = 1234
+    scheduler = _diffusers_scheduler("EulerAncestralDiscreteScheduler")
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.numpy().astype(np.float64)
+    x_t = _nchw_start(sigmas[0])
+    # diffusers draws one randn per step from the generator: ComfyUI's CPU stream is seed + 1.
+    generator = torch.Generator().manual_seed(seed + 1)
+    expected = _run_diffusers(
+        scheduler, sigmas, torch.tensor(x_t).float().numpy(), vp=False, generator=generator
+    )
+    np.testing.assert_allclose(_ours("euler_ancestral", x_t, sigmas, seed=seed), expected, atol=2e-5)
