@@ -171,6 +171,8 @@ def _build_spec(f, name, category, outputs, output_names, version, output, cache
         if p.name == "ctx":
             wants_ctx = True
             continue
+        if p.name == "type":  # `type:` is the node's type in a workflow file
+            raise TypeError(f"{type_name}: an input cannot be named 'type'")
         kind = _input_type(type_name, p.name, p.annotation)
         has_default = p.default is not inspect.Parameter.empty
         default = p.default if has_default else None

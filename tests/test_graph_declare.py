@@ -75,6 +75,10 @@ def test_bad_declarations_fail_at_import():
         @node(reads_files={"model": lambda v, f: v})
         def BadFiles(model: MODEL):
             return model
+    with pytest.raises(TypeError, match="cannot be named 'type'"):
+        @node
+        def TypeInput(type: str = "x"):
+            return type
     with pytest.raises(TypeError, match="unknown output type"):
         @node(outputs=("NOPE",))
         def BadOutput():
