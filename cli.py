@@ -174,7 +174,7 @@ def cmd_run(args) -> int:
     else:
         root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         caches = Caches(root, DiskCache(root))
-    printer = _RunPrinter(quiet=args.quiet or args.json)
+    printer = _RunPrinter(quiet=args.quiet, announce=not args.json)
     executor = Executor(caches, _folders(args), printer)
     summary: dict[str, Any] = {"status": "ok", "workflow": str(args.workflow), "variations": [], "files": []}
     try:
@@ -229,8 +229,9 @@ def _print_table(result) -> None:
 class _RunPrinter:
     """RunEvents for the terminal: a tqdm bar per node that reports progress, logs and warnings."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, announce: bool = True):
         self.quiet = quiet
+        self.announce = announce and not quiet  # "variation i/n" lines on stdout (not with --json)
         self.bars: dict[str, Any] = {}
 
     def node_started(self, node_id: str, node_type: str) -> None:
@@ -260,7 +261,7 @@ class _RunPrinter:
         print(f"warning: {message}", file=sys.stderr)
 
     def variation(self, pv, count: int) -> None:
-        if not self.quiet:
+        if self.announce:
             sets = " ".join(f"{k}={v}" for k, v in pv.variation.overrides.items())
             print(f"variation {pv.variation.index + 1}/{count} [{pv.variation.id}] {sets}")
 

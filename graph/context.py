@@ -34,20 +34,37 @@ class Folders:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path` (readers never see a
-    half-written file), on failure it is removed."""
+    half-written file), on failure it is removed. With overwrite=False an existing `path` (even one
+    another process created meanwhile) is left alone and FileExistsError is raised."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, target)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            _publish_exclusive(Path(tmp), target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _publish_exclusive(tmp: Path, target: Path) -> None:
+    try:
+        os.link(tmp, target)  # atomic, and fails if target exists
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (a tiny race remains)
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
 
 
 @dataclass
@@ -118,8 +135,9 @@ class ExecutionContext:
         return p
 
     @contextlib.contextmanager
-    def output_file(self, path: str | os.PathLike) -> Iterator[Path]:
-        """Write an output file atomically: `with ctx.output_file(p) as tmp: image.save(tmp, "PNG")`."""
-        with atomic_path(path) as tmp:
+    def output_file(self, path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+        """Write an output file atomically: `with ctx.output_file(p) as tmp: image.save(tmp, "PNG")`.
+        overwrite=False raises FileExistsError if `p` exists by then (pick the next counter and retry)."""
+        with atomic_path(path, overwrite) as tmp:
             yield tmp
         self.register_file(path)
