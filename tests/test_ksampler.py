@@ -221,3 +221,46 @@ def test_every_sampler_runs_through_ksampler(name):
     out = np.array(run(unet, sampler_name=name, steps=3, scheduler="karras"))
     assert out.shape == (1, 8, 8, 4) and np.isfinite(out).all()
     assert unet.calls and all(c[0].shape[0] == 2 for c in unet.calls)
+
+
+# --- End to end with a small random-weight UNet (SD1.5's structure at toy widths) ---------------
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    from sd.synthetic.unet import TINY_UNET
+    from sd.unet import UNetModel
+
+    mx.random.seed(0)
+    model = UNetModel(TINY_UNET)
+    mx.eval(model.parameters())
+    return model
+
+
+def _tiny_context(value):
+    return mx.array(np.random.default_rng(value).standard_normal((1, 77, 64)).astype(np.float32))
+
+
+def _tiny_run(unet, latent, **kw):
+    args = dict(seed=99, steps=4, cfg=5.0, sampler_name="euler", scheduler="karras")
+    args.update(kw)
+    return np.array(sample(unet, [_tiny_context(1)], [_tiny_context(2)], latent, **args))
+
+
+def test_end_to_end_same_seed_same_latent(tiny_unet):
+    latent = mx.zeros((1, 16, 16, 4))
+    a = _tiny_run(tiny_unet, latent)
+    b = _tiny_run(tiny_unet, latent)
+    c = _tiny_run(tiny_unet, latent, seed=100)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_end_to_end_img2img_half_denoise_stays_closer_to_the_input(tiny_unet):
+    latent = mx.array(np.random.default_rng(3).standard_normal((1, 16, 16, 4)).astype(np.float32))
+    half = _tiny_run(tiny_unet, latent, denoise=0.5)
+    full = _tiny_run(tiny_unet, latent, denoise=1.0)
+    source = np.array(latent)
+    assert not np.allclose(half, source)
+    assert np.linalg.norm(half - source) < np.linalg.norm(full - source)
