@@ -54,7 +54,7 @@ def parse_sweep(text: str, base_dir: Path | None = None) -> tuple[str, list[str]
         values = raw.split(",")
     if not values:
         raise ValidationFailed([Problem(f"--sweep {text!r}: no values")])
-    return target, values
+    return target, list(dict.fromkeys(values))  # a repeated value would repeat a variation and its id
 
 
 def make_variations(sets: list[tuple[str, str]], sweeps: list[tuple[str, list[str]]]) -> list[Variation]:

@@ -40,6 +40,7 @@ def test_sweep_values_from_a_file(tmp_path):
     (tmp_path / "prompts.txt").write_text("a castle, at dusk\n\na tower\n")
     assert parse_sweep("c.a=@prompts.txt", tmp_path) == ("c.a", ["a castle, at dusk", "a tower"])
     assert parse_sweep("s.seed=1,2,3") == ("s.seed", ["1", "2", "3"])
+    assert parse_sweep("s.seed=2,1,2") == ("s.seed", ["2", "1"])
     with pytest.raises(ValidationFailed, match="cannot read"):
         parse_sweep("c.a=@missing.txt", tmp_path)
 
