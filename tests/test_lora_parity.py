@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint
-from lora_testing import CLIP_PREFIX, UNET_PREFIX, load_component
+from lora_testing import CLIP_PREFIX, UNET_PREFIX, diffusers_unet_config, load_component
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
@@ -34,20 +34,6 @@ START, END = 49406, 49407
 
 def max_rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def diffusers_unet_config(cfg) -> dict:
-    levels = range(len(cfg.channel_mult))
-    return dict(
-        sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(m * cfg.model_channels for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-        attention_head_dim=cfg.num_heads, norm_num_groups=32,
-        down_block_types=tuple("CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D"
-                               for lv in levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D"
-                             for lv in reversed(levels)),
-    )
 
 
 @pytest.fixture(scope="module")
