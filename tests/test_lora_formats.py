@@ -201,3 +201,27 @@ def test_diffusers_key_spellings(tiny, tmp_path, spelling):
     new, base = patched(tiny, tmp_path, {down_key: down, up_key: up}, 0.8, component, name=spelling)
     assert set(new) == {target + ".weight"}
     check(new[target + ".weight"], base[target + ".weight"] + 0.8 * t(up) @ t(down), spelling)
+
+
+def test_pickled_ckpt_lora_matches_safetensors(tiny, tmp_path):
+    """A `.ckpt` LoRA (PyTorch zip, read by the restricted unpickler) gives the same patch."""
+    rng = np.random.default_rng(5)
+    tensors = {**kohya_pair(rng, TO_Q[1], 32, 32, 4, alpha=1.0), **kohya_pair(rng, TE_Q[1], 64, 64, 4)}
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "lora.ckpt")
+    from_ckpt = load_lora(tmp_path / "lora.ckpt")
+    from_st = load_lora(save(tmp_path / "lora.safetensors", tensors))
+    a = params(apply_loras(tiny["unet"], [(from_ckpt, 0.9)], "unet"))[TO_Q[0] + ".weight"]
+    b = params(apply_loras(tiny["unet"], [(from_st, 0.9)], "unet"))[TO_Q[0] + ".weight"]
+    assert np.array_equal(np.array(a), np.array(b))
+    assert str(from_ckpt.coverage(tiny["unet"], tiny["clip"])) == "unet 1/1, text encoder 1/1"
+
+
+def test_peft_text_encoder_keys_without_text_model_level(tiny, tmp_path):
+    """transformers 5 names CLIP's layers without `text_model.`; diffusers saves them that way."""
+    rng = np.random.default_rng(6)
+    down, up = randn(rng, 4, 64), randn(rng, 64, 4)
+    key = "text_encoder.encoder.layers.0.self_attn.q_proj"
+    new, base = patched(tiny, tmp_path, {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, 1.0,
+                        "text_encoder", name="t5")
+    check(new[TE_Q[0] + ".weight"], base[TE_Q[0] + ".weight"] + t(up) @ t(down),
+          "PEFT TE, transformers 5 names")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sd.errors import LoRAError
+from sd.errors import CheckpointError, LoRAError
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"
 
@@ -100,6 +100,8 @@ class LoRAModule:
         candidates = [name]
         if name.endswith(".to_out"):
             candidates.append(name + ".0")
+        if self.component == TEXT_ENCODER and not name.startswith("text_model."):
+            candidates.append("text_model." + name)  # transformers 5 drops the text_model level
         if self.component == TEXT_ENCODER:  # old diffusers text-encoder processors: to_q -> q_proj
             for old, new in _OLD_TEXT_ENCODER_NAMES:
                 if name.endswith(old):
@@ -114,28 +116,20 @@ class ParsedLoRA:
 
 
 def read_tensors(path: str | Path) -> Mapping[str, np.ndarray]:
-    """All tensors of a LoRA file as numpy arrays in torch layout; any failure -> LoRAError."""
-    try:
-        from sd.checkpoint_io import open_tensors  # the project's safe reader (.safetensors/.ckpt/.pt)
-    except ImportError:
-        open_tensors = None
-    try:
-        if open_tensors is not None:
-            tensors = open_tensors(path)
-            return {k: np.asarray(tensors[k]) for k in tensors}
-        if Path(path).suffix != ".safetensors":
-            raise LoRAError(path, "only .safetensors LoRA files can be read until "
-                                  "sd.checkpoint_io is available")
-        from safetensors.numpy import load_file
+    """All tensors of a LoRA file as numpy arrays in torch layout (via the project's safe reader, so
+    `.ckpt`/`.pt` pickles are never executed); any failure -> LoRAError naming the file."""
+    from sd.checkpoint_io import open_tensors
 
-        return load_file(str(path))
-    except LoRAError:
-        raise
-    except FileNotFoundError:
-        raise LoRAError(path, "file not found; check the path and the loras folder") from None
-    except Exception as exc:  # corrupted/truncated files raise all sorts of errors in the readers
-        raise LoRAError(path, f"cannot read this file as a LoRA ({exc}); it may be truncated or corrupted, "
-                              "re-download it") from exc
+    try:
+        tensors = open_tensors(path)
+        return {key: np.asarray(tensors[key]) for key in tensors}
+    except CheckpointError as exc:
+        reason = str(exc).removeprefix(f"{exc.path}: ")
+        raise LoRAError(path, f"cannot read this LoRA file: {reason}. If it was downloaded, it may be "
+                              "truncated or corrupted: download it again") from exc
+    except Exception as exc:  # arrays that fail to materialise (short data) surface as library errors
+        raise LoRAError(path, f"cannot read this LoRA file ({type(exc).__name__}: {exc}); it may be "
+                              "truncated or corrupted: download it again") from exc
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
