@@ -48,7 +48,16 @@ def check_structure(data: Any, lines: dict[tuple, int], filename: str | None) ->
 
 
 def _message(err: jsonschema.ValidationError) -> str:
+    if not err.absolute_path and err.validator == "type":
+        empty = " (the file is empty)" if err.instance is None else ""
+        return f"a workflow is a mapping with a 'nodes:' section{empty}"
+    if err.validator == "minProperties" and tuple(err.absolute_path) == ("nodes",):
+        return "'nodes' is empty: a workflow needs at least one node"
     if err.validator == "anyOf" and isinstance(err.instance, dict):
+        link = err.instance.get("from")
+        if set(err.instance) == {"from"}:
+            return (f"bad link {{from: {link!r}}}: write node.OUTPUT by name or index "
+                    "(e.g. {from: ckpt.MODEL} or {from: ckpt.0})")
         return "a dict here must be a link like {from: node.OUTPUT}, with no other keys"
     if "propertyNames" in err.schema_path:
         return f"{err.instance!r} is not a valid name (letters, digits, '_' and '-'; no dots)"

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from graph import yaml_loader
 from graph.errors import Problem, ValidationFailed
 
 Lines = dict[tuple, int]
@@ -24,8 +25,8 @@ def parse_text(text: str, filename: str, fmt: str) -> tuple[Any, Lines]:
 
 def _parse_yaml(text: str, filename: str) -> tuple[Any, Lines]:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml_loader.Loader)
+        data = yaml_loader.load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None

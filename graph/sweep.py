@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from graph import yaml_loader
 from graph.declare import NODE_REGISTRY
 from graph.errors import Problem, ValidationFailed, did_you_mean
 from graph.workflow import ParamRef, Workflow
@@ -120,7 +119,7 @@ def _apply_param(wf: Workflow, name: str, raw: str) -> Any:
     if name not in wf.params:
         names = list(wf.params) + list(wf.nodes)
         raise _Bad(f"no param '{name}' (use node.input for a node's input)", hint=did_you_mean(name, names))
-    value: Any = yaml.safe_load(raw) if raw.strip() else raw
+    value: Any = yaml_loader.load(raw) if raw.strip() else raw
     user = _first_literal_user(wf, name)
     if user is not None:  # parse by the type of an input that uses the param
         node_id, input_name, literal_type = user

@@ -227,3 +227,21 @@ def test_dollar_escape_is_a_literal(tmp_path):
           w: {type: WriteText, text: {from: c.STRING}}
         """)
     assert problems_of(path) == []
+
+
+def test_structure_messages_say_what_to_write(tmp_path):
+    p = only(problems_of(write(tmp_path, "")))
+    assert "mapping with a 'nodes:' section (the file is empty)" in p.message
+    p = only(problems_of(write(tmp_path, "nodes: {}\n")))
+    assert "needs at least one node" in p.message
+    p = only(problems_of(write(tmp_path, "nodes:\n  w: {type: WriteNumber, x: {from: c}}\n")))
+    assert (p.line, p.node, p.input) == (2, "w", "x") and "bad link {from: 'c'}" in p.message
+
+
+def test_exponent_floats_are_numbers_in_yaml(tmp_path):
+    path = write(tmp_path, """
+        nodes:
+          c: {type: Const, value: 1e2}
+          w: {type: WriteNumber, x: {from: c.FLOAT}}
+        """)
+    assert problems_of(path) == []
