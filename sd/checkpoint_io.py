@@ -1,4 +1,4 @@
-"""Open a weights file (.safetensors, or a PyTorch .ckpt/.pt/.pth/.bin zip) as a read-only mapping.
+"""Open a weights file (.safetensors, or a PyTorch .ckpt/.pt/.pth/.bin) as a read-only mapping.
 
 The format is decided by the file's first bytes, not its extension, so a misnamed file still loads.
 Nothing from the file is executed (see sd/safe_pickle.py), tensor data is memory-mapped where the
@@ -17,6 +17,7 @@ import numpy as np
 from sd.errors import CheckpointError
 from sd.safe_pickle import TensorRef
 from sd.safetensors_format import read_safetensors
+from sd.torch_legacy import read_torch_legacy
 from sd.torch_zip import read_torch_zip
 
 # torch.save before 1.6 wrote a bare pickle starting with this number as a protocol-2 LONG1.
@@ -89,11 +90,7 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
         if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
             return TensorFile(path, _state_dict(path, read_torch_zip(path, file_size)), {})
         if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
-            raise CheckpointError(
-                path,
-                "this is a legacy (pre-PyTorch-1.6) checkpoint, which sdgraph does not read. "
-                "Convert it to .safetensors with a trusted tool, then load that file.",
-            )
+            return TensorFile(path, _state_dict(path, read_torch_legacy(path, file_size)), {})
         if head.startswith(b"\x80"):
             raise CheckpointError(
                 path, "this is a bare pickle, not a PyTorch zip checkpoint or safetensors file"

@@ -314,6 +314,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._path, self._where, self._load_storage = path, where, load_storage
         self._storages: dict[str, StorageRef] = {}
+        self._views: dict[str, StorageRef] = {}
         self._placeholders: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> object:
@@ -330,20 +331,46 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: object) -> StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        # zip format: ('storage', type, key, location, numel); pre-1.6 files add a view description.
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unknown persistent record {_short(pid)}")
-        _, storage_type, key, _location, numel = pid
+        _, storage_type, key, _location, numel = pid[:5]
         if not isinstance(storage_type, StorageType) or not isinstance(key, str):
             raise pickle.UnpicklingError(f"malformed storage record {_short(pid)}")
-        numel = _int(numel, "storage size")
+        storage = self._storage(storage_type.dtype, key, _int(numel, "storage size"))
+        view = pid[5] if len(pid) == 6 else None
+        return storage if view is None else self._view(storage, view)
+
+    def _view(self, root: StorageRef, view: object) -> StorageRef:
+        """Pre-1.6 files may describe a storage as (key, offset, size) elements of another one."""
+        if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)):
+            raise pickle.UnpicklingError(f"malformed storage view {_short(view)}")
+        key, offset, size = view[0], _int(view[1], "view offset"), _int(view[2], "view size")
+        if offset + size > root.numel:
+            raise pickle.UnpicklingError(f"storage view {key!r} reaches past storage {root.key!r}")
+        step = itemsize(root.dtype)
+        known = self._views.get(key)
+        if known is None:
+            known = self._views[key] = StorageRef(
+                key,
+                root.dtype,
+                size,
+                lambda: root.read_bytes()[offset * step : (offset + size) * step],
+                root.byteorder,
+            )
+        elif (known.dtype, known.numel) != (root.dtype, size):
+            raise pickle.UnpicklingError(f"storage view {key!r} is declared twice with different sizes")
+        return known
+
+    def _storage(self, dtype: str, key: str, numel: int) -> StorageRef:
         known = self._storages.get(key)
         if known is not None:
-            if (known.dtype, known.numel) != (storage_type.dtype, numel):
+            if (known.dtype, known.numel) != (dtype, numel):
                 raise pickle.UnpicklingError(
                     f"storage {key!r} is declared twice with different types or sizes"
                 )
             return known
-        storage = self._load_storage(storage_type.dtype, key, numel)
+        storage = self._load_storage(dtype, key, numel)
         self._storages[key] = storage
         return storage
 

@@ -205,10 +205,30 @@ def test_deflated_zip_members_are_read(tmp_path):
     _assert_same(open_tensors(tmp_path / "deflated.ckpt"), tensors)
 
 
-def test_legacy_torch_format_is_refused_with_advice(tmp_path):
-    torch.save({"w": torch.ones(2)}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match=r"old\.ckpt: .*legacy.*safetensors"):
-        open_tensors(tmp_path / "old.ckpt")
+def test_legacy_pre_1_6_format_reads_bit_exactly(tmp_path, fake_lightning):
+    tensors = {
+        **_mixed_tensors(),
+        "view": torch.randn(6, 5).t()[1:, ::2],
+        "param": torch.nn.Parameter(torch.ones(2)),
+    }
+    checkpoint = {
+        "state_dict": tensors,
+        "global_step": 3,
+        "callbacks": {fake_lightning: {"x": np.float64(1)}},
+    }
+    torch.save(checkpoint, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(tmp_path / "old.ckpt")
+    tf = open_tensors(tmp_path / "old.ckpt")
+    _assert_same(tf, tensors)
+    assert _is_memory_mapped(tf["f64"])
+
+
+def test_truncated_legacy_file_is_refused(tmp_path):
+    torch.save({"w": torch.ones(64)}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "old.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match=r"cut\.ckpt: .*runs past the end"):
+        open_tensors(tmp_path / "cut.ckpt")
 
 
 def test_missing_empty_and_directory_paths(tmp_path):

@@ -167,6 +167,18 @@ class _Evil:
         return self.func, self.args
 
 
+def test_reduce_trick_inside_legacy_checkpoint(tmp_path):
+    marker = tmp_path / "marker"
+    torch.save(
+        {"w": torch.ones(2), "evil": _Evil(os.system, (f"touch {marker}",))},
+        tmp_path / "old.ckpt",
+        _use_new_zipfile_serialization=False,
+    )
+    with pytest.raises(CheckpointError, match=r"old\.ckpt: .*'(posix|nt)\.system'"):
+        open_tensors(tmp_path / "old.ckpt")
+    assert not marker.exists()
+
+
 def test_reduce_trick_inside_valid_torch_checkpoint(tmp_path):
     marker = tmp_path / "marker"
     checkpoint = {
@@ -242,6 +254,63 @@ def test_build_cannot_alter_shared_allow_list_objects(tmp_path, target):
     body = dict_of(w=tensor(storage_record("0", 4), 0, (4,), (1,)))
     tf = open_tensors(torch_like_zip(tmp_path / "after.ckpt", PROTO2 + body + STOP, {"0": FOUR_FLOATS}))
     assert tf.dtype("w") == np.float32 and tf["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def legacy_file(
+    path: Path, main: bytes, storages: list[tuple[str, int, bytes]], keys: list | None = None
+) -> Path:
+    """A pre-1.6 torch.save layout: magic, version, sys_info, main pickle, key list, raw storages."""
+    sys_info = {
+        "protocol_version": 1001,
+        "little_endian": True,
+        "type_sizes": {"short": 2, "int": 4, "long": 4},
+    }
+    parts = [pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, sys_info)]
+    parts += [main, pickle.dumps(keys if keys is not None else [k for k, _, _ in storages], protocol=2)]
+    parts += [struct.pack("<q", numel) + data for _, numel, data in storages]
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+def legacy_record(key: str, numel: int, view: bytes = b"N") -> bytes:
+    return (
+        tup(text("storage"), glob("torch", "FloatStorage"), text(key), text("cpu"), num(numel), view) + b"Q"
+    )
+
+
+def test_legacy_storage_views(tmp_path):
+    """Old files could name a storage as a slice of another: ('view key', offset, size) in elements."""
+    view = legacy_record("0", 4, tup(text("v1"), num(1), num(2)))
+    main = (
+        PROTO2
+        + dict_of(w=tensor(view, 0, (2,), (1,)), all=tensor(legacy_record("0", 4), 0, (4,), (1,)))
+        + STOP
+    )
+    tf = open_tensors(legacy_file(tmp_path / "old.pt", main, [("0", 4, FOUR_FLOATS)]))
+    assert tf["w"].tolist() == [1.0, 2.0] and tf["all"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+BAD_LEGACY = {
+    "view past its root": (
+        legacy_record("0", 4, tup(text("v"), num(3), num(2))),
+        [("0", 4, FOUR_FLOATS)],
+        None,
+        "reaches past",
+    ),
+    "size header mismatch": (legacy_record("0", 4), [("0", 3, FOUR_FLOATS)], None, "size header"),
+    "key list mismatch": (legacy_record("0", 4), [("0", 4, FOUR_FLOATS)], ["0", "1"], "key list"),
+    "key list not strings": (legacy_record("0", 4), [("0", 4, FOUR_FLOATS)], [0], "malformed"),
+    "numel beyond file": (legacy_record("0", 2**40), [("0", 4, FOUR_FLOATS)], None, "more bytes than"),
+    "data missing": (legacy_record("0", 4), [("0", 4, FOUR_FLOATS[:8])], None, "past the end"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LEGACY))
+def test_bad_legacy_files(tmp_path, case):
+    record, storages, keys, message = BAD_LEGACY[case]
+    main = PROTO2 + dict_of(w=tensor(record, 0, (1,), (1,))) + STOP
+    with pytest.raises(CheckpointError, match=message):
+        open_tensors(legacy_file(tmp_path / "old.pt", main, storages, keys))
 
 
 def _tensor_file(tmp_path: Path, body: bytes, storages: dict[str, bytes] | None = None) -> Path:
@@ -447,10 +516,8 @@ def _valid_files(tmp_path: Path) -> dict[str, bytes]:
     torch.save(
         {"state_dict": {**_small_tensors(), "view": base.t()[1:, ::2]}, "epoch": 3}, tmp_path / "v.ckpt"
     )
-    return {
-        "safetensors": (tmp_path / "v.safetensors").read_bytes(),
-        "ckpt": (tmp_path / "v.ckpt").read_bytes(),
-    }
+    torch.save(_small_tensors(), tmp_path / "v.pt", _use_new_zipfile_serialization=False)  # legacy
+    return {fmt: (tmp_path / f"v.{fmt}").read_bytes() for fmt in ("safetensors", "ckpt", "pt")}
 
 
 def _mutations(data: bytes, rng: random.Random, count: int, header_end: int):
@@ -489,7 +556,7 @@ def _check_mutant(path: Path, data: bytes, outcomes: dict) -> None:
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "pt"])
 def test_fuzzed_files_load_or_raise_checkpoint_error(tmp_path, fmt):
     data = _valid_files(tmp_path)[fmt]
     header_end = 8 + struct.unpack("<Q", data[:8])[0] if fmt == "safetensors" else len(data)
