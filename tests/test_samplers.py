@@ -264,3 +264,38 @@ def test_euler_ancestral_matches_diffusers_with_comfyui_cpu_noise(steps):
         scheduler, sigmas, torch.tensor(x_t).float().numpy(), vp=False, generator=generator
     )
     np.testing.assert_allclose(_ours("euler_ancestral", x_t, sigmas, seed=seed), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+def test_heun_matches_diffusers_heun(steps):
+    scheduler = _diffusers_scheduler("HeunDiscreteScheduler", use_karras_sigmas=True)
+    scheduler.set_timesteps(steps)
+    interleaved = scheduler.sigmas.numpy().astype(np.float64)  # s0, s1, s1, s2, s2, ..., 0
+    sigmas = np.concatenate([interleaved[:1], interleaved[1:-1:2], interleaved[-1:]])
+    x_t = _nchw_start(sigmas[0])
+    expected = _run_diffusers(scheduler, interleaved, x_t, vp=False)
+    np.testing.assert_allclose(_ours("heun", x_t, sigmas), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+def test_dpmpp_2m_sde_matches_diffusers_sde_dpm_solver_pp(steps):
+    scheduler = _diffusers_scheduler(
+        "DPMSolverMultistepScheduler",
+        algorithm_type="sde-dpmsolver++",
+        solver_order=2,
+        use_karras_sigmas=True,
+        final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.numpy().astype(np.float64)
+    x_t = _nchw_start(sigmas[0])
+    expected = _run_diffusers(scheduler, sigmas, x_t, vp=True, generator=torch.Generator().manual_seed(7))
+    # Replay diffusers' per-step noise (float32 randn from its generator) through our noise_sampler.
+    replay = torch.Generator().manual_seed(7)
+
+    def noise_sampler(sigma, sigma_next):
+        return mx.array(torch.randn((1, 4, 8, 8), generator=replay).numpy().transpose(0, 2, 3, 1))
+
+    np.testing.assert_allclose(
+        _ours("dpmpp_2m_sde", x_t, sigmas, noise_sampler=noise_sampler), expected, atol=1e-5
+    )
