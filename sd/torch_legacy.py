@@ -67,7 +67,7 @@ def _next_pickle(path: Path, stream: io.BytesIO) -> bytes:
             path, f"the legacy checkpoint's pickles are damaged or truncated ({exc})"
         ) from exc
     end = stream.tell()
-    return stream.getvalue()[start:end]
+    return bytes(stream.getbuffer()[start:end])  # copies this pickle only, not the whole head
 
 
 def _load_plain(path: Path, data: bytes, what: str) -> Any:
