@@ -363,7 +363,7 @@ def cmd_cache(args) -> int:
     print(f"cache dir:     {info['cache_dir']}")
     print(f"entries:       {info['entries']}")
     print(f"size:          {_human(info['bytes'])} of {_human(info['max_bytes'])}")
-    print(f"derived files: {_human(info['derived_bytes'])}")
+    print(f"derived files: {info['derived_files']}")
     return 0
 
 

@@ -123,10 +123,14 @@ class ExecutionContext:
 
     def cache_path(self, kind: str, key: str) -> Path:
         """A path in the cache folder for a derived file (e.g. converted weights), keyed by `key`
-        (use a file fingerprint). Write it with `atomic_path` so concurrent runs never see half a file."""
+        (use ctx.fingerprint of the source file). Write it with `atomic_path` so concurrent runs never see
+        half a file. It counts toward the cache's size budget and may be evicted between runs."""
         folder = self.cache_dir / "derived" / kind
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / key
+        path = folder / key
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)  # mark as recently used: derived files share the cache's LRU budget
+        return path
 
     def register_file(self, path: str | os.PathLike) -> Path:
         """Record an output file this node wrote: listed in the run summary, removed if the run fails."""

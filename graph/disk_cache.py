@@ -5,6 +5,7 @@ sha256 of the payload), then the blobs. Writes go to a temp file in the same fol
 into place, so a reader (in this or another process) sees a whole entry or none; two processes writing
 the same key both write a complete file and the last rename wins. Reads verify the checksum.
 Recency is the file's mtime (touched on every hit); the least recent entries go when over budget.
+Derived files (<root>/derived/<kind>/<key>, see ExecutionContext.cache_path) share the budget.
 """
 
 from __future__ import annotations
@@ -115,17 +116,26 @@ class DiskCache:
         return removed
 
     def _files(self):
-        if self.objects.is_dir():
-            for sub in self.objects.iterdir():
-                if sub.is_dir():
-                    yield from sub.iterdir()
+        """Entries and derived files (e.g. converted weights): one budget, one LRU order."""
+        for folder in (self.objects, self.root / "derived"):
+            if folder.is_dir():
+                for sub in folder.iterdir():
+                    if sub.is_dir():
+                        yield from (p for p in sub.iterdir() if p.is_file())
 
     def info(self) -> dict:
-        sizes = [p.stat().st_size for p in self._files() if not p.name.endswith(".tmp")]
-        derived = self.root / "derived"
-        derived_bytes = sum(p.stat().st_size for p in derived.rglob("*") if p.is_file())
-        return {"cache_dir": str(self.root), "entries": len(sizes), "bytes": sum(sizes),
-                "max_bytes": self.max_bytes, "derived_bytes": derived_bytes}
+        entries = derived = 0
+        total = 0
+        for p in self._files():
+            if p.name.endswith(".tmp"):
+                continue
+            total += p.stat().st_size
+            if p.parent.parent == self.objects:
+                entries += 1
+            else:
+                derived += 1
+        return {"cache_dir": str(self.root), "entries": entries, "derived_files": derived, "bytes": total,
+                "max_bytes": self.max_bytes}
 
     def clear(self) -> None:
         """Remove every entry and derived file (only folders this store creates)."""
