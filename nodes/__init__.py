@@ -1,0 +1,23 @@
+"""sdgraph's Stable Diffusion nodes. Importing this package registers them, the disk serializers of
+their socket types, and the ComfyUI / PNG workflow importers.
+
+    values.py        socket values (recipes for MODEL/CLIP/VAE; arrays) and their serializers
+    models.py        weights built from recipes on first use, kept for reuse
+    paths.py         ComfyUI-style file resolution (models/checkpoints, models/loras, input/)
+    loaders.py       LoadCheckpoint, LoadLoRA
+    conditioning.py  CLIPEncode, CLIPSetLastLayer
+    latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
+    sampling.py      KSampler, KSamplerAdvanced
+    images.py        LoadImage, SaveImage
+    comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
+    doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
+"""
+
+import sd  # noqa: F401, I001  (first: loads an optimised BLAS before anything imports mlx)
+
+from nodes import values  # noqa: F401  (registers the serializers before the nodes are declared)
+from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
+from nodes import comfy_import, png_workflow
+
+comfy_import.register()
+png_workflow.register()

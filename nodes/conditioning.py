@@ -1,0 +1,26 @@
+"""CLIPEncode and CLIPSetLastLayer."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from graph import CLIP, CONDITIONING, Int, String, node
+from nodes import models
+from nodes.values import ClipRecipe, Conditioning
+
+
+@node(category="conditioning", outputs=(CONDITIONING,))
+def CLIPEncode(clip: CLIP, text: String(multiline=True), ctx=None):
+    """Encode a prompt with the text encoder (ComfyUI's CLIPTextEncode; `(word:1.2)` weights work)."""
+    from sd.text_encode import encode_prompt
+
+    recipe: ClipRecipe = clip
+    cond, pooled = encode_prompt(models.clip_for(recipe, ctx.log), text, clip_skip=recipe.stop_at_layer)
+    return Conditioning(cond, pooled)
+
+
+@node(category="conditioning", outputs=(CLIP,))
+def CLIPSetLastLayer(clip: CLIP, stop_at_clip_layer: Int(-24, -1) = -1):
+    """Stop the text encoder at an earlier layer ("clip skip": -2 is the penultimate layer)."""
+    recipe: ClipRecipe = clip
+    return replace(recipe, stop_at_layer=stop_at_clip_layer)

@@ -1,0 +1,91 @@
+"""Latent nodes: EmptyLatent, LatentUpscale, VAEEncode, VAEDecode."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from graph import IMAGE, LATENT, VAE, Choice, Int, node
+from nodes import models
+from nodes.resize import METHODS, center_crop_to_aspect, resize
+from nodes.values import Latent, VaeRecipe
+
+MAX_RESOLUTION = 16384
+LATENT_CHANNELS = 4
+UPSCALE_METHODS = METHODS  # ComfyUI also offers "bislerp"; not implemented here
+CROP_METHODS = ("disabled", "center")
+
+
+class Int8(Int):
+    """An integer that must be a multiple of 8 (pixel sizes: latents are 1/8 of the image)."""
+
+    def check(self, value):
+        value = super().check(value)
+        if value % 8:
+            raise ValueError(f"{value} is not a multiple of 8 (try {value // 8 * 8} or {value // 8 * 8 + 8})")
+        return value
+
+    def describe(self) -> str:
+        return super().describe() + " multiple of 8"
+
+    def json_schema(self) -> dict:
+        return super().json_schema() | {"multipleOf": 8}
+
+
+@node(category="latent", outputs=(LATENT,))
+def EmptyLatent(width: Int8(16, MAX_RESOLUTION) = 512, height: Int8(16, MAX_RESOLUTION) = 512,
+                batch_size: Int(1, 4096) = 1):
+    """A batch of empty latents for text-to-image (ComfyUI's EmptyLatentImage)."""
+    return Latent(mx.zeros((batch_size, height // 8, width // 8, LATENT_CHANNELS), dtype=mx.float32))
+
+
+@node(category="latent", outputs=(LATENT,))
+def LatentUpscale(samples: LATENT, upscale_method: Choice(UPSCALE_METHODS) = "nearest-exact",
+                  width: Int8(0, MAX_RESOLUTION) = 512, height: Int8(0, MAX_RESOLUTION) = 512,
+                  crop: Choice(CROP_METHODS) = "disabled"):
+    """Resize latents to width x height pixels (÷8 in latent space). A size of 0 keeps the aspect
+    ratio from the other; both 0 returns the input."""
+    latent: Latent = samples
+    x = latent.samples
+    _, h, w, _ = x.shape
+    if width == 0 and height == 0:
+        return latent
+    if width == 0:  # ComfyUI's rule: the other side from the aspect ratio, at least 64 pixels
+        height = max(64, height)
+        width = max(64, round(w * height / h))
+    elif height == 0:
+        width = max(64, width)
+        height = max(64, round(h * width / w))
+    else:
+        width, height = max(64, width), max(64, height)
+    if crop == "center":
+        x = center_crop_to_aspect(x, width, height)
+    return Latent(resize(x, height // 8, width // 8, upscale_method), latent.batch_index)
+
+
+@node(category="latent", outputs=(LATENT,))
+def VAEEncode(pixels: IMAGE, vae: VAE, ctx=None):
+    """Encode images into latents (for img2img). Sides are cropped to multiples of 8, centred."""
+    recipe: VaeRecipe = vae
+    _, h, w, _ = pixels.shape
+    h8, w8 = h // 8 * 8, w // 8 * 8
+    if h8 == 0 or w8 == 0:
+        raise ValueError(f"image of {w}x{h} pixels is too small to encode (at least 8x8)")
+    dy, dx = (h % 8) // 2, (w % 8) // 2
+    image = pixels[:, dy:dy + h8, dx:dx + w8, :3]
+    model = models.vae_for(recipe, ctx.log)
+    latent = model.encode((image * 2.0 - 1.0).astype(model.encoder.conv_in.weight.dtype))
+    latent = latent.astype(mx.float32)
+    mx.eval(latent)
+    return Latent(latent)
+
+
+@node(category="latent", outputs=(IMAGE,))
+def VAEDecode(samples: LATENT, vae: VAE, ctx=None):
+    """Decode latents into images (NHWC, values in [0, 1])."""
+    recipe: VaeRecipe = vae
+    latent: Latent = samples
+    model = models.vae_for(recipe, ctx.log)
+    image = model.decode(latent.samples.astype(model.decoder.conv_in.weight.dtype))
+    image = mx.clip((image.astype(mx.float32) + 1.0) / 2.0, 0.0, 1.0)
+    mx.eval(image)
+    return image

@@ -1,0 +1,43 @@
+"""LoadCheckpoint and LoadLoRA: they resolve files and build recipes; no weights are read here."""
+
+from __future__ import annotations
+
+from graph import CLIP, MODEL, VAE, Float, String, node
+from nodes import models
+from nodes.paths import resolve_checkpoint, resolve_lora
+from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
+
+
+@node(category="loaders", outputs=(MODEL, CLIP, VAE), reads_files={"ckpt_name": resolve_checkpoint})
+def LoadCheckpoint(ckpt_name: String(), ctx=None):
+    """Load an SD1.x checkpoint from models/checkpoints (ComfyUI's CheckpointLoaderSimple).
+
+    The outputs are recipes: each part's weights are read when a node first needs them, so a run
+    whose encodings are all cached never loads the text encoder."""
+    from sd.checkpoint_io import open_tensors
+    from sd.detect import check_family
+
+    ref = FileRef.of(resolve_checkpoint(ckpt_name, ctx.folders))
+    check_family(ref.path, open_tensors(ref.path).keys())  # header only: a wrong file fails here
+    return ModelRecipe(ref), ClipRecipe(ref), VaeRecipe(ref)
+
+
+@node(category="loaders", outputs=(MODEL, CLIP), reads_files={"lora_name": resolve_lora})
+def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
+             strength_model: Float(-100.0, 100.0) = 1.0, strength_clip: Float(-100.0, 100.0) = 1.0,
+             ctx=None):
+    """Add a LoRA from models/loras to MODEL and CLIP (ComfyUI's LoraLoader).
+
+    Nothing is merged: the LoRA is appended to the recipes as a patch, so chains stack, branches
+    share the base weights, and changing a strength never reloads the checkpoint. The coverage
+    (LoRA layers matched per component) is checked against the checkpoint's shapes and logged;
+    a LoRA for another architecture fails here."""
+    ref = FileRef.of(resolve_lora(lora_name, ctx.folders))
+    lora = models.load_lora_file(ref)
+    parts = []
+    for part, component, strength, recipe in (("unet", "unet", strength_model, model),
+                                              ("clip", "text_encoder", strength_clip, clip)):
+        if strength != 0 and lora.layers(component):
+            parts.append(str(lora.check(component, models.skeleton(part, recipe.checkpoint))))
+    ctx.log(f"LoRA {ref.name}: " + (", ".join(parts) or "no layers applied (strengths 0)"))
+    return model.with_lora(ref, strength_model), clip.with_lora(ref, strength_clip)

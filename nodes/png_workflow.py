@@ -1,0 +1,69 @@
+"""Workflows embedded in PNG files: the text chunks SaveImage writes, and the importer that lets
+`sdgraph run image.png` re-run them.
+
+Chunks: `sdgraph` holds our workflow exactly as it ran (overrides and the effective seed folded in),
+`prompt` the same graph in ComfyUI's API format. A PNG from ComfyUI (only `prompt`) imports too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from graph.errors import Problem, ValidationFailed
+from graph.importers import register_importer
+from graph.workflow import SourceMap, Workflow, workflow_from_data
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SDGRAPH_KEY, COMFY_KEY = "sdgraph", "prompt"
+
+
+def png_text(run_info: dict[str, Any]) -> dict[str, str]:
+    """The text chunks for an image made by a run (`run_info` from the engine)."""
+    data = run_info.get("workflow")
+    if not data:
+        return {}
+    from nodes.comfy_export import to_comfy_api
+
+    # only the effective workflow: re-running the image then writes byte-identical metadata
+    text = {SDGRAPH_KEY: json.dumps(data, sort_keys=False)}
+    try:
+        text[COMFY_KEY] = json.dumps(to_comfy_api(workflow_from_data(data)))
+    except ValidationFailed:
+        pass  # an unusual workflow still gets its own chunk
+    return text
+
+
+def read_png_text(path: Path) -> dict[str, str]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+    except OSError as e:
+        raise ValidationFailed([Problem(f"cannot read the PNG: {e}", str(path))]) from e
+
+
+def load_png_workflow(path: Path) -> Workflow:
+    text = read_png_text(path)
+    try:
+        if SDGRAPH_KEY in text:
+            return workflow_from_data(json.loads(text[SDGRAPH_KEY]), SourceMap(f"{path} [sdgraph chunk]"))
+        if COMFY_KEY in text:
+            from nodes.comfy_import import workflow_from_comfy
+
+            return workflow_from_comfy(json.loads(text[COMFY_KEY]), f"{path} [prompt chunk]")
+    except json.JSONDecodeError as e:
+        raise ValidationFailed([Problem(f"the embedded workflow is not valid JSON: {e}", str(path))]) from e
+    raise ValidationFailed([Problem("this PNG holds no workflow (no 'sdgraph' or 'prompt' text chunk)",
+                                    str(path), hint="only images saved by sdgraph or ComfyUI carry one")])
+
+
+def _sniff(path: Path, head: bytes) -> bool:
+    return head.startswith(PNG_SIGNATURE)
+
+
+def register() -> None:
+    register_importer("png", _sniff, load_png_workflow)

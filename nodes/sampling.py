@@ -1,0 +1,56 @@
+"""KSampler and KSamplerAdvanced: ComfyUI's sampling nodes over sd.ksampler.sample."""
+
+from __future__ import annotations
+
+from graph import CONDITIONING, LATENT, MODEL, Choice, Float, Int, node
+from nodes import models
+from nodes.values import Conditioning, Latent, ModelRecipe
+from sd.ksampler import SAMPLERS, SCHEDULERS
+
+MAX_SEED = 2**64 - 1
+ON_OFF = ("enable", "disable")
+
+
+def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
+            **kwargs) -> Latent:
+    from sd.ksampler import sample
+
+    if latent.noise_mask is not None:
+        raise ValueError("latents with a noise mask (inpainting) are not supported yet")
+    unet = models.unet_for(model, ctx.log)
+
+    def on_step(i: int, total: int, x, denoised) -> None:
+        ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
+
+    samples = sample(unet, positive.cond, negative.cond, latent.samples, callback=on_step, **kwargs)
+    return Latent(samples, latent.batch_index)
+
+
+# Keyword-only parameters keep ComfyUI's input order (sockets among the widgets) while staying required.
+@node(category="sampling", outputs=(LATENT,))
+def KSampler(model: MODEL, *, seed: Int(0, MAX_SEED) = 0, steps: Int(1, 10000) = 20,
+             cfg: Float(0.0, 100.0) = 8.0, sampler_name: Choice(SAMPLERS) = "euler",
+             scheduler: Choice(SCHEDULERS) = "normal", positive: CONDITIONING,
+             negative: CONDITIONING, latent_image: LATENT,
+             denoise: Float(0.0, 1.0) = 1.0, ctx=None):
+    """Denoise latents with a sampler and scheduler, as ComfyUI's KSampler (same seed, same noise).
+    denoise < 1 keeps part of the input latent (img2img)."""
+    return _sample(ctx, model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
+                   sampler_name=sampler_name, scheduler=scheduler, denoise=denoise)
+
+
+@node(category="sampling", outputs=(LATENT,))
+def KSamplerAdvanced(model: MODEL, *, add_noise: Choice(ON_OFF) = "enable", noise_seed: Int(0, MAX_SEED) = 0,
+                     steps: Int(1, 10000) = 20, cfg: Float(0.0, 100.0) = 8.0,
+                     sampler_name: Choice(SAMPLERS) = "euler", scheduler: Choice(SCHEDULERS) = "normal",
+                     positive: CONDITIONING, negative: CONDITIONING,
+                     latent_image: LATENT, start_at_step: Int(0, 10000) = 0,
+                     end_at_step: Int(0, 10000) = 10000,
+                     return_with_leftover_noise: Choice(ON_OFF) = "disable", ctx=None):
+    """KSampler over a range of steps (ComfyUI's KSamplerAdvanced): run steps start_at_step up to
+    end_at_step of a `steps`-step schedule, optionally without adding noise or fully denoising."""
+    return _sample(ctx, model, positive, negative, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
+                   sampler_name=sampler_name, scheduler=scheduler, start_step=start_at_step,
+                   last_step=end_at_step, add_noise=add_noise == "enable",
+                   force_full_denoise=return_with_leftover_noise == "disable")
+

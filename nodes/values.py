@@ -1,0 +1,169 @@
+"""The values that travel along SD sockets, and their disk serializers.
+
+MODEL, CLIP and VAE carry *recipes* (which file, which LoRA patches, which clip layer), never weights:
+the weights are built on first use by nodes/models.py. That keeps these values tiny, hashable and
+cheap to pass around, and lets a cache hit downstream skip loading a model entirely.
+
+CONDITIONING, LATENT, IMAGE and MASK carry MLX arrays and are stored on disk as `.npz` bytes (float32
+round-trips exactly; no pickle).
+
+Conventions (docs/CONTRACTS.md): latents are NHWC and *unscaled* (VAE space; sampling applies 0.18215);
+IMAGE is NHWC float32 in [0, 1] like ComfyUI's IMAGE; MASK is [B, H, W] float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from graph import socket_type
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file a model comes from: its path and an identity that changes when the file does."""
+
+    path: Path
+    identity: str  # "size:mtime_ns"; the engine's content fingerprint is part of the node's cache key
+
+    @classmethod
+    def of(cls, path: str | Path) -> FileRef:
+        p = Path(path).resolve()
+        st = p.stat()
+        return cls(p, f"{st.st_size}:{st.st_mtime_ns}")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class LoRAPatch:
+    lora: FileRef
+    strength: float
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """MODEL: a checkpoint's UNet plus LoRA patches applied in order (W + sum strength * delta)."""
+
+    checkpoint: FileRef
+    patches: tuple[LoRAPatch, ...] = ()
+
+    def with_lora(self, lora: FileRef, strength: float) -> ModelRecipe:
+        if strength == 0:
+            return self  # a zero strength is a pass-through, and must not change the identity
+        return replace(self, patches=self.patches + (LoRAPatch(lora, strength),))
+
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    """CLIP: a checkpoint's text encoder, LoRA patches, and the layer to stop at (-1 = last)."""
+
+    checkpoint: FileRef
+    patches: tuple[LoRAPatch, ...] = ()
+    stop_at_layer: int = -1
+
+    def with_lora(self, lora: FileRef, strength: float) -> ClipRecipe:
+        if strength == 0:
+            return self
+        return replace(self, patches=self.patches + (LoRAPatch(lora, strength),))
+
+
+@dataclass(frozen=True)
+class VaeRecipe:
+    """VAE: a checkpoint's autoencoder."""
+
+    checkpoint: FileRef
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A prompt's encoding: cond [B, 77*k, C] and pooled [B, C] (float32)."""
+
+    cond: mx.array
+    pooled: mx.array | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.cond.nbytes + (self.pooled.nbytes if self.pooled is not None else 0)
+
+
+@dataclass(frozen=True)
+class Latent:
+    """A batch of latents, NHWC [B, h, w, 4], unscaled. `batch_index` and `noise_mask` mirror
+    ComfyUI's optional LATENT fields; no node here sets them yet."""
+
+    samples: mx.array
+    batch_index: tuple[int, ...] | None = None
+    noise_mask: mx.array | None = field(default=None)
+
+    @property
+    def nbytes(self) -> int:
+        return self.samples.nbytes + (self.noise_mask.nbytes if self.noise_mask is not None else 0)
+
+
+# --- serializers ----------------------------------------------------------------------------------
+
+def _npz(arrays: dict[str, mx.array | None], meta: dict | None = None) -> bytes:
+    data = {k: _to_numpy(v) for k, v in arrays.items() if v is not None}
+    data["__meta__"] = np.frombuffer(json.dumps(meta or {}).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **data)
+    return buf.getvalue()
+
+
+def _from_npz(blob: bytes) -> tuple[dict[str, mx.array], dict]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        meta = json.loads(bytes(z["__meta__"]).decode())
+        arrays = {k: mx.array(z[k]) for k in z.files if k != "__meta__"}
+    return arrays, meta
+
+
+def _to_numpy(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        a = a.astype(mx.float32)
+    return np.array(a)
+
+
+def conditioning_to_bytes(c: Conditioning) -> bytes:
+    return _npz({"cond": c.cond, "pooled": c.pooled})
+
+
+def conditioning_from_bytes(blob: bytes) -> Conditioning:
+    arrays, _ = _from_npz(blob)
+    return Conditioning(arrays["cond"], arrays.get("pooled"))
+
+
+def latent_to_bytes(latent: Latent) -> bytes:
+    meta = {"batch_index": list(latent.batch_index) if latent.batch_index is not None else None}
+    return _npz({"samples": latent.samples, "noise_mask": latent.noise_mask}, meta)
+
+
+def latent_from_bytes(blob: bytes) -> Latent:
+    arrays, meta = _from_npz(blob)
+    index = meta.get("batch_index")
+    return Latent(arrays["samples"], tuple(index) if index is not None else None, arrays.get("noise_mask"))
+
+
+def array_to_bytes(a: mx.array) -> bytes:
+    return _npz({"array": a})
+
+
+def array_from_bytes(blob: bytes) -> mx.array:
+    return _from_npz(blob)[0]["array"]
+
+
+def register_socket_types() -> None:
+    socket_type("CONDITIONING", to_bytes=conditioning_to_bytes, from_bytes=conditioning_from_bytes)
+    socket_type("LATENT", to_bytes=latent_to_bytes, from_bytes=latent_from_bytes)
+    socket_type("IMAGE", to_bytes=array_to_bytes, from_bytes=array_from_bytes)
+    socket_type("MASK", to_bytes=array_to_bytes, from_bytes=array_from_bytes)
+
+
+register_socket_types()
