@@ -108,13 +108,8 @@ class _Run:
         except BaseException:
             self._remove_written()
             raise
-        for node_id in self.plan.order + self.plan.unreachable:
-            if node_id not in self.reports:
-                spec_type = (self.plan.nodes[node_id].node.spec.type_name if node_id in self.plan.nodes
-                             else "")
-                self.reports[node_id] = NodeReport(node_id, spec_type, NOT_NEEDED)
-        ordered = [self.reports[n] for n in self.plan.order if n in self.reports]
-        ordered += [self.reports[n] for n in self.plan.unreachable]
+        every = self.plan.order + self.plan.unreachable
+        ordered = [self.reports.get(n) or NodeReport(n, self.plan.types[n], NOT_NEEDED) for n in every]
         files = [f for n in self.plan.outputs for f in self.reports[n].files]
         return RunResult(ordered, files, dict(self.values))
 

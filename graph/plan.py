@@ -27,6 +27,7 @@ class Plan:
     nodes: dict[str, PlannedNode]
     outputs: list[str]        # output (sink) nodes
     unreachable: list[str]    # declared but not needed by any output
+    types: dict[str, str]     # node id -> node type, for every declared node
 
 
 def make_plan(bound: dict[str, BoundNode], fingerprints: FingerprintIndex | None = None) -> Plan:
@@ -47,4 +48,4 @@ def make_plan(bound: dict[str, BoundNode], fingerprints: FingerprintIndex | None
         key = node_key(b.spec.type_name, b.spec.version, b.literals, upstream, files, b.spec.volatile)
         planned[node_id] = PlannedNode(b, key)
     unreachable = [n for n in bound if n not in needed]
-    return Plan(order, planned, outputs, unreachable)
+    return Plan(order, planned, outputs, unreachable, {n: b.spec.type_name for n, b in bound.items()})

@@ -36,7 +36,7 @@ def test_topological_order_and_only_needed_nodes(tmp_path):
     result = Runner(tmp_path).run(write(tmp_path, ENCODE))
     assert ran() == ["LoadToyModel", "Encode", "Encode", "SumVec", "WriteNumber"]
     assert [r.id for r in result.nodes] == ["model", "pos", "neg", "total", "save", "spare"]
-    assert statuses(result)["spare"] == NOT_NEEDED
+    assert statuses(result)["spare"] == NOT_NEEDED and result.nodes[-1].type == "Const"
     out = tmp_path / "output" / "$out.txt"  # $$ escapes a literal $
     assert out.read_text() == repr(len("a castle") * 2.0 + len("blurry") * 2.0 + 1)
     assert result.files == [str(out.resolve())]
