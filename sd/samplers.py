@@ -27,6 +27,7 @@ from sd.noise import BrownianNoiseSampler, NoiseSampler, step_noise_sampler
 Denoiser = Callable[[mx.array, float], mx.array]
 StepCallback = Callable[[int, mx.array, mx.array], None]
 CancelCheck = Callable[[], bool]
+Sigmas = Sequence[float] | np.ndarray
 
 
 def _sigma_list(sigmas: Sequence[float] | np.ndarray) -> list[float]:
@@ -83,7 +84,16 @@ def _sigma(t: float) -> float:
     return math.exp(-t)
 
 
-def sample_euler(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0):
+def sample_euler(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
     """Euler steps of the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     sigmas = _sigma_list(sigmas)
     for i in _steps(sigmas, cancel):
@@ -95,8 +105,17 @@ def sample_euler(denoise, x, sigmas, *, callback=None, noise_sampler=None, cance
 
 
 def sample_euler_ancestral(
-    denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0, eta=1.0, s_noise=1.0
-):
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> mx.array:
     """Euler step down to sigma_down, then fresh noise up to sigma_{i+1}."""
     sigmas = _sigma_list(sigmas)
     noise_sampler = _ancestral_noise(x, noise_sampler, seed)
@@ -116,7 +135,16 @@ def sample_euler_ancestral(
     return x
 
 
-def sample_heun(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0):
+def sample_heun(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
     """Heun's second-order method (Karras et al. 2022, Algorithm 2); Euler on the last step to 0."""
     sigmas = _sigma_list(sigmas)
     for i in _steps(sigmas, cancel):
@@ -137,7 +165,16 @@ def _log_midpoint(a: float, b: float) -> float:
     return math.exp(0.5 * (math.log(a) + math.log(b)))
 
 
-def sample_dpm_2(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0):
+def sample_dpm_2(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
     """DPM-Solver-2 (Karras et al.'s midpoint variant): derivative taken at the log-midpoint."""
     sigmas = _sigma_list(sigmas)
     for i in _steps(sigmas, cancel):
@@ -155,8 +192,17 @@ def sample_dpm_2(denoise, x, sigmas, *, callback=None, noise_sampler=None, cance
 
 
 def sample_dpm_2_ancestral(
-    denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0, eta=1.0, s_noise=1.0
-):
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> mx.array:
     """DPM-Solver-2 down to sigma_down, then fresh noise."""
     sigmas = _sigma_list(sigmas)
     noise_sampler = _ancestral_noise(x, noise_sampler, seed)
@@ -194,7 +240,17 @@ def linear_multistep_coeff(order: int, t: Sequence[float], i: int, j: int) -> fl
     return float(0.5 * (hi - lo) * np.dot(_GAUSS_WEIGHTS, basis))
 
 
-def sample_lms(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0, order=4):
+def sample_lms(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    order: int = 4,
+) -> mx.array:
     """Linear multistep: the ODE derivative extrapolated by a Lagrange polynomial in sigma."""
     sigmas = _sigma_list(sigmas)
     ds: list[mx.array] = []
@@ -214,8 +270,17 @@ def sample_lms(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=
 
 
 def sample_dpmpp_2s_ancestral(
-    denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0, eta=1.0, s_noise=1.0
-):
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> mx.array:
     """DPM-Solver++(2S) single-step down to sigma_down, then fresh noise."""
     sigmas = _sigma_list(sigmas)
     noise_sampler = _ancestral_noise(x, noise_sampler, seed)
@@ -238,8 +303,18 @@ def sample_dpmpp_2s_ancestral(
 
 
 def sample_dpmpp_sde(
-    denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0, eta=1.0, s_noise=1.0, r=0.5
-):
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+) -> mx.array:
     """DPM-Solver++ SDE, two stages per step with Brownian noise (intermediate point at ratio r)."""
     sigmas = _sigma_list(sigmas)
     if len(sigmas) <= 1:
@@ -268,7 +343,16 @@ def sample_dpmpp_sde(
     return x
 
 
-def sample_dpmpp_2m(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0):
+def sample_dpmpp_2m(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
     """DPM-Solver++(2M): second-order multistep using the previous step's denoised."""
     sigmas = _sigma_list(sigmas)
     old_denoised = None
@@ -291,18 +375,18 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, callback=None, noise_sampler=None, ca
 
 
 def sample_dpmpp_2m_sde(
-    denoise,
-    x,
-    sigmas,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
     *,
-    callback=None,
-    noise_sampler=None,
-    cancel=None,
-    seed=0,
-    eta=1.0,
-    s_noise=1.0,
-    solver_type="midpoint",
-):
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+) -> mx.array:
     """DPM-Solver++(2M) SDE with Brownian noise; ``solver_type`` 'midpoint' (default) or 'heun'."""
     sigmas = _sigma_list(sigmas)
     if len(sigmas) <= 1:
@@ -334,8 +418,17 @@ def sample_dpmpp_2m_sde(
 
 
 def sample_dpmpp_3m_sde(
-    denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0, eta=1.0, s_noise=1.0
-):
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> mx.array:
     """DPM-Solver++(3M) SDE with Brownian noise."""
     sigmas = _sigma_list(sigmas)
     if len(sigmas) <= 1:
@@ -371,7 +464,16 @@ def sample_dpmpp_3m_sde(
     return x
 
 
-def sample_lcm(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0):
+def sample_lcm(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
     """Latent consistency sampling: jump to the prediction, re-noise to the next sigma."""
     sigmas = _sigma_list(sigmas)
     noise_sampler = _ancestral_noise(x, noise_sampler, seed)

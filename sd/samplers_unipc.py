@@ -17,7 +17,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from sd.samplers import _report, _sigma_list, _steps
+from sd.noise import NoiseSampler
+from sd.samplers import CancelCheck, Denoiser, Sigmas, StepCallback, _report, _sigma_list, _steps
 
 _FINAL_SIGMA = 0.001  # ComfyUI's stand-in for sigma = 0, where lambda would be infinite
 
@@ -51,7 +52,7 @@ def _update(
     sigma_t: float,
     order: int,
     variant: str,
-    data_prediction,
+    data_prediction: Denoiser,
     use_corrector: bool,
 ) -> tuple[mx.array, mx.array | None]:
     """One UniPC-bh step from sigma_prev[-1] to sigma_t (in VP form), corrected unless told not to."""
@@ -86,7 +87,14 @@ def _update(
     return x_t_base - correction * (alpha_t * b_h), model_t
 
 
-def _sample_unipc(denoise, x, sigmas, callback, cancel, variant: str):
+def _sample_unipc(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    callback: StepCallback | None,
+    cancel: CancelCheck | None,
+    variant: str,
+) -> mx.array:
     sigmas = _sigma_list(sigmas)
     if len(sigmas) <= 1:
         return x
@@ -117,11 +125,29 @@ def _sample_unipc(denoise, x, sigmas, callback, cancel, variant: str):
     return x / _alpha(times[-1])
 
 
-def sample_uni_pc(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0):
+def sample_uni_pc(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
     """UniPC with B(h) = h (ComfyUI's ``uni_pc``)."""
     return _sample_unipc(denoise, x, sigmas, callback, cancel, "bh1")
 
 
-def sample_uni_pc_bh2(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0):
+def sample_uni_pc_bh2(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
     """UniPC with B(h) = e^h - 1 (ComfyUI's ``uni_pc_bh2``)."""
     return _sample_unipc(denoise, x, sigmas, callback, cancel, "bh2")
