@@ -25,7 +25,8 @@ examples:
 
 exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted.
 environment: SDGRAPH_MODELS_DIR, SDGRAPH_INPUT_DIR, SDGRAPH_OUTPUT_DIR, SDGRAPH_CACHE_DIR,
-  SDGRAPH_CACHE_MAX_BYTES, SDGRAPH_EXTRA_NODES (comma-separated modules or .py files with more nodes).
+  SDGRAPH_CACHE_MAX_BYTES, SDGRAPH_MEMORY_CACHE_BYTES, SDGRAPH_EXTRA_NODES (comma-separated modules or
+  .py files with more nodes), SDGRAPH_DEBUG=1 (print a failing node's traceback).
 """
 
 
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         _print_problems(e, getattr(args, "json", False))
         return 2
     except NodeFailed as e:
+        if os.environ.get("SDGRAPH_DEBUG"):
+            import traceback
+
+            traceback.print_exception(e.cause, file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Cancelled):

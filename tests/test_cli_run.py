@@ -154,7 +154,7 @@ def test_bad_override_and_usage_exit_2(tmp_path, env, capsys):
     assert not (tmp_path / "output").exists()
 
 
-def test_runtime_failure_exits_1_names_the_node_and_removes_files(tmp_path, env, capsys):
+def test_runtime_failure_exits_1_names_the_node_and_removes_files(tmp_path, env, capsys, monkeypatch):
     wf = write(tmp_path, """
         nodes:
           c: {type: Const, value: 2}
@@ -167,6 +167,9 @@ def test_runtime_failure_exits_1_names_the_node_and_removes_files(tmp_path, env,
     summary = json.loads(captured.out)
     assert summary["status"] == "failed" and summary["failed_node"] == "slow"
     assert list((tmp_path / "output").iterdir()) == []
+    monkeypatch.setenv("SDGRAPH_DEBUG", "1")
+    assert cli.main(["run", str(wf), "--quiet"]) == 1
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_ctrl_c_exits_130_and_leaves_no_partial_files(tmp_path, env):
