@@ -7,31 +7,20 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from sd.clip import CLIPTextModel, clip_config_from_weights
+from sd.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
-from sd.unet import UNetModel, unet_config_from_weights
 
 UNET_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
-
-
-def load_component(path, prefix: str, config_from_weights, model_class):
-    """The loader contract in small: strip the prefix, convs OIHW -> OHWI, skip the position_ids buffer."""
-    raw = {k[len(prefix):]: v for k, v in load_file(str(path)).items()
-           if k.startswith(prefix) and not k.endswith("position_ids")}
-    model = model_class(config_from_weights({k: v.shape for k, v in raw.items()}))
-    model.load_weights([(k, mx.array(v.transpose(0, 2, 3, 1) if v.ndim == 4 else v)) for k, v in raw.items()],
-                       strict=True)
-    return model
 
 
 def make_tiny(tmp_path_factory) -> dict:
     """A tiny SD1.5-layout UNet and CLIP text encoder with random weights (for a module-scoped fixture)."""
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", "tiny", seed=7,
                            parts=("unet", "clip"))
-    return dict(path=path, unet=load_component(path, UNET_PREFIX, unet_config_from_weights, UNetModel),
-                clip=load_component(path, CLIP_PREFIX, clip_config_from_weights, CLIPTextModel))
+    checkpoint = load_checkpoint(path, dtype="float32")
+    return dict(path=path, unet=checkpoint.unet, clip=checkpoint.clip)
 
 
 def diffusers_unet_config(cfg) -> dict:

@@ -14,18 +14,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint
-from lora_testing import CLIP_PREFIX, UNET_PREFIX, diffusers_unet_config, load_component
+from lora_testing import UNET_PREFIX, diffusers_unet_config
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 
-from sd.clip import CLIPTextModel, clip_config_from_weights
+from sd.checkpoint import load_checkpoint
 from sd.lora import apply_loras, load_lora
 from sd.synthetic import make_checkpoint
 from sd.synthetic.clip import TINY_CLIP
 from sd.synthetic.unet import TINY_UNET
-from sd.unet import UNetModel, unet_config_from_weights
 
 TOLERANCE = 1e-4
 RANK, ALPHA = 4, 2.0
@@ -40,8 +39,8 @@ def max_rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 def models(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", "tiny", seed=3,
                            parts=("unet", "clip"))
-    unet = load_component(path, UNET_PREFIX, unet_config_from_weights, UNetModel)
-    clip = load_component(path, CLIP_PREFIX, clip_config_from_weights, CLIPTextModel)
+    checkpoint = load_checkpoint(path, dtype="float32")  # the loader users go through
+    unet, clip = checkpoint.unet, checkpoint.clip
     unet_config = diffusers_unet_config(TINY_UNET)
     unet_state = convert_ldm_unet_checkpoint(torch_load_file(str(path)), unet_config)
     ldm_unet_shapes = {k[len(UNET_PREFIX):]: tuple(v.shape) for k, v in torch_load_file(str(path)).items()
