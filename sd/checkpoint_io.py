@@ -84,8 +84,11 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
     """Open ``path`` by content sniffing; raises ``CheckpointError`` for anything unreadable."""
     path = Path(path)
     file_size = _check_file(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open the file: {exc.strerror or exc}") from exc
     try:
         if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
             return TensorFile(path, _state_dict(path, read_torch_zip(path, file_size)), {})
