@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from sd.noise import NoiseSampler
-from sd.samplers import CancelCheck, Denoiser, Sigmas, StepCallback, _report, _sigma_list, _steps
+from sd.samplers_common import CancelCheck, Denoiser, Sigmas, StepCallback, report, sigma_list, step_indices
 
 _FINAL_SIGMA = 0.001  # ComfyUI's stand-in for sigma = 0, where lambda would be infinite
 
@@ -95,7 +95,7 @@ def _sample_unipc(
     cancel: CancelCheck | None,
     variant: str,
 ) -> mx.array:
-    sigmas = _sigma_list(sigmas)
+    sigmas = sigma_list(sigmas)
     if len(sigmas) <= 1:
         return x
     times = list(sigmas)
@@ -110,8 +110,8 @@ def _sample_unipc(
     x = x * _alpha(times[0])
     model_prev = [data_prediction(x, times[0])]
     sigma_prev = [times[0]]
-    for i in _steps(times, cancel):
-        _report(callback, i, x / _alpha(times[i]), model_prev[-1])
+    for i in step_indices(times, cancel):
+        report(callback, i, x / _alpha(times[i]), model_prev[-1])
         step = i + 1
         step_order = min(order, step) if step < order else min(order, steps + 1 - step)
         x, model_x = _update(
