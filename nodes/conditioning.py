@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import mlx.core as mx
+
 from graph import CLIP, CONDITIONING, Int, String, node
 from nodes import models
 from nodes.values import ClipRecipe, Conditioning
@@ -16,6 +18,7 @@ def CLIPEncode(clip: CLIP, text: String(multiline=True), ctx=None):
 
     recipe: ClipRecipe = clip
     cond, pooled = encode_prompt(models.clip_for(recipe, ctx.log), text, clip_skip=recipe.stop_at_layer)
+    mx.eval(cond, pooled)  # MLX is lazy: compute here, so the time is this node's
     return Conditioning(cond, pooled)
 
 

@@ -1,0 +1,97 @@
+"""`sdgraph demo`: random-weight stand-ins for the files the shipped workflows name, so they run on a
+fresh machine (the images are noise until real weights are put in place).
+
+Writes models/checkpoints/v1-5-pruned-emaonly.safetensors (a tiny random SD1.5-layout checkpoint) —
+only when no file of that name exists: a user's real model is never overwritten — plus
+models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint) and
+input/example.png.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
+LORA_NAMES = ("detail.safetensors", "style.safetensors")
+EXAMPLE_IMAGE = "example.png"
+
+# 2-D weights a kohya LoRA patches: UNet attention projections, CLIP attention and MLP
+_UNET_LAYERS = (".attn1.to_q.weight", ".attn1.to_k.weight", ".attn1.to_v.weight", ".attn1.to_out.0.weight",
+                ".attn2.to_q.weight", ".attn2.to_k.weight", ".attn2.to_v.weight", ".attn2.to_out.0.weight")
+_CLIP_LAYERS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight", "fc1.weight",
+                "fc2.weight")
+
+
+def write_kohya_lora(path: Path, checkpoint: Path, seed: int, rank: int = 4, scale: float = 0.05) -> Path:
+    """A random kohya-format LoRA (lora_unet_* / lora_te_*, LDM-style names) for `checkpoint`'s layers."""
+    from safetensors.numpy import save_file
+
+    from sd.checkpoint import PREFIXES
+    from sd.checkpoint_io import open_tensors
+
+    tensors = open_tensors(checkpoint)
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for key in tensors.keys():
+        if key.startswith(PREFIXES["unet"]) and key.endswith(_UNET_LAYERS):
+            name = "lora_unet_" + key[len(PREFIXES["unet"]):].removesuffix(".weight").replace(".", "_")
+        elif key.startswith(PREFIXES["clip"]) and key.endswith(_CLIP_LAYERS):
+            name = "lora_te_" + key[len(PREFIXES["clip"]):].removesuffix(".weight").replace(".", "_")
+        else:
+            continue
+        out_f, in_f = tensors.shape(key)
+        out[f"{name}.lora_down.weight"] = (scale * rng.standard_normal((rank, in_f))).astype(np.float32)
+        out[f"{name}.lora_up.weight"] = (scale * rng.standard_normal((out_f, rank))).astype(np.float32)
+        out[f"{name}.alpha"] = np.array(rank, dtype=np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    return path
+
+
+def write_example_image(path: Path, size: int = 512) -> Path:
+    """A smooth colour gradient with a disc: something recognisable to start img2img from."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    disc = ((x - 0.5) ** 2 + (y - 0.55) ** 2) < 0.08
+    rgb = np.stack([x, y, 1.0 - x], axis=-1)
+    rgb[disc] = (1.0, 0.85, 0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 512,
+              out: TextIO = sys.stdout) -> list[Path]:
+    """Write the stand-in files that are missing; returns the paths written (existing files are kept)."""
+    from sd.synthetic import make_checkpoint
+
+    models_dir, input_dir = Path(models_dir), Path(input_dir)
+    checkpoint = models_dir / "checkpoints" / CHECKPOINT_NAME
+    written: list[Path] = []
+    if checkpoint.exists():
+        print(f"kept {checkpoint} (exists; never overwritten)", file=out)
+    else:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
+        make_checkpoint(tmp, "tiny", fmt="safetensors")
+        tmp.replace(checkpoint)  # whole file or none: a half-written checkpoint would look real
+        written.append(checkpoint)
+    for seed, name in enumerate(LORA_NAMES, start=1):
+        lora = models_dir / "loras" / name
+        if not lora.exists():
+            written.append(write_kohya_lora(lora, checkpoint, seed))
+    image = input_dir / EXAMPLE_IMAGE
+    if not image.exists():
+        written.append(write_example_image(image, image_size))
+    for path in written:
+        print(f"wrote {path}", file=out)
+    if any(p.suffix == ".safetensors" for p in written):
+        print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
+              f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint} and real LoRAs in "
+              f"{models_dir / 'loras'} under those names to get real images.", file=out)
+    return written
