@@ -30,7 +30,8 @@ CancelCheck = Callable[[], bool]
 Sigmas = Sequence[float] | np.ndarray
 
 
-def sigma_list(sigmas: Sequence[float] | np.ndarray) -> list[float]:
+def sigma_list(sigmas: Sigmas) -> list[float]:
+    """Python floats of the float32 schedule (step maths then runs in double precision)."""
     return [float(s) for s in np.asarray(sigmas, dtype=np.float32)]
 
 
@@ -43,6 +44,7 @@ def step_indices(sigmas: list[float], cancel: CancelCheck | None) -> Iterator[in
 
 
 def report(callback: StepCallback | None, i: int, x: mx.array, denoised: mx.array) -> None:
+    """End-of-prediction hook of step i: evaluate, then tell the callback."""
     mx.eval(x, denoised)  # keep MLX's lazy graph one step deep
     if callback is not None:
         callback(i, x, denoised)
@@ -63,12 +65,14 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
 
 
 def ancestral_noise(x: mx.array, noise_sampler: NoiseSampler | None, seed: int) -> NoiseSampler:
+    """The given noise sampler, else ComfyUI's default one (CPU generator, seed + 1)."""
     return noise_sampler if noise_sampler is not None else step_noise_sampler(x.shape, seed)
 
 
 def brownian_noise(
     x: mx.array, sigmas: list[float], noise_sampler: NoiseSampler | None, seed: int
 ) -> NoiseSampler:
+    """The given noise sampler, else Brownian increments over [smallest positive sigma, largest]."""
     if noise_sampler is not None:
         return noise_sampler
     positive = [s for s in sigmas if s > 0]
@@ -81,4 +85,5 @@ def t_of(sigma: float) -> float:
 
 
 def sigma_of(t: float) -> float:
+    """Inverse of :func:`t_of`."""
     return math.exp(-t)
