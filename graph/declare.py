@@ -14,6 +14,7 @@ See docs/CONTRACTS.md, section "graph <-> nodes", for the full rules.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +85,10 @@ class NodeSpec:
 
     @property
     def title(self) -> str:
-        return self.description.strip().splitlines()[0] if self.description.strip() else ""
+        """The docstring's first sentence (its first paragraph may wrap over several lines)."""
+        paragraph = " ".join(self.description.strip().split("\n\n")[0].split())
+        sentence = re.match(r"(.+?\.)(?:\s|$)", paragraph)
+        return sentence.group(1) if sentence else paragraph
 
     def output(self, ref: str | int) -> OutputSpec | None:
         """The output named `ref` or at index `ref` (an int, or a string of digits)."""

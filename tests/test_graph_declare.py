@@ -34,6 +34,18 @@ def test_inputs_outputs_and_flags_are_derived():
     assert spec.title == "Denoise a latent."
 
 
+def test_title_is_the_first_sentence_even_when_wrapped():
+    @node(outputs=(LATENT,))
+    def DemoWrapped(latent: LATENT):
+        """Resize latents to a size (in pixels,
+        divided by 8). A size of 0 keeps the aspect.
+
+        More."""
+        return latent
+
+    assert NODE_REGISTRY["DemoWrapped"].title == "Resize latents to a size (in pixels, divided by 8)."
+
+
 def test_cache_tier_follows_serializers_registered_later():
     socket_type("DEMO_LATER")
 
