@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +22,11 @@ from sd.checkpoint_io import open_tensors
 from sd.detect import check_family, detect_unet_config
 from sd.errors import CheckpointError, MissingComponentError
 from sd.precision import COMPONENTS, default_dtype, parse_dtype
+
+if TYPE_CHECKING:  # the VAE and CLIP modules are imported only when a file has those parts
+    from sd.clip import CLIPTextConfig, CLIPTextModel
+    from sd.unet import UNetConfig, UNetModel
+    from sd.vae import AutoencoderKL, VAEConfig
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -167,12 +172,12 @@ class Checkpoint:
     """The parts one checkpoint file holds; a part the file lacks is None."""
 
     path: Path
-    unet: Any = None
-    vae: Any = None
-    clip: Any = None
-    unet_config: Any = None
-    vae_config: Any = None
-    clip_config: Any = None
+    unet: UNetModel | None = None
+    vae: AutoencoderKL | None = None
+    clip: CLIPTextModel | None = None
+    unet_config: UNetConfig | None = None
+    vae_config: VAEConfig | None = None
+    clip_config: CLIPTextConfig | None = None
 
     def _require(self, part: str):
         model = getattr(self, part)
@@ -182,13 +187,13 @@ class Checkpoint:
                 f"load a separate {LABELS[part]} file or use a checkpoint that includes one")
         return model
 
-    def require_unet(self):
+    def require_unet(self) -> UNetModel:
         return self._require("unet")
 
-    def require_vae(self):
+    def require_vae(self) -> AutoencoderKL:
         return self._require("vae")
 
-    def require_clip(self):
+    def require_clip(self) -> CLIPTextModel:
         return self._require("clip")
 
 
@@ -220,7 +225,8 @@ def load_checkpoint(path: str | Path, dtype: str | mx.Dtype | None = None,
     return checkpoint
 
 
-def load_component(path: str | Path, part: str, dtype: str | mx.Dtype | None = None):
+def load_component(path: str | Path, part: str,
+                   dtype: str | mx.Dtype | None = None) -> UNetModel | AutoencoderKL | CLIPTextModel:
     """Load only one part ("unet", "vae" or "clip") of a checkpoint; MissingComponentError if absent."""
     if part not in COMPONENTS:
         raise ValueError(f"unknown part {part!r}; use one of {COMPONENTS}")
