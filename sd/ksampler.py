@@ -111,6 +111,7 @@ def make_cfg_denoiser(
     skip_uncond = math.isclose(cfg, 1.0)
     entries = positive + ([] if skip_uncond else negative)
     groups = _group_for_calls(entries)
+    contexts = [_padded_context([entries[g] for g in group]) for group in groups]  # fixed for all steps
 
     def denoise(x: mx.array, sigma: float) -> mx.array:
         batch = x.shape[0]
@@ -118,12 +119,12 @@ def make_cfg_denoiser(
         x_in = ms.calculate_input(sigma_b, x)
         timestep = float(ms.timestep(np.float32(sigma)))
         denoised: list[mx.array | None] = [None] * len(entries)
-        for group in groups:
+        for group, context in zip(groups, contexts, strict=True):
             n = len(group)
             eps = unet_fn(
                 mx.concatenate([x_in] * n, axis=0),
                 mx.full((batch * n,), timestep, dtype=mx.float32),
-                _padded_context([entries[g] for g in group]),
+                context,
             )
             for k, g in enumerate(group):
                 denoised[g] = ms.calculate_denoised(sigma_b, eps[k * batch : (k + 1) * batch], x)
