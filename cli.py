@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("input")
     conv.add_argument("-o", "--output", required=True, help="output file; .json or .yaml decides the format")
 
+    demo = sub.add_parser("demo", help="write random-weight stand-ins for the files the workflows name")
+    demo.add_argument("--models-dir", help="model folder (default $SDGRAPH_MODELS_DIR or ./models)")
+    demo.add_argument("--input-dir", help="input folder (default $SDGRAPH_INPUT_DIR or ./input)")
+
+    sub.add_parser("doctor", help="report the environment and run a tiny workflow end to end")
+
     cache = sub.add_parser("cache", help="inspect or clear the disk cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache_dir(cache)
@@ -367,8 +373,9 @@ def cmd_cache(args) -> int:
     info = store.info()
     print(f"cache dir:     {info['cache_dir']}")
     print(f"entries:       {info['entries']}")
-    print(f"size:          {_human(info['bytes'])} of {_human(info['max_bytes'])}")
     print(f"derived files: {info['derived_files']}")
+    used = info["bytes"] + info["derived_bytes"]
+    print(f"size:          {_human(used)} of {_human(info['max_bytes'])}")
     return 0
 
 
@@ -380,8 +387,23 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def cmd_demo(args) -> int:
+    from graph.context import Folders
+    from nodes.demo import make_demo
+
+    folders = Folders.from_env(args.models_dir, args.input_dir)
+    make_demo(folders.models_dir, folders.input_dir)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from nodes.doctor import run_doctor
+
+    return run_doctor()
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "schema": cmd_schema,
-            "convert": cmd_convert, "cache": cmd_cache}
+            "convert": cmd_convert, "cache": cmd_cache, "demo": cmd_demo, "doctor": cmd_doctor}
 
 
 if __name__ == "__main__":

@@ -124,18 +124,16 @@ class DiskCache:
                         yield from (p for p in sub.iterdir() if p.is_file())
 
     def info(self) -> dict:
-        entries = derived = 0
-        total = 0
+        """entries/bytes: cached node results; derived_files/derived_bytes: files such as converted
+        weights. max_bytes bounds the two together."""
+        counts = {"entries": 0, "bytes": 0, "derived_files": 0, "derived_bytes": 0}
         for p in self._files():
             if p.name.endswith(".tmp"):
                 continue
-            total += p.stat().st_size
-            if p.parent.parent == self.objects:
-                entries += 1
-            else:
-                derived += 1
-        return {"cache_dir": str(self.root), "entries": entries, "derived_files": derived, "bytes": total,
-                "max_bytes": self.max_bytes}
+            is_entry = p.parent.parent == self.objects
+            counts["entries" if is_entry else "derived_files"] += 1
+            counts["bytes" if is_entry else "derived_bytes"] += p.stat().st_size
+        return {"cache_dir": str(self.root), **counts, "max_bytes": self.max_bytes}
 
     def clear(self) -> None:
         """Remove every entry and derived file (only folders this store creates)."""

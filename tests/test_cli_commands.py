@@ -26,7 +26,7 @@ def test_help_lists_commands_and_examples(capsys):
     assert "sdgraph" in capsys.readouterr().out
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for word in ("run", "validate", "nodes", "schema", "convert", "cache", "examples:", "--sweep"):
+    for word in ("run", "validate", "nodes", "schema", "convert", "cache", "demo", "doctor", "examples:"):
         assert word in out
 
 

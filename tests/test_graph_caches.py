@@ -80,6 +80,9 @@ def test_disk_budget_evicts_least_recently_used(tmp_path):
     os.utime(derived, (time.time() - 500, time.time() - 500))
     store.put(keys[4], Entry(["X"], [bytes(1000)]))
     assert not derived.exists() and store.info()["entries"] == 3
+    derived.write_bytes(bytes(10))
+    info = store.info()
+    assert (info["derived_files"], info["derived_bytes"], info["entries"]) == (1, 10, 3)
     store.clear()
     assert store.info()["entries"] == 0
 
