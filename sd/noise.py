@@ -26,8 +26,9 @@ Per-step noise of ancestral/SDE samplers (what ComfyUI does, and what we do):
 
 * ``euler_ancestral``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``, ``lcm`` use
   ``default_noise_sampler``: a fresh ``torch.Generator`` seeded with the sampling seed, and on
-  the CPU with ``seed + 1`` (recent ComfyUI adds 1 there so the step noise differs from the
-  initial noise), then one ``torch.randn(x.shape)`` (NCHW) per call. We reproduce this exactly
+  the CPU with ``seed + 1`` (current ComfyUI adds 1 on the CPU only; older releases used ``seed``
+  and its per-step noise then equals the initial noise), then one ``torch.randn(x.shape)`` (NCHW)
+  per call (for seed 2**64 - 1 we wrap seed + 1 to 0). We reproduce this exactly
   with :func:`step_noise_sampler`, i.e. ComfyUI's behaviour when it samples on the CPU. On a GPU
   ComfyUI draws this noise from the CUDA/MPS generator, which no one can reproduce off that device.
 * ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde`` use ``BrownianTreeNoiseSampler``, built on
