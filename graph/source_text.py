@@ -5,6 +5,7 @@ PyYAML and json silently keep the last of duplicate keys; here a duplicate is an
 
 from __future__ import annotations
 
+import bisect
 import json
 from typing import Any
 
@@ -91,8 +92,10 @@ def _parse_json(text: str, filename: str) -> tuple[Any, Lines]:
     lines: Lines = {}
     problems: list[Problem] = []
 
+    newlines = [i for i, ch in enumerate(text) if ch == "\n"]
+
     def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        return bisect.bisect_left(newlines, pos) + 1
 
     def skip(pos: int) -> int:
         while pos < len(text) and text[pos] in " \t\r\n":
