@@ -68,6 +68,7 @@ def write_example_image(path: Path, size: int = 512) -> Path:
 def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 512,
               out: TextIO = sys.stdout) -> list[Path]:
     """Write the stand-in files that are missing; returns the paths written (existing files are kept)."""
+    from sd.errors import SDGraphError
     from sd.synthetic import make_checkpoint
 
     models_dir, input_dir = Path(models_dir), Path(input_dir)
@@ -84,7 +85,10 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     for seed, name in enumerate(LORA_NAMES, start=1):
         lora = models_dir / "loras" / name
         if not lora.exists():
-            written.append(write_kohya_lora(lora, checkpoint, seed))
+            try:
+                written.append(write_kohya_lora(lora, checkpoint, seed))
+            except SDGraphError as e:  # the LoRA's shapes come from the user's checkpoint
+                print(f"skipped {lora}: {e}", file=out)
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
