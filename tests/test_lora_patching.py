@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from lora_testing import kohya_pair, make_tiny, params, save
 
-from sd.lora import apply_loras, load_lora
+from sd.lora import apply_lora_stack, apply_loras, load_lora
 
 UNET_LAYERS = {  # kohya name -> our parameter (its shape is read off the tiny model)
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
@@ -111,3 +111,12 @@ def test_coverage_report(tiny, tmp_path):
     report = lora.coverage(unet=tiny["unet"], text_encoder=tiny["clip"])
     assert str(report) == "unet 4/4, text encoder 1/1"
     assert report.complete
+
+
+def test_lora_stack_applies_model_and_clip_strengths(tiny, tmp_path):
+    a = write_lora(tmp_path / "f.safetensors", 8, tiny)
+    b = write_lora(tmp_path / "g.safetensors", 9, tiny)
+    unet, clip = apply_lora_stack(tiny["unet"], tiny["clip"], [(a, 1.0, 0.0), (b, 0.5, -0.5)])
+    assert unet is apply_loras(tiny["unet"], [(a, 1.0), (b, 0.5)], "unet")
+    assert clip is apply_loras(tiny["clip"], [(b, -0.5)], "clip")
+    assert apply_lora_stack(tiny["unet"], None, [(a, 0.0, 1.0)]) == (tiny["unet"], None)

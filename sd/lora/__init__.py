@@ -8,8 +8,8 @@ patches.
 """
 
 from sd.lora.lora_file import LoRA, load_lora, lora_from_tensors
-from sd.lora.patching import apply_loras, patch_set_key
+from sd.lora.patching import apply_lora_stack, apply_loras, patch_set_key
 from sd.lora.report import ComponentCoverage, CoverageReport
 
-__all__ = ["LoRA", "load_lora", "lora_from_tensors", "apply_loras", "patch_set_key", "ComponentCoverage",
-           "CoverageReport"]
+__all__ = ["LoRA", "load_lora", "lora_from_tensors", "apply_loras", "apply_lora_stack", "patch_set_key",
+           "ComponentCoverage", "CoverageReport"]

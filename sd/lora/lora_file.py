@@ -65,11 +65,22 @@ class LoRA:
     """A parsed LoRA file. Immutable; matching results and deltas are computed on first use and cached."""
 
     def __init__(self, path: str | Path, parsed: ParsedLoRA, fingerprint: str):
-        self.path = str(path)
-        self.fingerprint = fingerprint
+        self._path = str(path)
+        self._fingerprint = fingerprint
         self._parsed = parsed
         self._indexes = _ModelCache()
+        # fp32 deltas at strength 1 per (component, model): what makes a strength switch cheap. For a
+        # full-size rank-32 LoRA they take ~1.4 GB; the cache keeps the last few models only.
         self._deltas = _ModelCache()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the file's content: equal fingerprints, equal LoRAs (used in patch-set cache keys)."""
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"LoRA({Path(self.path).name!r}, {len(self._parsed.modules)} layers)"

@@ -1,11 +1,15 @@
 """Apply LoRA patch sets to a module without touching it: the result is a new module tree that shares every
-unpatched array with the base. MLX arrays are immutable, so sharing is safe; only the containers (modules,
-lists) on the way to a patched weight are new objects.
+unpatched array with the base. MLX arrays are immutable, so sharing is safe; the containers (modules, lists)
+are shallow-copied, which costs no array memory, and only the patched weights are new arrays.
+
+Patched modules are cached per (base module, patch set), so re-using a strength costs nothing and removing
+a LoRA (an empty or all-zero patch set) returns the base module itself.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -23,7 +27,19 @@ PatchSet = Sequence[tuple[LoRA, float]]
 _WEAK: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _RECENT: OrderedDict[tuple, nn.Module] = OrderedDict()
 _RECENT_SIZE = 2
-_BASES: dict[int, weakref.ref] = {}
+# A token per live base module: ids are reused after garbage collection, tokens never are.
+_BASE_TOKENS: dict[int, tuple[weakref.ref, int]] = {}
+_NEXT_TOKEN = itertools.count()
+
+
+def _base_token(module: nn.Module) -> int:
+    entry = _BASE_TOKENS.get(id(module))
+    if entry is None or entry[0]() is not module:
+        for stale in [k for k, (ref, _) in _BASE_TOKENS.items() if ref() is None]:
+            del _BASE_TOKENS[stale]
+        entry = (weakref.ref(module), next(_NEXT_TOKEN))
+        _BASE_TOKENS[id(module)] = entry
+    return entry[1]
 
 
 def patch_set_key(loras: PatchSet) -> tuple[tuple[str, float], ...]:
@@ -62,17 +78,17 @@ def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partia
     `component` is "unet" (alias "model") or "text_encoder" (alias "clip"); strengths may be negative; zero
     strengths are skipped and an empty set returns `module` itself. The base module is never modified.
     Unmatched LoRA keys raise LoRAError unless `allow_partial` (then they are skipped with a warning).
+    Every delta is relative to `module`'s weights, so chained LoRAs add up (a DoRA layer's delta is its
+    re-normalised weight minus the base weight, scaled by its strength, as ComfyUI does).
     """
     component = canonical_component(component)
     active = [(lora, float(s)) for lora, s in loras if s != 0]
     if not active:
         return module
-    key = (id(module), component, patch_set_key(active), allow_partial)
-    base_ref = _BASES.get(id(module))
-    if base_ref is not None and base_ref() is module:
-        hit = _WEAK.get(key)
-        if hit is not None:
-            return hit
+    key = (_base_token(module), component, patch_set_key(active), allow_partial)
+    hit = _WEAK.get(key)
+    if hit is not None:
+        return hit
     total: dict[str, mx.array] = {}
     for lora, strength in active:
         for name, delta in lora.deltas(component, module, allow_partial).items():
@@ -85,9 +101,20 @@ def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partia
     for name, value in patched_values.items():
         _set_parameter(patched, name, value)
 
-    _BASES[id(module)] = weakref.ref(module)
     _WEAK[key] = patched
     _RECENT[key] = patched
     while len(_RECENT) > _RECENT_SIZE:
         _RECENT.popitem(last=False)
     return patched
+
+
+def apply_lora_stack(unet: nn.Module | None, text_encoder: nn.Module | None,
+                     stack: Sequence[tuple[LoRA, float, float]], allow_partial: bool = False,
+                     ) -> tuple[nn.Module | None, nn.Module | None]:
+    """ComfyUI's LoraLoader semantics for a chain: (lora, strength_model, strength_clip) entries applied to
+    the UNet and the text encoder separately; a component that is None (not loaded) is skipped."""
+    new_unet = None if unet is None else apply_loras(unet, [(lo, sm) for lo, sm, _ in stack], "unet",
+                                                      allow_partial)
+    new_clip = None if text_encoder is None else apply_loras(
+        text_encoder, [(lo, sc) for lo, _, sc in stack], "text_encoder", allow_partial)
+    return new_unet, new_clip
