@@ -1,0 +1,88 @@
+"""Distributed sweeps on mlx.distributed: a sweep's variations split over ranks, one report.
+
+Two ways in:
+- `mlx.launch -n 2 -- sdgraph run wf.yaml --sweep ...` (or any launcher MLX supports): each rank
+  sees the launcher's environment (`world.launched()`), joins the group and runs its share.
+- `sdgraph run wf.yaml --sweep ... --distributed -n 2 [--backend ring|nccl|mpi]`: validates, then
+  starts `mlx.launch` on 127.0.0.1 itself (launch.py) and reports even when a rank dies.
+
+`--only-missing` (distributed or not) skips variations that a previous run finished. In these runs a
+sink names its files by variation id (`tagged_stem`), so names do not depend on the rank count.
+See runner.py for the split, the naming, the done markers and the manifest.
+
+The CLI calls `add_run_arguments(run_parser)` and, in `run`, `cmd_run(args, prepare, folders)` when
+`handles(args)`; `python -m graph.distributed run ...` is the same command with these flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .runner import FILE_TAG, DoneMarkers, SweepOptions, run_sweep, shard, tagged_stem
+from .world import World, launched, pin_local_gpu
+
+__all__ = ["FILE_TAG", "DoneMarkers", "SweepOptions", "World", "add_run_arguments", "cmd_run", "handles",
+           "launched", "pin_local_gpu", "run_sweep", "shard", "tagged_stem"]
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The distributed flags of `sdgraph run`."""
+    group = run.add_argument_group("distributed sweeps (mlx.distributed)")
+    group.add_argument("--distributed", action="store_true",
+                       help="split the variations over N local processes started with mlx.launch "
+                            "(or launch `sdgraph run` under mlx.launch yourself)")
+    group.add_argument("-n", "--ranks", type=int, default=2, metavar="N",
+                       help="processes for --distributed (default 2); one GPU each where there are several")
+    group.add_argument("--backend", choices=("ring", "nccl", "mpi"), default=None,
+                       help="for --distributed: ring (TCP on 127.0.0.1), nccl or mpi "
+                            "(default: nccl with CUDA, else ring)")
+    group.add_argument("--only-missing", action="store_true",
+                       help="skip variations a previous run already finished (their files still exist)")
+    group.add_argument("--manifest", metavar="FILE",
+                       help="also write the JSON summary (every file with its variation and rank) to FILE")
+    run.set_defaults(_run_parser=run)
+
+
+def handles(args: argparse.Namespace) -> bool:
+    """Whether `sdgraph run` goes through the distributed runner."""
+    return bool(getattr(args, "distributed", False) or getattr(args, "only_missing", False)
+                or getattr(args, "manifest", None) or launched())
+
+
+def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> int:
+    """`sdgraph run` for a rank (or for the --distributed parent). `prepare(args)` validates every
+    variation (raising ValidationFailed), `folders(args)` gives the Folders."""
+    prepared = prepare(args)  # everything is validated before anything is launched or run
+    if getattr(args, "distributed", False) and not launched():
+        from .launch import launch
+
+        return launch(args, prepared, args.ranks, args.backend)
+    from graph.executor import Executor
+
+    from .runner import RankEvents
+
+    world = World.detect()
+    caches, keep = _caches(args)
+    try:
+        opts = SweepOptions(str(args.workflow), quiet=args.quiet, as_json=args.json,
+                            only_missing=getattr(args, "only_missing", False),
+                            manifest=Path(args.manifest) if getattr(args, "manifest", None) else None)
+        executor = Executor(caches, folders(args), RankEvents(world, args.quiet))
+        return run_sweep(prepared, executor, world, opts)
+    finally:
+        if keep is not None:
+            keep.cleanup()
+
+
+def _caches(args):
+    from graph.disk_cache import DiskCache, default_cache_dir
+    from graph.executor import Caches
+
+    if getattr(args, "no_cache", False):
+        tmp = tempfile.TemporaryDirectory(prefix="sdgraph-nocache-")
+        return Caches(Path(tmp.name), None), tmp
+    root = Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir()
+    return Caches(root, DiskCache(root)), None
