@@ -59,7 +59,9 @@ def LatentUpscale(samples: LATENT, upscale_method: Choice(UPSCALE_METHODS) = "ne
         width, height = max(64, width), max(64, height)
     if crop == "center":
         x = center_crop_to_aspect(x, width, height)
-    return Latent(resize(x, height // 8, width // 8, upscale_method), latent.batch_index)
+    resized = resize(x, height // 8, width // 8, upscale_method)
+    mx.eval(resized)
+    return Latent(resized, latent.batch_index)
 
 
 @node(category="latent", outputs=(LATENT,))
