@@ -45,8 +45,12 @@ def models(tmp_path_factory):
     unet_state = convert_ldm_unet_checkpoint(torch_load_file(str(path)), unet_config)
     ldm_unet_shapes = {k[len(UNET_PREFIX):]: tuple(v.shape) for k, v in torch_load_file(str(path)).items()
                        if k.startswith(UNET_PREFIX)}
-    return dict(path=path, unet=unet, clip=clip, unet_config=unet_config, unet_state=unet_state,
-                ldm_unet_shapes=ldm_unet_shapes)
+    models = dict(path=path, unet=unet, clip=clip, unet_config=unet_config, unet_state=unet_state,
+                  ldm_unet_shapes=ldm_unet_shapes)
+    pipe = reference_pipe(models)  # layer lists come from diffusers' / transformers' module trees
+    models.update(attention_layers=diffusers_layers(pipe, convs=False),
+                  all_layers=diffusers_layers(pipe, convs=True), te_layers=text_encoder_layers(pipe))
+    return models
 
 
 def reference_clip(path, cfg) -> HFCLIPTextModel:
@@ -143,11 +147,13 @@ def peft_file(path, unet_layers: dict, te_layers: dict, seed: int):
     return path
 
 
-def ldm_attention_layers(ldm_shapes: dict) -> dict[str, tuple]:
-    """LDM-named transformer layers (as older kohya files name them): name -> (out, in, kernel)."""
+def ldm_layers(ldm_shapes: dict, convs: bool) -> dict[str, tuple]:
+    """LDM-named layers (as older kohya files name them): the transformers' layers, or (LoCon) every
+    conv/linear: name -> (out, in, kernel)."""
     layers = {}
     for key, shape in ldm_shapes.items():
-        if key.endswith(".weight") and len(shape) >= 2 and (".transformer_blocks." in key or ".proj_" in key):
+        in_attention = ".transformer_blocks." in key or ".proj_" in key
+        if key.endswith(".weight") and len(shape) >= 2 and (in_attention or convs):
             layers[key[: -len(".weight")]] = (shape[0], shape[1], tuple(shape[2:]) or None)
     return layers
 
@@ -200,9 +206,8 @@ def check_against_diffusers(models, lora_path, strength: float, expect_te: bool,
 
 @pytest.mark.parametrize("strength", [1.0, -0.7])
 def test_kohya_diffusers_style_names(models, tmp_path, strength):
-    pipe = reference_pipe(models)
-    path = kohya_file(tmp_path / "kohya.safetensors", diffusers_layers(pipe, convs=False),
-                      text_encoder_layers(pipe), seed=11)
+    path = kohya_file(tmp_path / "kohya.safetensors", models["attention_layers"], models["te_layers"],
+                      seed=11)
     check_against_diffusers(models, path, strength, expect_te=True, label="kohya (diffusers names)")
 
 
@@ -218,12 +223,12 @@ def ldm_to_diffusers_names(models) -> dict[str, str]:
     return table
 
 
-def test_kohya_ldm_style_names(models, tmp_path):
+@pytest.mark.parametrize("convs", [False, True], ids=["lora", "locon"])
+def test_kohya_ldm_style_names(models, tmp_path, convs):
     """diffusers cannot read LDM-style kohya names for SD1.5 (its SGM block remapping fails on them), so
     diffusers loads the same tensors renamed to diffusers style by diffusers' own checkpoint converter."""
-    pipe = reference_pipe(models)
-    layers = ldm_attention_layers(models["ldm_unet_shapes"])
-    ours = kohya_file(tmp_path / "kohya_ldm.safetensors", layers, text_encoder_layers(pipe), seed=12)
+    layers = ldm_layers(models["ldm_unet_shapes"], convs)
+    ours = kohya_file(tmp_path / "kohya_ldm.safetensors", layers, models["te_layers"], seed=12)
     rename = {"lora_unet_" + ldm.replace(".", "_"): "lora_unet_" + diff.replace(".", "_")
               for ldm, diff in ldm_to_diffusers_names(models).items()}
     renamed = {}
@@ -233,19 +238,17 @@ def test_kohya_ldm_style_names(models, tmp_path):
     assert sum(k.startswith("lora_unet_down_blocks") for k in renamed) > 0
     reference = tmp_path / "kohya_ldm_renamed.safetensors"
     save_file(renamed, str(reference))
-    check_against_diffusers(models, ours, 0.8, expect_te=True, label="kohya (LDM names)", reference=reference)
+    label = f"kohya {'LoCon' if convs else 'LoRA'} (LDM names)"
+    check_against_diffusers(models, ours, 0.8, expect_te=True, label=label, reference=reference)
 
 
 def test_locon_conv_layers(models, tmp_path):
-    pipe = reference_pipe(models)
-    layers = diffusers_layers(pipe, convs=True)
+    layers = models["all_layers"]
     assert any(k and k[0] == 3 for *_, k in layers.values()), "LoCon must include 3x3 convs"
     path = kohya_file(tmp_path / "locon.safetensors", layers, {}, seed=13)
     check_against_diffusers(models, path, 0.6, expect_te=False, label="LoCon")
 
 
 def test_peft_format(models, tmp_path):
-    pipe = reference_pipe(models)
-    path = peft_file(tmp_path / "peft.safetensors", diffusers_layers(pipe, convs=False),
-                     text_encoder_layers(pipe), seed=14)
+    path = peft_file(tmp_path / "peft.safetensors", models["attention_layers"], models["te_layers"], seed=14)
     check_against_diffusers(models, path, 1.0, expect_te=True, label="PEFT")
