@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from lora_testing import kohya_pair, make_tiny, params, save
 
+from sd.checkpoint import load_checkpoint
 from sd.lora import apply_lora_stack, apply_loras, load_lora
 
 UNET_LAYERS = {  # kohya name -> our parameter (its shape is read off the tiny model)
@@ -120,3 +121,15 @@ def test_lora_stack_applies_model_and_clip_strengths(tiny, tmp_path):
     assert unet is apply_loras(tiny["unet"], [(a, 1.0), (b, 0.5)], "unet")
     assert clip is apply_loras(tiny["clip"], [(b, -0.5)], "clip")
     assert apply_lora_stack(tiny["unet"], None, [(a, 0.0, 1.0)]) == (tiny["unet"], None)
+
+
+def test_half_precision_weights_stay_half_and_get_the_fp32_sum(tiny, tmp_path):
+    half = load_checkpoint(tiny["path"], dtype="float16")
+    lora = write_lora(tmp_path / "h.safetensors", 10, tiny)
+    patched = params(apply_loras(half.unet, [(lora, 0.8)], "unet"))
+    base32 = params(apply_loras(tiny["unet"], [(lora, 0.8)], "unet"))
+    for name in UNET_LAYERS.values():
+        assert patched[name].dtype == mx.float16
+        # the sum is formed in fp32 and rounded once: within fp16 rounding of the fp32 result
+        ref = np.array(base32[name])
+        assert np.abs(np.array(patched[name].astype(mx.float32)) - ref).max() <= 2e-3 * np.abs(ref).max()
