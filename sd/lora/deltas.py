@@ -116,9 +116,11 @@ def dora_delta(weight: np.ndarray, delta: np.ndarray, dora_scale: np.ndarray) ->
     """DoRA: W' = dora_scale * (W + dW) / ||W + dW||; returns W' - W so strength scales it linearly
     (ComfyUI applies strength s as W + s * (W' - W)).
 
-    The norm axis follows the magnitude vector's shape: LyCORIS' default stores it per *input* channel,
-    shape (1, I, 1, 1), and takes the norm over all other axes; PEFT (and LyCORIS `wd_on_out`) stores it per
-    output channel, shape (O,) or (O, 1, ...), norm over everything but axis 0.
+    The norm axis follows the magnitude vector's shape: early LyCORIS DoRA (and `wd_on_out=False`) stores it
+    per *input* channel, shape (1, I, 1, 1), norm over all other axes; PEFT's `lora_magnitude_vector` and
+    LyCORIS `wd_on_out=True` store it per output channel, shape (O,) or (O, 1, ...), norm over everything
+    but axis 0. Both take the norm of W + dW (DoRA paper, PEFT, LyCORIS). ComfyUI's output-axis branch
+    normalises by the norm of the *original* W instead; we follow the paper and PEFT there.
     """
     w = weight.astype(np.float32) + delta
     out_ch, in_ch = w.shape[0], w.shape[1]

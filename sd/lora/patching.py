@@ -93,6 +93,8 @@ def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partia
     for lora, strength in active:
         for name, delta in lora.deltas(component, module, allow_partial).items():
             total[name] = total[name] + strength * delta if name in total else strength * delta
+    if not total:  # e.g. a text-encoder-only LoRA applied to the UNet
+        return module
     params = dict(tree_flatten(module.parameters()))
     patched_values = {name: (params[name].astype(mx.float32) + d).astype(params[name].dtype)
                       for name, d in total.items()}
