@@ -1,0 +1,114 @@
+"""Nodes over real (tiny) models: LoadLoRA reads no model weights, a LoRA that does not fit fails at its
+node, KSampler reports progress per step and stops when cancelled (leaving no files), VAEEncode crops."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from sd_nodes_testing import SMALL, WORKFLOWS, make_world, reset_loads, run
+
+from graph import Folders
+from graph.disk_cache import DiskCache
+from graph.errors import Cancelled
+from graph.executor import Caches, Executor, RunEvents
+from graph.importers import load_workflow
+from graph.plan import make_plan
+from graph.runner import prepare
+from graph.sweep import parse_assignment
+from nodes import loaders, models
+from nodes.latents import VAEEncode
+from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
+
+
+@pytest.fixture
+def world(tmp_path_factory, tmp_path):
+    return make_world(tmp_path_factory, tmp_path)
+
+
+class Ctx:
+    def __init__(self, folders):
+        self.folders = folders
+        self.messages: list[str] = []
+        self.cancel_event = threading.Event()
+
+    def log(self, msg: str) -> None:
+        self.messages.append(msg)
+
+
+def test_load_lora_reads_only_the_lora_and_reports_coverage(world):
+    reset_loads()
+    ctx = Ctx(Folders(world.models, world.input, world.output))
+    ref = FileRef.of(world.checkpoint)
+    model, clip = loaders.LoadLoRA(ModelRecipe(ref), ClipRecipe(ref), "detail.safetensors", 0.7, 0.0, ctx=ctx)
+    assert dict(models.LOAD_COUNTS) == {"lora": 1}  # no UNet, no text encoder
+    assert [p.strength for p in model.patches] == [0.7] and clip.patches == ()
+    assert len(ctx.messages) == 1 and ctx.messages[0].startswith("LoRA detail.safetensors: unet ")
+    assert "text encoder" not in ctx.messages[0]  # strength 0: not applied, not reported
+
+
+def test_a_lora_for_another_model_fails_at_its_node(world, tmp_path):
+    loras = tmp_path / "models" / "loras"
+    loras.mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints").symlink_to(world.models / "checkpoints")
+    rng = np.random.default_rng(0)
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": rng.random((4, 640), np.float32),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": rng.random((640, 4), np.float32)},
+              str(loras / "detail.safetensors"))
+    (loras / "style.safetensors").symlink_to(world.models / "loras" / "style.safetensors")
+    world.models = tmp_path / "models"
+    reset_loads()
+    result = run(world, WORKFLOWS / "multi_lora.yaml", *SMALL, as_json=False)
+    assert result.rc == 1
+    assert "node 'detail' (LoadLoRA) failed" in result.err and "detail.safetensors" in result.err
+    assert "unet" not in models.LOAD_COUNTS
+    assert not world.output.exists() or not list(world.output.iterdir())
+
+
+class Recorder(RunEvents):
+    def __init__(self, executor_ref: list, cancel_at: int | None = None):
+        self.steps: list[tuple[str, int, int]] = []
+        self.executor_ref, self.cancel_at = executor_ref, cancel_at
+
+    def progress(self, node_id: str, step: int, total: int) -> None:
+        self.steps.append((node_id, step, total))
+        if step == self.cancel_at:
+            self.executor_ref[0].cancel()
+
+
+def _txt2img(world, cancel_at=None, steps=3):
+    folders = Folders(world.models, world.input, world.output)
+    ref: list = []
+    events = Recorder(ref, cancel_at)
+    executor = Executor(Caches(world.cache, DiskCache(world.cache)), folders, events)
+    ref.append(executor)
+    sets = [parse_assignment(s) for s in ("width=64", "height=64", f"steps={steps}")]
+    [pv] = prepare(load_workflow(WORKFLOWS / "txt2img.yaml"), sets, [], folders)
+    return executor, events, make_plan(pv.bound, executor.caches.fingerprints), pv
+
+
+def test_ksampler_reports_each_step(world):
+    executor, events, plan, pv = _txt2img(world)
+    executor.run(plan, pv.run_info())
+    assert events.steps == [("sampler", 1, 3), ("sampler", 2, 3), ("sampler", 3, 3)]
+
+
+def test_cancelling_mid_sampling_stops_between_steps_and_leaves_no_files(world):
+    executor, events, plan, pv = _txt2img(world, cancel_at=1, steps=4)
+    with pytest.raises(Cancelled):
+        executor.run(plan, pv.run_info())
+    assert events.steps[-1][1] == 1  # no step after the cancelling one
+    assert not world.output.exists() or not list(world.output.rglob("*.png"))
+
+
+def test_vae_encode_crops_to_multiples_of_8_centred(world):
+    ctx = Ctx(Folders(world.models, world.input, world.output))
+    pixels = mx.array(np.random.default_rng(0).random((1, 70, 67, 3), dtype=np.float32))
+    latent = VAEEncode(pixels, VaeRecipe(FileRef.of(world.checkpoint)), ctx=ctx)
+    assert latent.samples.shape == (1, 8, 8, 4) and latent.samples.dtype == mx.float32
+    cropped = pixels[:, 3:67, 1:65, :]
+    same = VAEEncode(cropped, VaeRecipe(FileRef.of(world.checkpoint)), ctx=ctx)
+    assert np.array_equal(np.array(same.samples), np.array(latent.samples))
