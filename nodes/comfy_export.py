@@ -24,6 +24,10 @@ def to_comfy_api(wf: Workflow) -> dict[str, dict]:
                     inputs[name] = inp.default
         for name, value in decl.inputs.items():
             inputs[name] = _value(wf, value)
+        if mapping is not None and spec is not None:  # keep the export loadable by ComfyUI
+            for name in mapping.ours_only:
+                if name in inputs and inputs[name] == spec.inputs[name].default:
+                    del inputs[name]
         if mapping is not None:
             inputs = {mapping.comfy_name(k): v for k, v in inputs.items()}
         result[node_id] = {"class_type": comfy_class, "inputs": inputs, "_meta": {"title": node_id}}

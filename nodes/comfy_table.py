@@ -16,6 +16,7 @@ class Mapping:
     slug: str                                             # readable prefix for converted node ids
     renames: dict[str, str] = field(default_factory=dict)  # ComfyUI input name -> ours
     ignored: frozenset[str] = frozenset()                 # UI-only inputs that carry no meaning here
+    ours_only: frozenset[str] = frozenset()               # our extra inputs, left out of exports at default
 
     def rename(self, comfy_input: str) -> str:
         return self.renames.get(comfy_input, comfy_input)
@@ -26,7 +27,7 @@ class Mapping:
 
 COMFY_TO_OURS: dict[str, Mapping] = {
     "CheckpointLoaderSimple": Mapping("LoadCheckpoint", "ckpt"),
-    "LoraLoader": Mapping("LoadLoRA", "lora"),
+    "LoraLoader": Mapping("LoadLoRA", "lora", ours_only=frozenset({"allow_partial"})),
     "CLIPTextEncode": Mapping("CLIPEncode", "encode"),
     "CLIPSetLastLayer": Mapping("CLIPSetLastLayer", "clip_skip"),
     "EmptyLatentImage": Mapping("EmptyLatent", "latent"),

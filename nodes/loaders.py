@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from graph import CLIP, MODEL, VAE, Float, String, node
+import warnings
+
+from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
 from nodes.paths import resolve_checkpoint, resolve_lora
 from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
@@ -25,19 +27,30 @@ def LoadCheckpoint(ckpt_name: String(), ctx=None):
 @node(category="loaders", outputs=(MODEL, CLIP), reads_files={"lora_name": resolve_lora})
 def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
              strength_model: Float(-100.0, 100.0) = 1.0, strength_clip: Float(-100.0, 100.0) = 1.0,
-             ctx=None):
+             allow_partial: Boolean() = False, ctx=None):
     """Add a LoRA from models/loras to MODEL and CLIP (ComfyUI's LoraLoader).
 
     Nothing is merged: the LoRA is appended to the recipes as a patch, so chains stack, branches
     share the base weights, and changing a strength never reloads the checkpoint. The coverage
-    (LoRA layers matched per component) is checked against the checkpoint's shapes and logged;
-    a LoRA for another architecture fails here."""
+    (LoRA layers matched per component) is checked against the checkpoint's shapes and logged.
+    A LoRA with layers that match nothing (one for SDXL or SD2) fails here, unless allow_partial."""
     ref = FileRef.of(resolve_lora(lora_name, ctx.folders))
     lora = models.load_lora_file(ref)
     parts = []
     for part, component, strength, recipe in (("unet", "unet", strength_model, model),
                                               ("clip", "text_encoder", strength_clip, clip)):
         if strength != 0 and lora.layers(component):
-            parts.append(str(lora.check(component, models.skeleton(part, recipe.checkpoint))))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a partial match is reported below, once
+                coverage = lora.check(component, models.skeleton(part, recipe.checkpoint), allow_partial)
+            parts.append(str(coverage))
+            if not coverage.complete:
+                ctx.log(f"warning: {len(coverage.unmatched)} layer(s) of {ref.name} match nothing in the "
+                        f"{coverage} and are skipped (allow_partial)")
     ctx.log(f"LoRA {ref.name}: " + (", ".join(parts) or "no layers applied (strengths 0)"))
-    return model.with_lora(ref, strength_model), clip.with_lora(ref, strength_clip)
+    # a LoRA without layers for a component leaves that recipe (and what it caches under) unchanged
+    if lora.layers("unet"):
+        model = model.with_lora(ref, strength_model, allow_partial)
+    if lora.layers("text_encoder"):
+        clip = clip.with_lora(ref, strength_clip, allow_partial)
+    return model, clip

@@ -12,6 +12,7 @@ LOAD_COUNTS counts reads from disk per kind ("unet", "clip", "vae", "lora"): tes
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -90,7 +91,10 @@ def _patched(part: str, component: str, ref: FileRef, patches: tuple[LoRAPatch, 
 
         start = time.perf_counter()
         loras = [(load_lora_file(p.lora), p.strength) for p in patches]
-        model = apply_loras(base, loras, component)
+        # strict LoRAs were checked in full by LoadLoRA, which also logged any partial ones
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = apply_loras(base, loras, component, allow_partial=any(p.allow_partial for p in patches))
         names = ", ".join(f"{p.lora.name}@{p.strength:g}" for p in patches)
         log(f"applied LoRA {names} to the {_LABELS[part]} ({time.perf_counter() - start:.2f} s)")
         _PATCHED.put(key, model)

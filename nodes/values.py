@@ -46,6 +46,7 @@ class FileRef:
 class LoRAPatch:
     lora: FileRef
     strength: float
+    allow_partial: bool = False  # apply the layers that match even if some do not
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ class ModelRecipe:
     checkpoint: FileRef
     patches: tuple[LoRAPatch, ...] = ()
 
-    def with_lora(self, lora: FileRef, strength: float) -> ModelRecipe:
+    def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ModelRecipe:
         if strength == 0:
             return self  # a zero strength is a pass-through, and must not change the identity
-        return replace(self, patches=self.patches + (LoRAPatch(lora, strength),))
+        return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,10 @@ class ClipRecipe:
     patches: tuple[LoRAPatch, ...] = ()
     stop_at_layer: int = -1
 
-    def with_lora(self, lora: FileRef, strength: float) -> ClipRecipe:
+    def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ClipRecipe:
         if strength == 0:
             return self
-        return replace(self, patches=self.patches + (LoRAPatch(lora, strength),))
+        return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
 
 
 @dataclass(frozen=True)
