@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -66,31 +63,18 @@ def next_counter(folder: Path, name: str) -> int:
     return max(counters, default=0) + 1
 
 
-def write_exclusive(folder: Path, name: str, data: bytes) -> Path:
-    """Write `data` as the next free `{name}_{counter:05}_.png`: complete before it appears (temp file,
-    then a hard link, which fails rather than replace a file another process just created)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        counter = next_counter(folder, name)
-        while True:
-            target = folder / f"{name}_{counter:05}_.png"
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                counter += 1
-            except OSError:  # a file system without hard links: exclusive create, then an atomic rename
-                if target.exists():
-                    counter += 1
-                    continue
-                os.replace(tmp, target)
-                return target
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+def save_exclusive(ctx, folder: Path, name: str, data: bytes) -> Path:
+    """Write `data` as the next free `{name}_{counter:05}_.png` through the engine's atomic, never-
+    overwriting `ctx.output_file` (another process taking the name first just moves us on one)."""
+    counter = next_counter(folder, name) if folder.is_dir() else 1
+    while True:
+        target = folder / f"{name}_{counter:05}_.png"
+        try:
+            with ctx.output_file(target, overwrite=False) as tmp:
+                tmp.write_bytes(data)
+            return target
+        except FileExistsError:
+            counter += 1
 
 
 def output_location(output_dir: Path, prefix: str) -> tuple[Path, str]:
@@ -115,4 +99,4 @@ def SaveImage(images: IMAGE, filename_prefix: String() = "sdgraph", ctx=None):
     batch = np.array(images.astype(mx.float32))
     for i in range(batch.shape[0]):
         ctx.check_cancelled()
-        ctx.register_file(write_exclusive(folder, name, to_png_bytes(batch[i], text)))
+        save_exclusive(ctx, folder, name, to_png_bytes(batch[i], text))

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graph import Folders
+from graph import ExecutionContext, Folders
 from graph.disk_cache import DiskCache
 from graph.executor import Caches, Executor
 from graph.importers import load_workflow
 from graph.plan import make_plan
 from graph.runner import prepare
 from nodes import images
-from nodes.images import next_counter, output_location, write_exclusive
+from nodes.images import next_counter, output_location, save_exclusive
 
 COPY = """
 params: {name: pic.png, prefix: sdgraph}
@@ -86,14 +86,16 @@ def test_prefix_subfolders_stay_inside_the_output_folder(tmp_path, folders):
         output_location(folders.output_dir, "../escape")
 
 
-def test_write_exclusive_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypatch):
+def test_saving_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypatch):
     (tmp_path / "x_00003_.png").write_bytes(b"first")
     assert next_counter(tmp_path, "x") == 4
     monkeypatch.setattr(images, "next_counter", lambda folder, name: 3)  # a stale count, as in a race
-    path = write_exclusive(tmp_path, "x", b"second")
+    ctx = ExecutionContext("save", "SaveImage", Folders(), {}, tmp_path / "cache")
+    path = save_exclusive(ctx, tmp_path, "x", b"second")
     assert path.name == "x_00004_.png" and path.read_bytes() == b"second"
     assert (tmp_path / "x_00003_.png").read_bytes() == b"first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_00003_.png", "x_00004_.png"]
+    assert ctx.written_files == [path]  # registered: removed if the run fails
 
 
 class _Ctx:
