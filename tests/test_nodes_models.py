@@ -63,11 +63,11 @@ def test_a_lora_for_another_model_fails_at_its_node(world, tmp_path):
     reset_loads()
     result = run(world, WORKFLOWS / "multi_lora.yaml", *SMALL, as_json=False)
     assert result.rc == 1
-    assert "node 'detail' (LoadLoRA) failed" in result.err and "detail.safetensors" in result.err
+    assert "node 'lora1' (LoadLoRA) failed" in result.err and "detail.safetensors" in result.err
     assert "unet" not in models.LOAD_COUNTS
     assert not world.output.exists() or not list(world.output.iterdir())
 
-    partial = run(world, WORKFLOWS / "multi_lora.yaml", *SMALL, "--set", "detail.allow_partial=true",
+    partial = run(world, WORKFLOWS / "multi_lora.yaml", *SMALL, "--set", "lora1.allow_partial=true",
                   as_json=False)
     assert partial.rc == 0, partial.err
     assert "1 layer(s) of detail.safetensors match nothing in the unet 0/1" in partial.err

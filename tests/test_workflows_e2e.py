@@ -75,8 +75,8 @@ def test_lora_chain_logs_coverage_and_zero_strength_is_the_plain_checkpoint(worl
     lora = run(world, WORKFLOWS / "multi_lora.yaml", *shared, as_json=False)
     assert lora.rc == 0, lora.err
     assert "LoRA detail.safetensors: unet" in lora.err and "text encoder" in lora.err
-    zero = ["--set", "detail_strength=0", "--set", "detail_clip_strength=0", "--set", "style_strength=0",
-            "--set", "style_clip_strength=0", "--set", "prefix=zero"]
+    zero = ["--set", "lora1_strength=0", "--set", "lora1_clip_strength=0", "--set", "lora2_strength=0",
+            "--set", "lora2_clip_strength=0", "--set", "prefix=zero"]
     assert run(world, WORKFLOWS / "multi_lora.yaml", *shared, *zero).rc == 0
     plain = run(world, WORKFLOWS / "txt2img.yaml", *shared, "--set", "negative=blurry, low quality",
                 "--set", "prompt=a cosy reading nook with plants, warm light, highly detailed",
@@ -90,7 +90,7 @@ def test_lora_chain_logs_coverage_and_zero_strength_is_the_plain_checkpoint(worl
 
 def test_strength_sweep_never_reloads_the_checkpoint(world):
     reset_loads()
-    result = run(world, WORKFLOWS / "multi_lora.yaml", *SMALL, "--sweep", "style_strength=0,0.5,1")
+    result = run(world, WORKFLOWS / "multi_lora.yaml", *SMALL, "--sweep", "lora2_strength=0,0.5,1")
     assert result.rc == 0, result.err
     assert (models.LOAD_COUNTS["unet"], models.LOAD_COUNTS["clip"], models.LOAD_COUNTS["vae"]) == (1, 1, 1)
     # LoadLoRA has one cache key for both outputs, so the encodings re-run (on the same loaded encoder)
@@ -119,3 +119,16 @@ def test_demo_then_readme_command_on_a_fresh_folder(tmp_path, monkeypatch):
     result = run_cli("run", str(WORKFLOWS / "txt2img.yaml"), *SMALL, "--cache-dir", "cache", "-q")
     assert result.rc == 0, result.err
     assert result.out.strip() == "output/txt2img_00001_.png"
+
+
+@pytest.mark.parametrize("workflow, args", [
+    ("txt2img", ["--set", "prompt=a lighthouse at dawn", "--set", "seed=7"]),
+    ("txt2img", ["--sweep", "sampler.seed=1,2", "--sweep", f"positive.text=@{WORKFLOWS / 'prompts.txt'}"]),
+    ("multi_lora", ["--set", "lora1.strength_model=0.5"]),
+    ("prompt_sweep", ["--sweep", "prompt=@prompts.txt"]),
+])
+def test_the_documented_command_lines_work(world, workflow, args):
+    """The override and sweep examples in README.md and in the workflows' comment headers."""
+    result = run(world, WORKFLOWS / f"{workflow}.yaml", *SMALL, *args)
+    assert result.rc == 0, result.err
+    assert len(world.pngs()) == len(result.json["variations"]) >= 1
