@@ -92,9 +92,11 @@ def output_location(output_dir: Path, prefix: str) -> tuple[Path, str]:
 def SaveImage(images: IMAGE, filename_prefix: String() = "sdgraph", ctx=None):
     """Save images as output/{prefix}_{counter:05}_.png (never overwriting). Each PNG embeds the
     workflow (`sdgraph run image.png` re-runs it) and a ComfyUI-style `prompt` chunk."""
+    from graph.distributed import tagged_stem
     from nodes.png_workflow import png_text
 
     folder, name = output_location(ctx.output_dir, filename_prefix)
+    name = tagged_stem(name, ctx.run_info)  # distributed sweeps: the variation id, whatever the rank
     text = png_text(ctx.run_info)
     batch = np.array(images.astype(mx.float32))
     for i in range(batch.shape[0]):

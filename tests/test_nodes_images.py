@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -101,3 +102,12 @@ def test_saving_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypat
 class _Ctx:
     def __init__(self, folders):
         self.folders = folders
+
+
+def test_distributed_sweeps_tag_file_names_with_the_variation(tmp_path, folders):
+    from graph.distributed import FILE_TAG
+
+    ctx = ExecutionContext("save", "SaveImage", folders, {FILE_TAG: "41dc77f006b4"}, tmp_path / "cache")
+    images.SaveImage(mx.zeros((2, 8, 8, 3)), "sweep", ctx=ctx)
+    assert [p.name for p in ctx.written_files] == ["sweep_41dc77f006b4_00001_.png",
+                                                   "sweep_41dc77f006b4_00002_.png"]
