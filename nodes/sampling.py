@@ -58,8 +58,11 @@ def KSamplerAdvanced(model: MODEL, *, add_noise: Choice(ON_OFF) = "enable", nois
                      latent_image: LATENT, start_at_step: Int(0, 10000) = 0,
                      end_at_step: Int(0, 10000) = 10000,
                      return_with_leftover_noise: Choice(ON_OFF) = "disable", ctx=None):
-    """KSampler over a range of steps (ComfyUI's KSamplerAdvanced): run steps start_at_step up to
-    end_at_step of a `steps`-step schedule, optionally without adding noise or fully denoising."""
+    """KSampler over a range of steps (ComfyUI's KSamplerAdvanced).
+
+    Runs steps start_at_step up to end_at_step of a `steps`-step schedule; add_noise "disable"
+    continues from a latent that still holds noise, return_with_leftover_noise "enable" stops
+    without denoising fully (for a second sampler to finish)."""
     return _sample(ctx, model, positive, negative, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
                    sampler_name=sampler_name, scheduler=scheduler, start_step=start_at_step,
                    last_step=end_at_step, add_noise=add_noise == "enable",
