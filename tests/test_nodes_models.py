@@ -117,3 +117,56 @@ def test_vae_encode_crops_to_multiples_of_8_centred(world):
     cropped = pixels[:, 3:67, 1:65, :]
     same = VAEEncode(cropped, VaeRecipe(FileRef.of(world.checkpoint)), ctx=ctx)
     assert np.array_equal(np.array(same.samples), np.array(latent.samples))
+
+
+BRANCHES = """
+nodes:
+  ckpt:  {type: LoadCheckpoint, ckpt_name: v1-5-pruned-emaonly.safetensors}
+  a:     {type: LoadLoRA, model: {from: ckpt.MODEL}, clip: {from: ckpt.CLIP}, lora_name: detail.safetensors}
+  b:     {type: LoadLoRA, model: {from: ckpt.MODEL}, clip: {from: ckpt.CLIP}, lora_name: style.safetensors,
+          strength_model: -0.5}
+  pos_a: {type: CLIPEncode, clip: {from: a.CLIP}, text: a cat}
+  pos_b: {type: CLIPEncode, clip: {from: b.CLIP}, text: a cat}
+  neg:   {type: CLIPEncode, clip: {from: ckpt.CLIP}, text: ''}
+  empty: {type: EmptyLatent, width: 64, height: 64}
+  ks_a:  {type: KSampler, model: {from: a.MODEL}, positive: {from: pos_a.CONDITIONING},
+          negative: {from: neg.CONDITIONING}, latent_image: {from: empty.LATENT}, steps: 2}
+  ks_b:  {type: KSampler, model: {from: b.MODEL}, positive: {from: pos_b.CONDITIONING},
+          negative: {from: neg.CONDITIONING}, latent_image: {from: empty.LATENT}, steps: 2}
+  ks_0:  {type: KSampler, model: {from: ckpt.MODEL}, positive: {from: neg.CONDITIONING},
+          negative: {from: neg.CONDITIONING}, latent_image: {from: empty.LATENT}, steps: 2}
+  dec_a: {type: VAEDecode, samples: {from: ks_a.LATENT}, vae: {from: ckpt.VAE}}
+  dec_b: {type: VAEDecode, samples: {from: ks_b.LATENT}, vae: {from: ckpt.VAE}}
+  dec_0: {type: VAEDecode, samples: {from: ks_0.LATENT}, vae: {from: ckpt.VAE}}
+  save_a: {type: SaveImage, images: {from: dec_a.IMAGE}, filename_prefix: a}
+  save_b: {type: SaveImage, images: {from: dec_b.IMAGE}, filename_prefix: b}
+  save_0: {type: SaveImage, images: {from: dec_0.IMAGE}, filename_prefix: base}
+"""
+
+
+def test_branches_with_different_loras_share_one_base(world, tmp_path):
+    from sd_nodes_testing import pixels
+
+    path = tmp_path / "branches.yaml"
+    path.write_text(BRANCHES)
+    reset_loads()
+    result = run(world, path)
+    assert result.rc == 0, result.err
+    assert (models.LOAD_COUNTS["unet"], models.LOAD_COUNTS["clip"], models.LOAD_COUNTS["vae"]) == (1, 1, 1)
+    assert models.LOAD_COUNTS["lora"] == 2
+    a, b, base = (pixels(world.output / f"{p}_00001_.png") for p in ("a", "b", "base"))
+    assert not np.array_equal(a, b) and not np.array_equal(a, base) and not np.array_equal(b, base)
+
+    # the base weights were not modified by the patched branches: a base-only run gives the same image
+    keep = ("ckpt", "neg", "empty", "ks_0", "dec_0", "save_0")
+    lines = BRANCHES.strip().splitlines()
+    base_only, skipping = ["nodes:"], False
+    for line in lines[1:]:
+        if not line.startswith("   "):
+            skipping = line.split(":")[0].strip() not in keep
+        if not skipping:
+            base_only.append(line.replace("prefix: base", "prefix: alone"))
+    path.write_text("\n".join(base_only) + "\n")
+    reset_loads()
+    assert run(world, path, cache=False).rc == 0
+    assert np.array_equal(pixels(world.output / "alone_00001_.png"), base)
