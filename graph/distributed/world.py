@@ -128,6 +128,8 @@ class World:
         import mlx.core as mx
 
         backend = backend_from_env()
+        if expected_size() == 1:  # e.g. `mlx.launch -n 1`: its ring description is empty; nobody to join
+            return cls(0, 1, backend, None, True)
         requested = backend if backend in ("ring", "mpi", "nccl", "jaccl") else "any"
         try:
             group = mx.distributed.init(strict=False, backend=requested)
