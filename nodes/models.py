@@ -44,8 +44,8 @@ class _LRU:
         return value
 
 
-_BASES = _LRU(2 * _KEEP)       # (part, FileRef) -> module (one per part and file)
-_PATCHED = _LRU(2 * _KEEP)     # (part, FileRef, patches) -> module
+_BASES = _LRU(3 * _KEEP)       # (part, FileRef) -> module: all three parts of two checkpoints
+_PATCHED = _LRU(2 * _KEEP)     # (part, FileRef, patches) -> module: UNet and CLIP of two patch sets
 _SKELETONS = _LRU(2 * _KEEP)   # (part, FileRef) -> module with unevaluated weights (shapes only)
 _LORAS = _LRU(16)              # FileRef -> parsed LoRA
 

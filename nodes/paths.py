@@ -42,6 +42,8 @@ def resolve(name: str, folder: Path, kind: str, extensions: tuple[str, ...], fla
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{kind} name is empty; give a file name from {folder}")
     candidates = [Path(name)] if Path(name).is_absolute() else [folder / name, Path(name)]
+    if "\\" in name:  # a workflow from ComfyUI on Windows: "sd15\\model.safetensors"
+        candidates.append(folder / name.replace("\\", "/"))
     for path in candidates:
         if path.is_file():
             return path

@@ -23,6 +23,7 @@ def test_names_with_subfolders_resolve_inside_the_folder(folders):
     expected = folders.models_dir / "checkpoints" / "a.safetensors"
     assert resolve_checkpoint("a.safetensors", folders) == expected
     assert resolve_checkpoint("sd15/b.ckpt", folders).name == "b.ckpt"
+    assert resolve_checkpoint("sd15\\b.ckpt", folders).name == "b.ckpt"  # written by ComfyUI on Windows
     assert resolve_lora("style.safetensors", folders).parent.name == "loras"
     assert resolve_image("cat.png", folders).parent == folders.input_dir
 

@@ -123,6 +123,7 @@ def test_demo_then_readme_command_on_a_fresh_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("workflow, args", [
     ("txt2img", ["--set", "prompt=a lighthouse at dawn", "--set", "seed=7"]),
+    ("txt2img", ["--set", "batch_size=2"]),
     ("txt2img", ["--sweep", "sampler.seed=1,2", "--sweep", f"positive.text=@{WORKFLOWS / 'prompts.txt'}"]),
     ("multi_lora", ["--set", "lora1.strength_model=0.5"]),
     ("prompt_sweep", ["--sweep", "prompt=@prompts.txt"]),
@@ -131,4 +132,5 @@ def test_the_documented_command_lines_work(world, workflow, args):
     """The override and sweep examples in README.md and in the workflows' comment headers."""
     result = run(world, WORKFLOWS / f"{workflow}.yaml", *SMALL, *args)
     assert result.rc == 0, result.err
-    assert len(world.pngs()) == len(result.json["variations"]) >= 1
+    batch = 2 if "batch_size=2" in args else 1
+    assert len(world.pngs()) == batch * len(result.json["variations"]) >= 1
