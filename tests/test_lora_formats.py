@@ -225,3 +225,26 @@ def test_peft_text_encoder_keys_without_text_model_level(tiny, tmp_path):
                         "text_encoder", name="t5")
     check(new[TE_Q[0] + ".weight"], base[TE_Q[0] + ".weight"] + t(up) @ t(down),
           "PEFT TE, transformers 5 names")
+
+
+def test_dora_peft_conv_magnitude_and_text_encoder(tiny, tmp_path):
+    """PEFT stores a conv's per-output magnitude as (1, O, 1, 1): on a square conv that shape must not be
+    read as LyCORIS' per-input (1, I, 1, 1). Text encoder DoRA with a kohya per-input dora_scale."""
+    rng, r = np.random.default_rng(7), 4
+    key = "unet.down_blocks.0.attentions.0.proj_in"
+    peft = {f"{key}.lora_A.weight": randn(rng, r, 32, 1, 1), f"{key}.lora_B.weight": randn(rng, 32, r, 1, 1),
+            f"{key}.lora_magnitude_vector": np.abs(randn(rng, 1, 32, 1, 1)) + 0.5}
+    new, base = patched(tiny, tmp_path, peft, 1.0, name="peft_conv_dora")
+    delta = (t(peft[f"{key}.lora_B.weight"])[:, :, 0, 0] @ t(peft[f"{key}.lora_A.weight"])[:, :, 0, 0])
+    w = base[PROJ_IN[0] + ".weight"]
+    check(new[PROJ_IN[0] + ".weight"],
+          dora_reference(w, delta[:, :, None, None], t(peft[f"{key}.lora_magnitude_vector"]), False, 1.0),
+          "DoRA PEFT conv (1, O, 1, 1) magnitude")
+
+    te = kohya_pair(rng, TE_Q[1], 64, 64, r, alpha=2.0)
+    te[f"{TE_Q[1]}.dora_scale"] = np.abs(randn(rng, 1, 64)) + 0.5
+    new, base = patched(tiny, tmp_path, te, 0.7, component="text_encoder", name="te_dora")
+    delta = t(te[f"{TE_Q[1]}.lora_up.weight"]) @ t(te[f"{TE_Q[1]}.lora_down.weight"]) * 2.0 / r
+    check(new[TE_Q[0] + ".weight"],
+          dora_reference(base[TE_Q[0] + ".weight"], delta, t(te[f"{TE_Q[1]}.dora_scale"]), True, 0.7),
+          "DoRA text encoder, per-input dora_scale")

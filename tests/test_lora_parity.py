@@ -252,3 +252,23 @@ def test_locon_conv_layers(models, tmp_path):
 def test_peft_format(models, tmp_path):
     path = peft_file(tmp_path / "peft.safetensors", models["attention_layers"], models["te_layers"], seed=14)
     check_against_diffusers(models, path, 1.0, expect_te=True, label="PEFT")
+
+
+
+def test_peft_dora_magnitude_vector(models, tmp_path):
+    """PEFT DoRA (`lora_magnitude_vector`, one magnitude per output channel). Compared at strength 1 only:
+    diffusers/PEFT scale DoRA inside the norm (m (W + s dW) / ||W + s dW||) while sdgraph follows ComfyUI
+    (W + s (W_dora - W)); the two agree at s = 1. diffusers drops kohya-style `dora_scale` keys, so this
+    is the DoRA spelling it can be checked with, and only on the UNet: with transformers 5 it leaves the
+    text encoder's magnitudes at their initial values (reported MISSING), so that side is covered by the
+    formula tests in test_lora_formats.py."""
+    path = peft_file(tmp_path / "dora.safetensors", models["attention_layers"], models["te_layers"], seed=15)
+    tensors, rng = load_file(str(path)), np.random.default_rng(16)
+    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
+        up = tensors[key]
+        magnitude = (1 + 0.3 * rng.random(up.shape[0])).astype(np.float32)
+        if up.ndim == 4:  # PEFT stores a conv's per-output magnitude as (1, O, 1, 1)
+            magnitude = magnitude.reshape(1, -1, 1, 1)
+        tensors[key.replace(".lora_B.weight", ".lora_magnitude_vector")] = magnitude
+    save_file(tensors, str(path))
+    check_against_diffusers(models, path, 1.0, expect_te=False, label="PEFT DoRA")

@@ -10,7 +10,8 @@ Formats recognised by their key spellings:
   `.lora_linear_layer.down/up.weight`,
   the attention-processor form `...attn1.processor.to_q_lora.down.weight` (`to_out_lora` = `to_out.0`),
   `text_encoder.<dotted name>...`; optional `.alpha`.
-- DoRA: `.dora_scale` (LyCORIS/kohya) or `.lora_magnitude_vector[.weight]` (PEFT) next to any of the above.
+- DoRA: `.dora_scale` (LyCORIS/kohya: (1, I, ...) per input or (O, 1, ...) per output channel) or
+  `.lora_magnitude_vector[.weight]` (PEFT: always per output channel) next to any of the above.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ _ROLE_SUFFIXES = {
     ".lora.up.weight": "up",
     ".alpha": "alpha",
     ".dora_scale": "dora_scale",
-    ".lora_magnitude_vector": "dora_scale",
-    ".lora_magnitude_vector.weight": "dora_scale",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
     ".diff": "diff",
     **{f".hada_{r}": f"hada_{r}" for r in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
     **{f".lokr_{r}": f"lokr_{r}" for r in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "t2")},
@@ -230,11 +231,15 @@ def parse_lora(tensors: Mapping[str, np.ndarray], path: str | Path) -> ParsedLoR
             continue
         _check_complete(path, layer_key, kind, roles)
         arrays = {r: np.asarray(a, dtype=np.float32) for r, a in found.items()
-                  if r not in ("alpha", "dora_scale")}
+                  if r not in ("alpha", "dora_scale", "magnitude")}
         _check_ranks(path, layer_key, kind, arrays)
         component, name, underscored = _component_of(layer_key)
         alpha = float(np.asarray(found["alpha"], np.float64).reshape(-1)[0]) if "alpha" in found else None
         dora = np.asarray(found["dora_scale"], dtype=np.float32) if "dora_scale" in found else None
+        if "magnitude" in found:
+            # PEFT's magnitude is always per output channel, even where it is stored as (1, O, 1, 1) for
+            # convs; store it the unambiguous LyCORIS way, (O, 1).
+            dora = np.asarray(found["magnitude"], dtype=np.float32).reshape(-1, 1)
         modules.append(LoRAModule(layer_key, component, name, underscored, kind, arrays, alpha, dora))
     if not modules:
         raise LoRAError(path, f"no LoRA layers found (first keys: {', '.join(list(tensors)[:3]) or 'none'}); "
