@@ -194,17 +194,22 @@ def test_crashed_rank_lists_its_variations(toy):
     assert all(v["id"] in proc.stderr for v in lost)
 
 
-def test_launched_single_process_only_missing_without_launcher(toy):
-    """--only-missing also works without --distributed (a world of one)."""
+def test_world_of_one_and_only_missing_without_launcher(toy):
+    """--only-missing works without a launcher, and `--distributed -n 1` (a world of one) picks up
+    from it: same names, done variations skipped."""
     tmp, env = toy
     first = sdgraph(tmp, env, "wf.yaml", "--sweep", "seed=0,1", "--only-missing", "--json")
     assert first.returncode == 0, first.stderr
     m = json.loads(first.stdout)
     assert m["counts"]["ran"] == 2 and m["distributed"]["ranks"] == 1
     assert all(v["files"] == [f"output/toy_{v['id']}_00001_.txt"] for v in m["variations"])
-    second = json.loads(sdgraph(tmp, env, "wf.yaml", "--sweep", "seed=0,1,2", "--only-missing",
-                                "--json").stdout)
+    proc = sdgraph(tmp, env, "wf.yaml", "--sweep", "seed=0,1,2", "--only-missing", "--json",
+                   "--distributed", "-n", "1")
+    assert proc.returncode == 0, proc.stderr
+    second = json.loads(proc.stdout)
     assert second["counts"] == {"variations": 3, "ran": 1, "skipped": 2, "failed": 0}
+    [new] = [v for v in second["variations"] if v["status"] == "ok"]
+    assert new["rank"] == 0 and new["files"] == [f"output/toy_{new['id']}_00001_.txt"]
 
 
 # -- the real SD nodes: tiny random checkpoint, txt2img with a seed sweep ---------------------------
