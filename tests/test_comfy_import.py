@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from sd_nodes_testing import DATA, WORKFLOWS, make_world, pixels, png_text, run, run_cli
+from sd_nodes_testing import DATA, SMALL, WORKFLOWS, make_world, pixels, png_text, run, run_cli
 
 from graph.importers import load_workflow
 from graph.validate import validate
@@ -121,3 +121,13 @@ def test_a_png_with_only_a_comfy_prompt_chunk_runs(world, tmp_path):
     result = run(world, path)
     assert result.rc == 0, result.err
     assert [p.name for p in world.pngs()] == ["ComfyUI_00001_.png"]
+
+
+def test_an_image_converts_to_our_format(world, tmp_path):
+    assert run(world, WORKFLOWS / "txt2img.yaml", *SMALL, "--set", "seed=9").rc == 0
+    [png] = world.pngs()
+    out = tmp_path / "from_image.yaml"
+    assert run_cli("convert", str(png), "-o", str(out)).rc == 0
+    data = yaml.safe_load(out.read_text())
+    assert data["params"]["seed"] == 9 and data["nodes"]["sampler"]["seed"] == "$seed"
+    assert run_cli("validate", str(out), "--models-dir", str(world.models)).rc == 0

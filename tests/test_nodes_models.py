@@ -170,3 +170,20 @@ def test_branches_with_different_loras_share_one_base(world, tmp_path):
     reset_loads()
     assert run(world, path, cache=False).rc == 0
     assert np.array_equal(pixels(world.output / "alone_00001_.png"), base)
+
+
+def test_clip_encode_and_clip_skip(world):
+    from nodes.conditioning import CLIPEncode, CLIPSetLastLayer
+
+    ctx = Ctx(Folders(world.models, world.input, world.output))
+    clip = ClipRecipe(FileRef.of(world.checkpoint))
+    last = CLIPEncode(clip, "a (red:1.3) fox", ctx=ctx)
+    penultimate = CLIPEncode(CLIPSetLastLayer(clip, -2), "a (red:1.3) fox", ctx=ctx)
+    assert last.cond.shape[:2] == (1, 77) and last.pooled.shape[0] == 1
+    assert not np.array_equal(np.array(last.cond), np.array(penultimate.cond))
+    assert np.array_equal(np.array(last.pooled), np.array(penultimate.pooled))  # pooled: always the last
+    long = CLIPEncode(clip, " ".join(["fox"] * 100), ctx=ctx)
+    assert long.cond.shape[1] == 154  # two chunks of 77
+    assert CLIPEncode(clip, "", ctx=ctx).cond.shape[1] == 77
+    with pytest.raises(Exception, match="clip_skip must be between"):
+        CLIPEncode(CLIPSetLastLayer(clip, -24), "a fox", ctx=ctx)  # the tiny encoder has fewer layers
