@@ -116,15 +116,33 @@ def single_process(tmp: Path, env: dict) -> dict[str, bytes]:
     return {v["id"]: (tmp / v["files"][0]).read_bytes() for v in summary["variations"]}
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_sweep_over_ranks_matches_single_process(toy, ranks):
+def under_mlx_launch(tmp: Path, env: dict, ranks: int, *args: str) -> subprocess.CompletedProcess:
+    """`mlx.launch -n R -- sdgraph run ...` started by hand (ring on 127.0.0.1)."""
+    cmd = [*dlaunch.launcher_command(), "--hosts", "127.0.0.1", "-n", str(ranks), "--backend", "ring",
+           "--starting-port", str(dlaunch.free_port_range(ranks)), "--",
+           sys.executable, "-m", "graph.distributed", "run", *args]
+    stdin, keep_open = os.pipe()  # mlx.launch polls its stdin: give it one that stays empty, not EOF
+    try:
+        proc = subprocess.run(cmd, cwd=tmp, env=env, stdin=stdin, capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(stdin)
+        os.close(keep_open)
+    return proc
+
+
+@pytest.mark.parametrize("ranks,launcher", [(2, "mlx.launch"), (3, "--distributed")])
+def test_sweep_over_ranks_matches_single_process(toy, ranks, launcher):
     tmp, env = toy
     expected = single_process(tmp, env)
     (tmp / "log.txt").unlink()
 
     out = f"out{ranks}"
-    proc = sdgraph(tmp, env, "wf.yaml", *SWEEP, "--distributed", "-n", str(ranks), "--json",
-                   "--output-dir", out, "--cache-dir", f"cache{ranks}", "--manifest", "manifest.json")
+    args = ["wf.yaml", *SWEEP, "--json", "--output-dir", out, "--cache-dir", f"cache{ranks}",
+            "--manifest", "manifest.json"]
+    if launcher == "mlx.launch":
+        proc = under_mlx_launch(tmp, env, ranks, *args)
+    else:
+        proc = sdgraph(tmp, env, *args, "--distributed", "-n", str(ranks))
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout)  # stdout is exactly one JSON document: one manifest, from rank 0
     assert manifest == json.loads((tmp / "manifest.json").read_text())
