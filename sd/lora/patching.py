@@ -89,16 +89,20 @@ def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partia
     hit = _WEAK.get(key)
     if hit is not None:
         return hit
-    total: dict[str, mx.array] = {}
-    for lora, strength in active:
-        for name, delta in lora.deltas(component, module, allow_partial).items():
-            total[name] = total[name] + strength * delta if name in total else strength * delta
-    if not total:  # e.g. a text-encoder-only LoRA applied to the UNet
+    per_lora = [(lora.deltas(component, module, allow_partial), strength) for lora, strength in active]
+    names = sorted({name for deltas, _ in per_lora for name in deltas})
+    if not names:  # e.g. a text-encoder-only LoRA applied to the UNet
         return module
     params = dict(tree_flatten(module.parameters()))
-    patched_values = {name: (params[name].astype(mx.float32) + d).astype(params[name].dtype)
-                      for name, d in total.items()}
-    mx.eval(list(patched_values.values()))
+    patched_values = {}
+    for name in names:  # one weight at a time: temporaries stay one layer big
+        weight = params[name]
+        value = weight.astype(mx.float32)
+        for deltas, strength in per_lora:
+            if name in deltas:
+                value = value + strength * deltas[name]
+        patched_values[name] = value.astype(weight.dtype)
+        mx.eval(patched_values[name])
     patched = _copy_tree(module)
     for name, value in patched_values.items():
         _set_parameter(patched, name, value)
