@@ -289,17 +289,6 @@ def test_sd_seed_sweep_over_ranks_is_byte_identical(sd_single, sd_distributed, r
     assert unet_loads == Counter({f"[rank {r}": 1 for r in range(ranks)})  # once per rank
 
 
-def _save_image_names_by_variation() -> bool:
-    import inspect
-
-    from nodes import images
-
-    return "tagged_stem" in inspect.getsource(images)
-
-
-@pytest.mark.xfail(not _save_image_names_by_variation(), strict=True,
-                   reason="SaveImage still names files by a per-folder counter; it should pass its stem "
-                          "through graph.distributed.tagged_stem(name, ctx.run_info)")
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_sd_file_names_come_from_the_variation(sd_single, sd_distributed, ranks):
     _, expected = sd_single

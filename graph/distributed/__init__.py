@@ -21,11 +21,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .runner import FILE_TAG, DoneMarkers, SweepOptions, run_sweep, shard, tagged_stem
+from .naming import FILE_TAG, tagged_stem
 from .world import World, launched, pin_local_gpu
 
-__all__ = ["FILE_TAG", "DoneMarkers", "SweepOptions", "World", "add_run_arguments", "cmd_run", "handles",
-           "launched", "pin_local_gpu", "run_sweep", "shard", "tagged_stem"]
+# Only light modules are imported here (the CLI builds its parser with add_run_arguments on every
+# start, and sinks import tagged_stem); runner.py and launch.py load when a distributed run starts.
+__all__ = ["FILE_TAG", "World", "add_run_arguments", "cmd_run", "handles", "launched", "pin_local_gpu",
+           "tagged_stem"]
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
@@ -62,7 +64,7 @@ def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> i
         return launch(args, prepared, args.ranks, args.backend)
     from graph.executor import Executor
 
-    from .runner import RankEvents
+    from .runner import RankEvents, SweepOptions, run_sweep
 
     world = World.detect()
     caches, keep = _caches(args)

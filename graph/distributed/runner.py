@@ -32,20 +32,11 @@ from graph.errors import Cancelled, GraphError, NodeFailed
 from graph.executor import Executor, RunEvents
 from graph.runner import PreparedVariation, run_variation
 
+from .naming import FILE_TAG, tagged_stem  # noqa: F401  (tagged_stem: re-exported)
 from .world import RankLost, World
 
 T = TypeVar("T")
-FILE_TAG = "file_tag"
 STATUS_DIR_ENV = "SDGRAPH_DIST_STATUS_DIR"  # set by `--distributed`: ranks report progress there
-
-
-def tagged_stem(stem: str, run_info: dict[str, Any] | None) -> str:
-    """A sink's file-name stem for this run: `stem_<variation id>` in a distributed sweep, else `stem`.
-
-    Sinks call it before adding their counter, e.g. SaveImage writes `{prefix}_{id}_{counter:05}_.png`:
-    the first (and usually only) file of a variation is `_00001_` whichever rank made it."""
-    tag = (run_info or {}).get(FILE_TAG)
-    return f"{stem}_{tag}" if tag else stem
 
 
 def shard(items: Sequence[T], rank: int, size: int) -> list[T]:
