@@ -26,12 +26,11 @@ def _tucker(t: np.ndarray, w_b: np.ndarray, w_a: np.ndarray) -> np.ndarray:
 def _lora(t: dict[str, np.ndarray], alpha: float | None) -> np.ndarray:
     up, down = t["up"], t["down"]
     rank = down.shape[0]
-    up2 = up.reshape(up.shape[0], rank)
+    up2 = up.reshape(up.shape[0], rank) * np.float32(_scale(alpha, rank))  # scale the small factor
     if "mid" in t:  # LoCon Tucker: up (O, r, 1, 1), mid (r, r, kh, kw), down (r, I, 1, 1)
-        delta = np.einsum("om,mnkl,ni->oikl", up2, t["mid"], down.reshape(rank, -1))
-    else:  # plain / LoCon: down may be a (r, I, kh, kw) conv, up a 1x1 conv
-        delta = (up2 @ down.reshape(rank, -1)).reshape(up.shape[0], *down.shape[1:])
-    return delta * _scale(alpha, rank)
+        return np.einsum("om,mnkl,ni->oikl", up2, t["mid"], down.reshape(rank, -1))
+    # plain / LoCon: down may be a (r, I, kh, kw) conv, up a 1x1 conv
+    return (up2 @ down.reshape(rank, -1)).reshape(up.shape[0], *down.shape[1:])
 
 
 def _loha(t: dict[str, np.ndarray], alpha: float | None) -> np.ndarray:

@@ -150,13 +150,13 @@ class LoRA:
             name = target + ".weight"
             mlx_shape = tuple(params[name].shape)
             weight_shape = torch_shape(mlx_shape)
-            total = np.zeros(weight_shape, dtype=np.float32)
+            total = None
             for layer in layers:
                 delta = compute_delta(layer, weight_shape)
                 if layer.dora_scale is not None:  # DoRA needs the base weight, in torch layout
                     base = _to_torch_layout(np.array(params[name].astype(mx.float32)))
                     delta = dora_delta(base, delta, layer.dora_scale)
-                total += delta
+                total = delta if total is None else total + delta
             result[name] = mx.array(to_mlx_layout(total, mlx_shape))
         mx.eval(list(result.values()))
         self._deltas.put(module, (component,), result)
