@@ -210,6 +210,7 @@ def test_crashed_rank_lists_its_variations(toy):
     # rank 0 may have been stopped by the launcher before it finished its own share
     assert all(v["rank"] == 0 and v["index"] % 2 == 0 for v in lost if v["rank"] != 1)
     assert {f["id"] for f in manifest["failed"]} == {v["id"] for v in lost}
+    assert not [p for p in (tmp / "output").iterdir() if p.name.endswith(".tmp")]  # no partial files
     assert "rank 1: 4 not produced" in proc.stderr
     assert all(v["id"] in proc.stderr for v in lost)
 

@@ -67,6 +67,8 @@ def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> i
     from .runner import RankEvents, SweepOptions, run_sweep
 
     world = World.detect()
+    if world.is_launched:
+        _stop_cleanly_on_sigterm()
     caches, keep = _caches(args)
     try:
         opts = SweepOptions(str(args.workflow), quiet=args.quiet, as_json=args.json,
@@ -77,6 +79,17 @@ def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> i
     finally:
         if keep is not None:
             keep.cleanup()
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """mlx.launch stops the other ranks with SIGTERM when one fails: treat it as Ctrl-C, so the running
+    variation removes its partial files (Python's default would die on the spot and leave them)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _caches(args):
