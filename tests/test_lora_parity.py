@@ -204,8 +204,7 @@ def check_against_diffusers(models, lora_path, strength: float, expect_te: bool,
         assert err <= TOLERANCE
 
 
-@pytest.mark.parametrize("strength", [1.0, -0.7])
-def test_kohya_diffusers_style_names(models, tmp_path, strength):
+def test_kohya_diffusers_style_names(models, tmp_path, strength=1.0):
     path = kohya_file(tmp_path / "kohya.safetensors", models["attention_layers"], models["te_layers"],
                       seed=11)
     check_against_diffusers(models, path, strength, expect_te=True, label="kohya (diffusers names)")
@@ -239,7 +238,8 @@ def test_kohya_ldm_style_names(models, tmp_path, convs):
     reference = tmp_path / "kohya_ldm_renamed.safetensors"
     save_file(renamed, str(reference))
     label = f"kohya {'LoCon' if convs else 'LoRA'} (LDM names)"
-    check_against_diffusers(models, ours, 0.8, expect_te=True, label=label, reference=reference)
+    strength = 0.8 if convs else -0.7  # negative strengths too
+    check_against_diffusers(models, ours, strength, expect_te=True, label=label, reference=reference)
 
 
 def test_locon_conv_layers(models, tmp_path):
