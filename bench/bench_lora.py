@@ -16,12 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: off
+import sd  # noqa: F401  (must precede mlx: loads an optimised BLAS for MLX's CPU backend)
+# isort: on
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
-import sd  # noqa: F401  (loads BLAS before mlx is used)
 from sd.checkpoint import load_checkpoint
 from sd.lora import apply_loras, load_lora
 from sd.lora.keymap import unet_diffusers_names, weight_modules
