@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -94,11 +95,23 @@ def toy(tmp_path):
     return tmp_path, env
 
 
+def run_group(cmd: list[str], stdin=subprocess.DEVNULL, **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; on a time-out kill the whole group (launcher and ranks)."""
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out: {' '.join(cmd)}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def sdgraph(tmp: Path, env: dict, *args: str, extra_env: dict | None = None, distributed: bool = True):
     """`sdgraph run` (with the distributed flags) as a subprocess in `tmp`."""
     entry = ["-m", "graph.distributed"] if distributed else [str(ROOT / "cli.py")]
-    return subprocess.run([sys.executable, *entry, "run", *args], cwd=tmp, env=env | (extra_env or {}),
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return run_group([sys.executable, *entry, "run", *args], cwd=tmp, env=env | (extra_env or {}))
 
 
 def log(tmp: Path) -> list[list[str]]:
@@ -123,7 +136,7 @@ def under_mlx_launch(tmp: Path, env: dict, ranks: int, *args: str) -> subprocess
            sys.executable, "-m", "graph.distributed", "run", *args]
     stdin, keep_open = os.pipe()  # mlx.launch polls its stdin: give it one that stays empty, not EOF
     try:
-        proc = subprocess.run(cmd, cwd=tmp, env=env, stdin=stdin, capture_output=True, text=True, timeout=120)
+        proc = run_group(cmd, stdin=stdin, cwd=tmp, env=env)
     finally:
         os.close(stdin)
         os.close(keep_open)

@@ -67,7 +67,6 @@ def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> i
     from .runner import RankEvents, SweepOptions, run_sweep
 
     world = World.detect()
-    restore = _stop_cleanly_on_sigterm() if world.is_launched else None
     caches, keep = _caches(args)
     try:
         opts = SweepOptions(str(args.workflow), quiet=args.quiet, as_json=args.json,
@@ -78,20 +77,6 @@ def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> i
     finally:
         if keep is not None:
             keep.cleanup()
-        if restore is not None:
-            restore()  # all reported: a SIGTERM from here on may end the process on the spot
-
-
-def _stop_cleanly_on_sigterm() -> Callable[[], object]:
-    """mlx.launch stops the other ranks with SIGTERM when one fails: treat it as Ctrl-C, so the running
-    variation removes its partial files (Python's default would die on the spot and leave them)."""
-    import signal
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _caches(args):

@@ -167,13 +167,15 @@ def run_sweep(prepared: list[PreparedVariation], executor: Executor, world: Worl
         events.line(f"{len(mine)} of {len(todo)} variations: {ids}")
 
     records = []
-    for i, pv in enumerate(mine):
-        record = _run_one(executor, pv, world, markers)
-        records.append(record)
-        status.write(event="finished", id=record["id"], status=record["status"], record=record)
-        sets = " ".join(f"{k}={v}" for k, v in pv.variation.overrides.items())
-        outcome = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
-        events.line(f"{i + 1}/{len(mine)} [{pv.variation.id}] {sets}: {outcome} ({record['seconds']:.2f} s)")
+    with _sigterm_as_interrupt(world.is_launched):
+        for i, pv in enumerate(mine):
+            record = _run_one(executor, pv, world, markers)
+            records.append(record)
+            status.write(event="finished", id=record["id"], status=record["status"], record=record)
+            sets = " ".join(f"{k}={v}" for k, v in pv.variation.overrides.items())
+            outcome = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
+            events.line(f"{i + 1}/{len(mine)} [{pv.variation.id}] {sets}: {outcome} "
+                        f"({record['seconds']:.2f} s)")
     rank_info = {"rank": world.rank, "variations": len(mine),
                  "seconds": round(time.perf_counter() - start, 4),
                  "failed": sum(r["status"] != "ok" for r in records)}
@@ -197,6 +199,27 @@ def run_sweep(prepared: list[PreparedVariation], executor: Executor, world: Worl
     # only make mlx.launch kill ranks that are still shutting down. Other ranks' failures are in rank
     # 0's report, so they exit 0.
     return 0 if status.result is not None else code
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(enabled: bool):
+    """While variations run, treat SIGTERM (what mlx.launch sends the other ranks when one fails) as
+    Ctrl-C, so the running variation removes its partial files. Only then: a rank blocked in a
+    collective never returns to Python to run a handler, and must die on the spot, or the launcher
+    (which waits for it) would hang."""
+    if not enabled:
+        yield
+        return
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_one(executor: Executor, pv: PreparedVariation, world: World, markers: DoneMarkers) -> dict:
