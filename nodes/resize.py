@@ -63,10 +63,10 @@ def resize(x: mx.array, height: int, width: int, method: str) -> mx.array:
     if method not in _WEIGHTS:
         raise ValueError(f"unknown resize method {method!r}; use one of {', '.join(METHODS)}")
     _, h, w, _ = x.shape
-    wh = mx.array(_WEIGHTS[method](h, height))
-    ww = mx.array(_WEIGHTS[method](w, width))
-    x = mx.einsum("oh,bhwc->bowc", wh, x.astype(mx.float32))
-    return mx.einsum("ow,bhwc->bhoc", ww, x)
+    # numpy on the CPU: latents are small, and GPU float32 matmuls may round through TF32
+    a = np.array(x.astype(mx.float32))
+    a = np.einsum("oh,bhwc->bowc", _WEIGHTS[method](h, height), a)
+    return mx.array(np.einsum("ow,bhwc->bhoc", _WEIGHTS[method](w, width), a).astype(np.float32))
 
 
 def center_crop_to_aspect(x: mx.array, width: int, height: int) -> mx.array:
