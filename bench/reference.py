@@ -1,0 +1,88 @@
+"""diffusers / transformers models built from the same LDM single-file checkpoint (no hub access).
+
+diffusers' `convert_ldm_*_checkpoint` functions map the LDM keys onto diffusers modules; the configs mirror
+what sdgraph detects from the same file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sd.clip import CLIPTextConfig
+from sd.unet import UNetConfig
+from sd.vae import VAEConfig
+
+
+def read_state(path) -> dict[str, torch.Tensor]:
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    loaded = torch.load(path, weights_only=True, map_location="cpu")
+    return loaded.get("state_dict", loaded)
+
+
+def diffusers_unet(cfg: UNetConfig, state: dict):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    levels = range(len(cfg.channel_mult))
+    model = UNet2DConditionModel(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(m * cfg.model_channels for m in cfg.channel_mult),
+        down_block_types=tuple("CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D"
+                               for lv in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D"
+                             for lv in reversed(levels)),
+        layers_per_block=cfg.num_res_blocks, transformer_layers_per_block=cfg.transformer_depth,
+        cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads, norm_num_groups=32,
+        flip_sin_to_cos=True, freq_shift=0, use_linear_projection=False,
+    )
+    converted = convert_ldm_unet_checkpoint(state, model.config)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    return model.eval()
+
+
+def diffusers_vae(cfg: VAEConfig, state: dict):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    n = len(cfg.channel_mult)
+    config = dict(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.embed_dim, norm_num_groups=32,
+    )
+    model = AutoencoderKL(**config)
+    model.load_state_dict(convert_ldm_vae_checkpoint(state, config), strict=True)
+    return model.eval()
+
+
+def transformers_clip(cfg: CLIPTextConfig, state: dict):
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel
+
+    hf = HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.intermediate,
+                  num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                  max_position_embeddings=cfg.max_positions, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    model = CLIPTextModel(hf)
+    converted = convert_ldm_clip_checkpoint(state)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert all(k.endswith("position_ids") for k in [*missing, *unexpected]), (missing, unexpected)
+    return model.eval()
+
+
+def euler_scheduler():
+    """diffusers' Euler sampler with SD1.5's schedule (scaled_linear 0.00085..0.012, 1000 steps, eps)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", prediction_type="epsilon",
+                                  timestep_spacing="linspace", steps_offset=1)

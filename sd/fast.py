@@ -1,0 +1,257 @@
+"""Optimised inference paths for the UNet and the VAE decoder, over the *same* modules and weights.
+
+`FastUNet(unet)` / `FastVAEDecoder(vae)` run the computation of `sd.unet.UNetModel.__call__` /
+`sd.vae.AutoencoderKL.decode` as one `mx.compile`d graph (GroupNorm + SiLU, residual adds, GEGLU and the
+time-embedding broadcasts fuse into few kernels), reading the modules' parameters at call time, so LoRA
+patches or reloaded weights are picked up (the compiled graph takes the parameters as inputs, not
+constants). `FastOptions` holds the levers measured by `bench/levers.py`; the defaults are the ones that
+paid on the H100 (see BENCHMARKS.md). On the CPU, attention is computed in query chunks (bounded memory).
+
+Outputs match the plain modules' to float rounding (tests/test_fp16_parity.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from sd.unet import timestep_embedding
+from sd.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    compile: bool = True
+    conv: str = "native"          # "native" (mx.conv2d) | "im2col" (one GEMM over 9 shifted copies)
+    groupnorm: str = "library"    # "library" (nn.GroupNorm) | "colsum" (fp32 column sums over pixels, then
+                                  # groups) | "two_stage" (sums over each group's channels, then pixels)
+    attention: str = "sdpa"       # "sdpa" | "manual" (matmul-softmax-matmul) | "auto" (manual where SDPA lacks a fused kernel)
+    fused_qkv: bool = False       # one matmul for self-attention q/k/v, one for cross-attention k/v
+    attn_chunk: int = 0           # >0: split queries into chunks of this many tokens (bounds memory)
+
+    def with_(self, **changes) -> FastOptions:
+        return replace(self, **changes)
+
+
+# Head sizes MLX's fused SDPA kernels cover (others fall back to a composed path).
+_SDPA_FUSED_HEAD_DIMS = (64, 80, 128)
+
+
+# ---------------------------------------------------------------------------------------------- ops
+def conv2d(conv: nn.Conv2d, x: mx.array, opts: FastOptions, stride: int = 1, padding: int = 1) -> mx.array:
+    w = conv.weight
+    if opts.conv == "im2col" and w.shape[1] == 3 and stride == 1 and padding == 1:
+        b, h, wd, c = x.shape
+        xp = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+        cols = mx.concatenate([xp[:, i:i + h, j:j + wd, :] for i in range(3) for j in range(3)], axis=-1)
+        out = mx.addmm(conv.bias, cols.reshape(-1, 9 * c), w.reshape(w.shape[0], -1).T)
+        return out.reshape(b, h, wd, -1)
+    if w.shape[1] == 1 and w.shape[2] == 1 and stride == 1:
+        return mx.addmm(conv.bias, x, w.reshape(w.shape[0], -1).T)
+    y = mx.conv2d(x, w, stride=stride, padding=padding)
+    return y + conv.bias
+
+
+def _affine_from_stats(gn: nn.GroupNorm, x: mx.array, mean: mx.array, var: mx.array) -> mx.array:
+    """mean/var [b, g] float32 -> GroupNorm output; one fused multiply-add per element."""
+    b, c, g = x.shape[0], x.shape[-1], gn.num_groups
+    scale = mx.rsqrt(var + gn.eps)
+    scale_c = mx.repeat(scale, c // g, axis=1) * gn.weight.astype(mx.float32)   # (b, c)
+    shift_c = gn.bias.astype(mx.float32) - mx.repeat(mean, c // g, axis=1) * scale_c
+    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    return (x * scale_c.reshape(shape).astype(x.dtype) + shift_c.reshape(shape).astype(x.dtype))
+
+
+def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
+    if opts.groupnorm == "colsum":
+        b, c, g = x.shape[0], x.shape[-1], gn.num_groups
+        xf = x.reshape(b, -1, c).astype(mx.float32)
+        n = xf.shape[1] * (c // g)
+        s1 = xf.sum(axis=1).reshape(b, g, c // g).sum(axis=-1)
+        s2 = mx.square(xf).sum(axis=1).reshape(b, g, c // g).sum(axis=-1)
+        mean = s1 / n
+        return _affine_from_stats(gn, x, mean, mx.maximum(s2 / n - mean * mean, 0.0))
+    if opts.groupnorm == "two_stage":
+        b, c, g = x.shape[0], x.shape[-1], gn.num_groups
+        xf = x.reshape(b, -1, g, c // g).astype(mx.float32)
+        n = xf.shape[1] * xf.shape[3]
+        s1 = xf.sum(axis=3).sum(axis=1)                     # (b, g)
+        s2 = mx.square(xf).sum(axis=3).sum(axis=1)
+        mean = s1 / n
+        var = mx.maximum(s2 / n - mean * mean, 0.0)
+        scale = mx.rsqrt(var + gn.eps)                      # (b, g)
+        scale_c = mx.repeat(scale, c // g, axis=1) * gn.weight.astype(mx.float32)   # (b, c)
+        shift_c = gn.bias.astype(mx.float32) - mx.repeat(mean, c // g, axis=1) * scale_c
+        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+        return (x * scale_c.reshape(shape) + shift_c.reshape(shape)).astype(x.dtype)
+    return gn(x)
+
+
+def _attention_core(q: mx.array, k: mx.array, v: mx.array, scale: float, opts: FastOptions) -> mx.array:
+    """q [B,H,Lq,D], k/v [B,H,Lk,D] -> [B,H,Lq,D]."""
+    d = q.shape[-1]
+    manual = opts.attention == "manual" or (opts.attention == "auto" and d not in _SDPA_FUSED_HEAD_DIMS)
+
+    def one(qc):
+        if manual:
+            s = (qc * mx.array(scale, qc.dtype)) @ k.swapaxes(-1, -2)
+            return mx.softmax(s, axis=-1, precise=True) @ v
+        return mx.fast.scaled_dot_product_attention(qc, k, v, scale=scale)
+
+    length = q.shape[2]
+    if opts.attn_chunk and length > opts.attn_chunk:
+        return mx.concatenate([one(q[:, :, i:i + opts.attn_chunk]) for i in range(0, length, opts.attn_chunk)],
+                              axis=2)
+    return one(q)
+
+
+def _heads(t: mx.array, heads: int) -> mx.array:
+    b, n, inner = t.shape
+    return t.reshape(b, n, heads, inner // heads).transpose(0, 2, 1, 3)
+
+
+def attention(attn, x: mx.array, context: mx.array | None, opts: FastOptions) -> mx.array:
+    """sd.unet_blocks.Attention's computation (no q/k/v bias)."""
+    heads = attn.heads
+    if opts.fused_qkv and context is None:
+        w = mx.concatenate([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight], axis=0)
+        q, k, v = mx.split(x @ w.T, 3, axis=-1)
+    elif opts.fused_qkv:
+        q = x @ attn.to_q.weight.T
+        w = mx.concatenate([attn.to_k.weight, attn.to_v.weight], axis=0)
+        k, v = mx.split(context @ w.T, 2, axis=-1)
+    else:
+        ctx = x if context is None else context
+        q, k, v = x @ attn.to_q.weight.T, ctx @ attn.to_k.weight.T, ctx @ attn.to_v.weight.T
+    out = _attention_core(_heads(q, heads), _heads(k, heads), _heads(v, heads), attn.scale, opts)
+    b, _, n, _ = out.shape
+    return attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+
+# --------------------------------------------------------------------------------------------- UNet
+def _res_block(blk: ResBlock, x: mx.array, emb: mx.array, opts: FastOptions) -> mx.array:
+    h = conv2d(blk.in_layers[2], nn.silu(group_norm(blk.in_layers[0], x, opts)), opts)
+    h = h + blk.emb_layers[1](nn.silu(emb))[:, None, None, :]
+    h = conv2d(blk.out_layers[3], nn.silu(group_norm(blk.out_layers[0], h, opts)), opts)
+    skip = conv2d(blk.skip_connection, x, opts, padding=0) if "skip_connection" in blk else x
+    return skip + h
+
+
+def _transformer(st: SpatialTransformer, x: mx.array, context: mx.array, opts: FastOptions) -> mx.array:
+    b, hh, ww, c = x.shape
+    h = conv2d(st.proj_in, group_norm(st.norm, x, opts), opts, padding=0).reshape(b, hh * ww, c)
+    for blk in st.transformer_blocks:
+        h = h + attention(blk.attn1, blk.norm1(h), None, opts)
+        h = h + attention(blk.attn2, blk.norm2(h), context, opts)
+        value, gate = mx.split(blk.ff.net[0].proj(blk.norm3(h)), 2, axis=-1)
+        h = h + blk.ff.net[2](value * nn.gelu(gate))
+    return x + conv2d(st.proj_out, h.reshape(b, hh, ww, c), opts, padding=0)
+
+
+def _upsample2x(x: mx.array) -> mx.array:
+    b, h, w, c = x.shape
+    return mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, h * 2, w * 2, c)
+
+
+def _layer(layer, h: mx.array, emb: mx.array, context: mx.array, opts: FastOptions) -> mx.array:
+    if isinstance(layer, ResBlock):
+        return _res_block(layer, h, emb, opts)
+    if isinstance(layer, SpatialTransformer):
+        return _transformer(layer, h, context, opts)
+    if isinstance(layer, Downsample):
+        return conv2d(layer.op, h, opts, stride=2, padding=1)
+    if isinstance(layer, Upsample):
+        return conv2d(layer.conv, _upsample2x(h), opts)
+    return layer(h, emb, context)
+
+
+def unet_forward(unet, x: mx.array, timesteps: mx.array, context: mx.array, opts: FastOptions) -> mx.array:
+    """The computation of UNetModel.__call__, with the optimised ops."""
+    dtype = unet.time_embed[0].weight.dtype
+    t_emb = timestep_embedding(timesteps, unet.config.model_channels).astype(dtype)
+    emb = unet.time_embed[2](nn.silu(unet.time_embed[0](t_emb)))
+    context = context.astype(dtype)
+    h = conv2d(unet.input_blocks[0][0], x.astype(dtype), opts)
+    skips = [h]
+    for block in unet.input_blocks[1:]:
+        for layer in block:
+            h = _layer(layer, h, emb, context, opts)
+        skips.append(h)
+    for layer in unet.middle_block:
+        h = _layer(layer, h, emb, context, opts)
+    for block in unet.output_blocks:
+        h = mx.concatenate([h, skips.pop()], axis=-1)
+        for layer in block:
+            h = _layer(layer, h, emb, context, opts)
+    h = conv2d(unet.out[2], nn.silu(group_norm(unet.out[0], h, opts)), opts)
+    return h.astype(x.dtype)
+
+
+class FastUNet:
+    """Callable like the UNet: `fast(x, timesteps, context)`; compiled per input shape when opts.compile."""
+
+    def __init__(self, unet, opts: FastOptions | None = None):
+        self.unet = unet
+        self.opts = opts or default_options()
+        fn = lambda x, t, c: unet_forward(self.unet, x, t, c, self.opts)  # noqa: E731
+        self._fn = mx.compile(fn, inputs=unet.state) if self.opts.compile else fn
+
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
+        return self._fn(x, timesteps, context)
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+def _vae_resnet(blk, x: mx.array, opts: FastOptions) -> mx.array:
+    h = conv2d(blk.conv1, nn.silu(group_norm(blk.norm1, x, opts)), opts)
+    h = conv2d(blk.conv2, nn.silu(group_norm(blk.norm2, h, opts)), opts)
+    if "nin_shortcut" in blk:
+        x = conv2d(blk.nin_shortcut, x, opts, padding=0)
+    return x + h
+
+
+def _vae_attn(blk, x: mx.array, opts: FastOptions) -> mx.array:
+    b, h, w, c = x.shape
+    y = group_norm(blk.norm, x, opts)
+    q, k, v = (conv2d(p, y, opts, padding=0).reshape(b, 1, h * w, c) for p in (blk.q, blk.k, blk.v))
+    out = _attention_core(q, k, v, c ** -0.5, opts)
+    return x + conv2d(blk.proj_out, out.reshape(b, h, w, c), opts, padding=0)
+
+
+def vae_decode_forward(vae, latent: mx.array, opts: FastOptions) -> mx.array:
+    """The computation of AutoencoderKL.decode, with the optimised ops; output in the VAE's dtype."""
+    dec = vae.decoder
+    x = conv2d(vae.post_quant_conv, latent.astype(dec.conv_in.weight.dtype), opts, padding=0)
+    x = conv2d(dec.conv_in, x, opts)
+    x = _vae_resnet(dec.mid.block_1, x, opts)
+    x = _vae_attn(dec.mid.attn_1, x, opts)
+    x = _vae_resnet(dec.mid.block_2, x, opts)
+    for level in reversed(dec.up):
+        for blk in level.block:
+            x = _vae_resnet(blk, x, opts)
+        if "upsample" in level:
+            x = conv2d(level.upsample.conv, _upsample2x(x), opts)
+    return conv2d(dec.conv_out, nn.silu(group_norm(dec.norm_out, x, opts)), opts)
+
+
+class FastVAEDecoder:
+    """Callable like `vae.decode`; compiled per latent shape when opts.compile."""
+
+    def __init__(self, vae, opts: FastOptions | None = None):
+        self.vae = vae
+        self.opts = opts or default_options()
+        fn = lambda z: vae_decode_forward(self.vae, z, self.opts)  # noqa: E731
+        self._fn = mx.compile(fn, inputs=vae.state) if self.opts.compile else fn
+
+    def __call__(self, latent: mx.array) -> mx.array:
+        return self._fn(latent)
+
+
+def default_options() -> FastOptions:
+    """The levers that paid, per backend (measured by bench/levers.py, recorded in BENCHMARKS.md)."""
+    from sd.precision import on_gpu
+
+    if on_gpu():
+        return FastOptions()
+    return FastOptions(attn_chunk=1024)
