@@ -18,6 +18,8 @@ examples:
   sdgraph run workflows/txt2img.yaml --set seed=7 --set sampler.steps=30
   sdgraph run workflows/txt2img.yaml --sweep sampler.seed=1,2,3 --sweep pos.text=@prompts.txt
   sdgraph run image.png                     re-run the workflow embedded in an image
+  sdgraph run wf.yaml --sweep seed=@seeds.txt --distributed -n 2    one process (GPU) per rank
+  mlx.launch --hostfile hosts.json -- sdgraph run wf.yaml --sweep ...      the same over several hosts
   sdgraph validate workflows/img2img.yaml
   sdgraph nodes KSampler
   sdgraph convert comfy_api.json -o workflow.yaml
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the disk cache")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar or table; print outputs")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    from graph.distributed import add_run_arguments  # light: --distributed, -n, --backend, --only-missing
+
+    add_run_arguments(run)
 
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow")
@@ -119,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     from graph.errors import Cancelled, NodeFailed, ValidationFailed
 
     try:
+        from graph.distributed import pin_local_gpu
+
+        pin_local_gpu()  # a rank of a multi-GPU host takes its own GPU, before MLX starts (no-op otherwise)
         load_node_modules()
         return COMMANDS[args.command](args)
     except ValidationFailed as e:
@@ -174,6 +182,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from graph import distributed
+
+    if distributed.handles(args):  # --distributed, under mlx.launch, --only-missing or --manifest
+        return distributed.cmd_run(args, _prepare, _folders)
     from graph.disk_cache import DiskCache, default_cache_dir
     from graph.executor import Caches, Executor
     from graph.runner import run_variation
