@@ -108,10 +108,10 @@ def run_group(cmd: list[str], stdin=subprocess.DEVNULL, **kwargs) -> subprocess.
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def sdgraph(tmp: Path, env: dict, *args: str, extra_env: dict | None = None, distributed: bool = True):
-    """`sdgraph run` (with the distributed flags) as a subprocess in `tmp`."""
-    entry = ["-m", "graph.distributed"] if distributed else [str(ROOT / "cli.py")]
-    return run_group([sys.executable, *entry, "run", *args], cwd=tmp, env=env | (extra_env or {}))
+def sdgraph(tmp: Path, env: dict, *args: str, extra_env: dict | None = None):
+    """`sdgraph run ...` (the real CLI) as a subprocess in `tmp`."""
+    return run_group([sys.executable, str(ROOT / "cli.py"), "run", *args], cwd=tmp,
+                     env=env | (extra_env or {}))
 
 
 def log(tmp: Path) -> list[list[str]]:
@@ -121,8 +121,7 @@ def log(tmp: Path) -> list[list[str]]:
 
 def single_process(tmp: Path, env: dict) -> dict[str, bytes]:
     """The plain one-process `sdgraph run` (counter file names): variation id -> file content."""
-    proc = sdgraph(tmp, env, "wf.yaml", *SWEEP, "--json", "--output-dir", "out1", "--cache-dir", "cache1",
-                   distributed=False)
+    proc = sdgraph(tmp, env, "wf.yaml", *SWEEP, "--json", "--output-dir", "out1", "--cache-dir", "cache1")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert all(len(v["files"]) == 1 for v in summary["variations"])
@@ -265,7 +264,7 @@ def sd_single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd-single")
     folders = ["--models-dir", str(root / "models"), "--input-dir", str(root / "input")]
     proc = sdgraph(tmp, _sd_env(), str(ROOT / "workflows" / "txt2img.yaml"), *folders, *SD_SWEEP, "--json",
-                   "--output-dir", "out", "--cache-dir", "cache", distributed=False)
+                   "--output-dir", "out", "--cache-dir", "cache")
     assert proc.returncode == 0, proc.stderr
     variations = json.loads(proc.stdout)["variations"]
     return folders, {v["id"]: (tmp / v["files"][0]).read_bytes() for v in variations}
