@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from component_loading import CLIP_PREFIX, load_component, read_torch_state, write_component
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+from sd15_keys import sd15_shapes
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 
@@ -101,14 +100,7 @@ def test_clip_skip_out_of_range_is_a_clear_error(clip_pair):
 
 
 def test_sd15_shapes_give_sd15_config():
-    table = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "sd15-checkpoint-keys.tsv"
-    if not table.exists():
-        pytest.skip(f"{table} not present")
-    shapes = {}
-    for line in table.read_text().splitlines():
-        if line.startswith(CLIP_PREFIX):
-            key, dims = line.split("\t")
-            shapes[key[len(CLIP_PREFIX):]] = tuple(int(d) for d in dims.split("x"))
+    shapes = sd15_shapes(CLIP_PREFIX)
     assert clip_config_from_weights(shapes) == SD15_CLIP
     # the generator writes every real key except the position_ids buffer
     expected_keys = set(shapes) - {"text_model.embeddings.position_ids"}

@@ -3,32 +3,18 @@ LDM <-> diffusers block table agrees with diffusers' own checkpoint converter on
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from lora_testing import UNET_PREFIX, diffusers_unet_config
+from sd15_keys import CHECKPOINT_KEYS, KOHYA_KEYS, read_tsv
 
 from sd.lora.deltas import delta_shape, fits
 from sd.lora.keymap import build_index, unet_diffusers_names, weight_modules
 from sd.lora.reader import parse_lora
 from sd.synthetic.unet import TINY_UNET, unet_shapes
 from sd.unet import UNetConfig
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CHECKPOINT_KEYS, KOHYA_KEYS = DATA / "sd15-checkpoint-keys.tsv", DATA / "sd15-kohya-lora-keys.tsv"
-
-
-def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or line.startswith("key\t") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        shapes[key] = () if shape == "scalar" else tuple(int(n) for n in shape.split("x"))
-    return shapes
 
 
 def mlx_shapes(shapes: dict, prefix: str) -> dict[str, tuple[int, ...]]:
@@ -40,7 +26,6 @@ def mlx_shapes(shapes: dict, prefix: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-@pytest.mark.skipif(not KOHYA_KEYS.exists(), reason="shared key lists not present")
 def test_every_key_of_a_real_kohya_file_maps_onto_sd15():
     checkpoint = read_tsv(CHECKPOINT_KEYS)
     indexes = {"unet": build_index(mlx_shapes(checkpoint, UNET_PREFIX), "unet"),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sd15_keys import sd15_shapes
 
 from sd.synthetic import (
     PREFIXES,
@@ -20,19 +20,10 @@ from sd.synthetic import (
 )
 from sd.synthetic.unet import SD15_UNET, TINY_UNET, unet_shapes
 
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd15-checkpoint-keys.tsv"
-
 
 def reference_shapes(prefix: str) -> dict[str, tuple[int, ...]]:
     """{key without prefix: shape} for one component, from the recorded SD1.5 key list."""
-    if not KEYS_TSV.exists():
-        pytest.skip(f"{KEYS_TSV} not present")
-    shapes = {}
-    for line in KEYS_TSV.read_text().splitlines():
-        if line.startswith(prefix):
-            key, shape = line.split("\t")
-            shapes[key[len(prefix):]] = tuple(int(n) for n in shape.split("x"))
-    return shapes
+    return sd15_shapes(prefix)
 
 
 class _ZeroRNG:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 from component_loading import VAE_PREFIX, load_component, read_torch_state, write_component
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from sd15_keys import sd15_shapes
 
 from sd.synthetic.vae import SD15_VAE, TINY_VAE, random_vae_weights
 from sd.vae import AutoencoderKL, VAEConfig, vae_config_from_weights
@@ -51,14 +50,7 @@ def test_config_detected_from_shapes():
 
 
 def test_sd15_shapes_give_sd15_config():
-    table = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "sd15-checkpoint-keys.tsv"
-    if not table.exists():
-        pytest.skip(f"{table} not present")
-    shapes = {}
-    for line in table.read_text().splitlines():
-        if line.startswith(VAE_PREFIX):
-            key, dims = line.split("\t")
-            shapes[key[len(VAE_PREFIX):]] = tuple(int(d) for d in dims.split("x"))
+    shapes = sd15_shapes(VAE_PREFIX)
     assert vae_config_from_weights(shapes) == SD15_VAE
     # the tiny generator shares SD1.5's structure, so it must write exactly the real key set
     assert random_vae_weights(TINY_VAE, np.random.default_rng(0)).keys() == shapes.keys()
