@@ -18,23 +18,12 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
     if latent.noise_mask is not None:
         raise ValueError("latents with a noise mask (inpainting) are not supported yet")
     unet = models.unet_for(model, ctx.log)
-    _check_size(unet, latent)
 
     def on_step(i: int, total: int, x, denoised) -> None:
         ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
 
     samples = sample(unet, positive.cond, negative.cond, latent.samples, callback=on_step, **kwargs)
     return Latent(samples, latent.batch_index)
-
-
-def _check_size(unet, latent: Latent) -> None:
-    """sd.unet concatenates skips without resizing, so each side must halve evenly at every level."""
-    factor = 2 ** (len(unet.config.channel_mult) - 1)
-    _, h, w, _ = latent.samples.shape
-    if h % factor or w % factor:
-        px = 8 * factor
-        raise ValueError(f"latent of {w * 8}x{h * 8} pixels: this UNet needs image sides that are multiples "
-                         f"of {px} pixels (e.g. {w * 8 // px * px or px}x{h * 8 // px * px or px})")
 
 
 # Keyword-only parameters keep ComfyUI's input order (sockets among the widgets) while staying required.

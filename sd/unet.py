@@ -112,7 +112,10 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = mx.concatenate([h, skips.pop()], axis=-1)
             for layer in block:
-                h = layer(h, emb, context)
+                if isinstance(layer, Upsample):  # match the next skip, which may have an odd side
+                    h = layer(h, output_hw=tuple(skips[-1].shape[1:3]))
+                else:
+                    h = layer(h, emb, context)
         h = self.out[2](nn.silu(self.out[0](h)))
         return h.astype(x.dtype)
 

@@ -155,8 +155,14 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None,
+                 output_hw: tuple[int, int] | None = None) -> mx.array:
         batch, height, width, channels = x.shape
         # broadcast each pixel to a 2x2 patch: one materialisation, no gather
         x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-        return self.conv(x.reshape(batch, height * 2, width * 2, channels))
+        x = x.reshape(batch, height * 2, width * 2, channels)
+        if output_hw is not None and output_hw != (height * 2, width * 2):
+            # An odd-sized skip (stride-2 convs round up): nearest resize to 2n-1 picks the same source
+            # pixels as cropping the 2x result, which is what ComfyUI/diffusers' interpolate(size=...) does.
+            x = x[:, : output_hw[0], : output_hw[1], :]
+        return self.conv(x)

@@ -121,3 +121,16 @@ def test_fp16_compute_stays_close(tmp_path, inputs):
     err = relative_error(np.array(half), full)
     print(f"\nUNet fp16 vs fp32 max relative error: {err:.2e}")
     assert err < 2e-2
+
+
+def test_odd_latent_sides_match_diffusers(tmp_path):
+    """Latent sides that do not halve evenly at every level (e.g. 96x80 px -> 12x10): the upsamplers resize to
+    the skip connection's size, as diffusers (upsample_size) and ComfyUI (output_shape) do."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, 4, 12, 10)).astype(np.float32)
+    t = np.array([500.0], dtype=np.float32)
+    context = rng.standard_normal((1, 77, 64)).astype(np.float32)
+    path = make_checkpoint(tmp_path / "tiny.safetensors", seed=3)
+    err = _run_both(path, (x, t, context))
+    print(f"\nUNet max relative error vs diffusers (12x10 latent): {err:.2e}")
+    assert err <= MAX_REL_ERR
