@@ -102,7 +102,10 @@ def machine_info(device: str) -> dict:
         if device == "gpu" and torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["cuda"] = torch.version.cuda
-            info["cudnn"] = torch.backends.cudnn.version()
+            try:
+                info["cudnn"] = torch.backends.cudnn.version()
+            except RuntimeError as e:
+                info["cudnn"] = f"unavailable: {str(e)[:80]}"
     except ImportError:
         pass
     try:

@@ -13,6 +13,9 @@ import numpy as np
 from sd.fast import FastOptions, FastUNet, FastVAEDecoder
 
 UNET_VARIANTS = [
+    ("default sd.fast (im2col + colsum GN, compiled)", FastOptions(conv="im2col", groupnorm="colsum")),
+    ("default without mx.compile", FastOptions(compile=False, conv="im2col", groupnorm="colsum")),
+    ("default + fused QKV", FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True)),
     ("eager, sd.fast ops (no compile)", FastOptions(compile=False)),
     ("mx.compile whole UNet", FastOptions()),
     ("compile + fused QKV", FastOptions(fused_qkv=True)),
@@ -41,7 +44,7 @@ def unet_levers(ctx) -> list[tuple[str, float]]:
         base = ctx.time_mlx(lambda: unet(*args)) * 1e3
         results.append((f"UNet {dtype}: plain modules (eager)", base))
         print(f"[levers] UNet {dtype} plain: {base:.2f} ms", flush=True)
-        variants = UNET_VARIANTS if dtype == dtypes[0] else UNET_VARIANTS[1:2] + UNET_VARIANTS[-3:]
+        variants = UNET_VARIANTS if dtype == dtypes[0] else UNET_VARIANTS[:3]
         if ctx.args.levers_set:
             variants = [v for v in UNET_VARIANTS if any(s in v[0] for s in ctx.args.levers_set.split(","))]
         for name, opts in variants:
@@ -66,8 +69,11 @@ def vae_levers(ctx) -> list[tuple[str, float]]:
     for dtype in dtypes:
         vae, _ = ctx.mlx("vae", dtype)
         plain = ctx.time_mlx(lambda: vae.decode(z), heavy=True) * 1e3
-        fast = FastVAEDecoder(vae)
+        fast = FastVAEDecoder(vae, FastOptions())
         compiled = ctx.time_mlx(lambda: fast(z), heavy=True) * 1e3
+        colsum = FastVAEDecoder(vae, FastOptions(groupnorm="colsum"))
+        results.append((f"VAE decode {dtype}: mx.compile + colsum GroupNorm",
+                        ctx.time_mlx(lambda: colsum(z), heavy=True) * 1e3))
         out = fast(z).astype(mx.float32)
         finite = bool(mx.all(mx.isfinite(out)).item())
         results.append((f"VAE decode {dtype}: plain modules", plain))
@@ -76,3 +82,63 @@ def vae_levers(ctx) -> list[tuple[str, float]]:
               flush=True)
         ctx._mlx.pop(("vae", dtype), None)
     return results
+
+
+def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
+    """Where the UNet CFG step's time goes: sd.fast's path uncompiled, each op evaluated on its own.
+
+    Synchronising after every op adds a little latency per op, so the sum exceeds the compiled step time;
+    the split between op kinds is what this is for.
+    """
+    import collections
+    import time
+
+    import mlx.nn as nn
+
+    import sd.fast as fast_mod
+    from bench.sections import unet_inputs
+
+    unet, cfg = ctx.mlx("unet", dtype or ctx.args.unet_dtype)
+    x, t, c = unet_inputs(ctx, ctx.args.latent, cfg.context_dim)
+    args = (mx.array(x.transpose(0, 2, 3, 1)), mx.array(t), mx.array(c))
+    totals, counts, depth = collections.defaultdict(float), collections.Counter(), [0]
+
+    def wrap(kind_of, fn):
+        def timed(*a, **k):
+            if depth[0]:
+                return fn(*a, **k)
+            mx.eval([v for v in a if isinstance(v, mx.array)])
+            depth[0] += 1
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            mx.eval(out)
+            depth[0] -= 1
+            kind = kind_of(*a)
+            totals[kind] += time.perf_counter() - start
+            counts[kind] += 1
+            return out
+        return timed
+
+    saved = (fast_mod.conv2d, fast_mod.group_norm, fast_mod.attention, nn.Linear.__call__)
+    opts = fast_mod.default_options("unet").with_(compile=False)
+    try:
+        fast_mod.conv2d = wrap(lambda conv, *_: f"conv {conv.weight.shape[1]}x{conv.weight.shape[2]}", saved[0])
+        fast_mod.group_norm = wrap(lambda *_: "GroupNorm", saved[1])
+        fast_mod.attention = wrap(lambda attn, x, context, *_: "attention (proj + SDPA), "
+                                  + ("self" if context is None else "cross"), saved[2])
+        nn.Linear.__call__ = wrap(lambda *_: "linear (GEGLU / FF / time emb)", saved[3])
+        fn = lambda: fast_mod.unet_forward(unet, *args, opts)  # noqa: E731
+        mx.eval(fn())
+        totals.clear()
+        counts.clear()
+        start = time.perf_counter()
+        mx.eval(fn())
+        whole = time.perf_counter() - start
+    finally:
+        fast_mod.conv2d, fast_mod.group_norm, fast_mod.attention, nn.Linear.__call__ = saved
+    rows = [(f"op profile: {k} (n={counts[k]})", v * 1e3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    rows.append(("op profile: everything else (activations, adds, concat, ...)", (whole - sum(totals.values())) * 1e3))
+    rows.append(("op profile: total, op-by-op", whole * 1e3))
+    for name, ms in rows:
+        print(f"[levers] {name}: {ms:.2f} ms", flush=True)
+    return rows

@@ -58,6 +58,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:  # torch first: it must load its own cuDNN before MLX's CUDA build loads another one
+        import torch  # noqa: F401
+    except ImportError:
+        pass
     import mlx.core as mx
 
     if args.device == "gpu":
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
         if name in sections.SECTIONS:
             sections.SECTIONS[name](ctx)
         elif name == "levers":
+            lever_rows += levers.op_profile(ctx)
             lever_rows += levers.unet_levers(ctx)
             lever_rows += levers.vae_levers(ctx)
         elif name == "load":

@@ -38,14 +38,16 @@ class Context:
             return (1, 3) if heavy else (3, 10)
         return (1, 1) if (a.quick or heavy) else (1, 3)
 
-    def time_mlx(self, fn, heavy=False) -> float:
+    def time_mlx(self, fn, heavy=False, warmup=None) -> float:
         w, r = self.reps(heavy)
+        w = w if warmup is None else warmup
         med, times = median_time(fn, lambda out: mx.eval(out), w, r)
         return med
 
-    def time_torch(self, fn, heavy=False) -> float:
+    def time_torch(self, fn, heavy=False, warmup=None) -> float:
         torch = self.torch
         w, r = self.reps(heavy)
+        w = w if warmup is None else warmup
 
         def sync(_):
             if self.gpu:
@@ -103,6 +105,29 @@ class Context:
         return self._torch[key]
 
 
+def mlx_working_memory(fn) -> float:
+    """MiB allocated by one call above what was resident before it (MLX's peak active memory)."""
+    mx.eval(fn())
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    return (mx.get_peak_memory() - base) / 2**20
+
+
+def torch_working_memory(ctx, fn) -> float | None:
+    torch = ctx.torch
+    if not ctx.gpu:
+        return None
+    with torch.inference_mode():
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 # ------------------------------------------------------------------------------------------ UNet
 def unet_inputs(ctx: Context, latent: int, context_dim: int):
     rng = np.random.default_rng(0)
@@ -124,7 +149,9 @@ def section_unet(ctx: Context):
     values["mlx"] = ctx.time_mlx(lambda: unet(*mx_args)) * 1e3
     fast = FastUNet(unet)
     values["mlx_fast"] = ctx.time_mlx(lambda: fast(*mx_args)) * 1e3
+    mem = {"mlx": mlx_working_memory(lambda: unet(*mx_args)), "mlx_fast": mlx_working_memory(lambda: fast(*mx_args))}
     if ctx.args.mlx_only:
+        ctx.add("memory", "UNet CFG step: peak above resident memory", "MiB", mem)
         return ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent)", "ms", values)
     del unet  # keep the module alive through `fast` only
     tx = torch.from_numpy(x).to(ctx.tdev, ctx.tdtype)
@@ -151,7 +178,15 @@ def section_unet(ctx: Context):
             values["diffusers_compile"] = ctx.time_torch(
                 lambda: compiled(txl, tt, encoder_hidden_states=tc).sample) * 1e3
             ctx._torch["unet_compiled"] = compiled
-    return ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent)", "ms", values)
+    if ctx.gpu:
+        mem["diffusers"] = torch_working_memory(ctx, lambda: model(tx, tt, encoder_hidden_states=tc).sample)
+        if "unet_compiled" in ctx._torch:
+            mem["diffusers_compile"] = torch_working_memory(
+                ctx, lambda: ctx._torch["unet_compiled"](txl, tt, encoder_hidden_states=tc).sample)
+    row = ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent)", "ms", values)
+    ctx.add("memory", "UNet CFG step: peak above resident memory (GPU)" if ctx.gpu else
+            "UNet CFG step: MLX peak above resident memory", "MiB", {k: v for k, v in mem.items() if v is not None})
+    return row
 
 
 # ------------------------------------------------------------------------------------------- VAE
@@ -169,6 +204,7 @@ def section_vae(ctx: Context):
     fast = FastVAEDecoder(vae)
     dec["mlx_fast"] = ctx.time_mlx(lambda: fast(mz), heavy=True) * 1e3
     enc = {"mlx": ctx.time_mlx(lambda: vae.encode(mimg), heavy=True) * 1e3}
+    mem = {"mlx": mlx_working_memory(lambda: vae.decode(mz)), "mlx_fast": mlx_working_memory(lambda: fast(mz))}
     if not ctx.args.mlx_only:
         dtypes = [ctx.tdtype] + ([torch.float32] if ctx.gpu else [])
         for dt in dtypes:
@@ -177,10 +213,13 @@ def section_vae(ctx: Context):
             tz = torch.from_numpy(z).to(ctx.tdev, dt)
             ti = torch.from_numpy(img).to(ctx.tdev, dt)
             dec[name] = ctx.time_torch(lambda: model.decode(tz).sample, heavy=True) * 1e3
+            if ctx.gpu:
+                mem[name] = torch_working_memory(ctx, lambda: model.decode(tz).sample)
             enc[name] = ctx.time_torch(lambda: model.encode(ti).latent_dist.mode(), heavy=True) * 1e3
     vdt = str(vae.decoder.conv_in.weight.dtype).split(".")[-1]
     ctx.add("vae", f"decode {size}x{size} (MLX {vdt})", "ms", dec)
     ctx.add("vae", f"encode {size}x{size} (MLX {vdt})", "ms", enc)
+    ctx.add("memory", f"VAE decode {size}x{size}: peak above resident memory", "MiB", mem)
 
 
 # ------------------------------------------------------------------------------------------ CLIP
@@ -259,11 +298,10 @@ def section_txt2img(ctx: Context):
     runs = {"mlx": _mlx_txt2img(ctx, steps, unet, clip, vae.decode),
             "mlx_fast": _mlx_txt2img(ctx, steps, FastUNet(unet), clip, FastVAEDecoder(vae))}
     for name, run in runs.items():
-        run()
-        mx.eval(run())  # warm
+        mx.eval(run())  # warm (compiles)
         mx.reset_peak_memory()
         with RSSPeak() as rss:
-            times[name] = ctx.time_mlx(run, heavy=True)
+            times[name] = ctx.time_mlx(run, heavy=True, warmup=0)
         mem[name] = (mx.get_peak_memory() if ctx.gpu else rss.peak - rss.start) / 2**20
     if not ctx.args.mlx_only:
         variants = {"diffusers": ctx.torch_model("unet")}
@@ -274,11 +312,13 @@ def section_txt2img(ctx: Context):
         tclip = ctx.torch_model("clip")
         for name, tunet in variants.items():
             run = _torch_txt2img(ctx, steps, tunet, tclip, tvae)
+            with torch.inference_mode():
+                run()  # warm
             if ctx.gpu:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             with RSSPeak() as rss:
-                times[name] = ctx.time_torch(run, heavy=True)
+                times[name] = ctx.time_torch(run, heavy=True, warmup=0)
             mem[name] = (torch.cuda.max_memory_allocated() if ctx.gpu else rss.peak - rss.start) / 2**20
     size = ctx.args.image
     ctx.add("txt2img", f"{size}x{size}, {steps} steps euler, CFG (encode+sample+decode)", "s", times)

@@ -194,7 +194,7 @@ class FastUNet:
 
     def __init__(self, unet, opts: FastOptions | None = None):
         self.unet = unet
-        self.opts = opts or default_options()
+        self.opts = opts or default_options("unet")
         fn = lambda x, t, c: unet_forward(self.unet, x, t, c, self.opts)  # noqa: E731
         self._fn = mx.compile(fn, inputs=unet.state) if self.opts.compile else fn
 
@@ -240,7 +240,7 @@ class FastVAEDecoder:
 
     def __init__(self, vae, opts: FastOptions | None = None):
         self.vae = vae
-        self.opts = opts or default_options()
+        self.opts = opts or default_options("vae")
         fn = lambda z: vae_decode_forward(self.vae, z, self.opts)  # noqa: E731
         self._fn = mx.compile(fn, inputs=vae.state) if self.opts.compile else fn
 
@@ -248,10 +248,17 @@ class FastVAEDecoder:
         return self._fn(latent)
 
 
-def default_options() -> FastOptions:
-    """The levers that paid, per backend (measured by bench/levers.py, recorded in BENCHMARKS.md)."""
+def default_options(component: str = "unet") -> FastOptions:
+    """The levers that paid, per backend and component (measured by bench/levers.py, see BENCHMARKS.md).
+
+    GPU UNet: im2col 3x3 convs + column-sum GroupNorm + fused QKV under one mx.compile. GPU VAE: mx.compile +
+    column-sum GroupNorm (im2col's 9x-wide copies of 128/256-channel 512x512 activations cost more than they
+    save, and memory). CPU: mx.compile + attention in chunks of 1024 queries.
+    """
     from sd.precision import on_gpu
 
     if on_gpu():
-        return FastOptions()
+        if component == "unet":
+            return FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True)
+        return FastOptions(groupnorm="colsum")
     return FastOptions(attn_chunk=1024)
