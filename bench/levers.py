@@ -41,7 +41,7 @@ def unet_levers(ctx) -> list[tuple[str, float]]:
         unet, cfg = ctx.mlx("unet", dtype)
         x, t, c = unet_inputs(ctx, ctx.args.latent, cfg.context_dim)
         args = (mx.array(x.transpose(0, 2, 3, 1)), mx.array(t), mx.array(c))
-        base = ctx.time_mlx(lambda: unet(*args)) * 1e3
+        base = ctx.time_mlx(lambda: unet(*args)) * 1e3  # noqa: B023
         results.append((f"UNet {dtype}: plain modules (eager)", base))
         print(f"[levers] UNet {dtype} plain: {base:.2f} ms", flush=True)
         variants = UNET_VARIANTS if dtype == dtypes[0] else UNET_VARIANTS[:3]
@@ -50,7 +50,7 @@ def unet_levers(ctx) -> list[tuple[str, float]]:
         for name, opts in variants:
             fast = FastUNet(unet, opts)
             try:
-                ms = ctx.time_mlx(lambda: fast(*args)) * 1e3
+                ms = ctx.time_mlx(lambda: fast(*args)) * 1e3  # noqa: B023
             except Exception as e:  # a lever that does not run on this backend is reported, not fatal
                 print(f"[levers] {name}: failed: {e}", flush=True)
                 continue
@@ -68,12 +68,12 @@ def vae_levers(ctx) -> list[tuple[str, float]]:
     dtypes = ["float32", "float16", "bfloat16"] if ctx.gpu else ["float32"]
     for dtype in dtypes:
         vae, _ = ctx.mlx("vae", dtype)
-        plain = ctx.time_mlx(lambda: vae.decode(z), heavy=True) * 1e3
+        plain = ctx.time_mlx(lambda: vae.decode(z), heavy=True) * 1e3  # noqa: B023
         fast = FastVAEDecoder(vae, FastOptions())
-        compiled = ctx.time_mlx(lambda: fast(z), heavy=True) * 1e3
+        compiled = ctx.time_mlx(lambda: fast(z), heavy=True) * 1e3  # noqa: B023
         colsum = FastVAEDecoder(vae, FastOptions(groupnorm="colsum"))
         results.append((f"VAE decode {dtype}: mx.compile + colsum GroupNorm",
-                        ctx.time_mlx(lambda: colsum(z), heavy=True) * 1e3))
+                        ctx.time_mlx(lambda: colsum(z), heavy=True) * 1e3))  # noqa: B023
         out = fast(z).astype(mx.float32)
         finite = bool(mx.all(mx.isfinite(out)).item())
         results.append((f"VAE decode {dtype}: plain modules", plain))

@@ -153,7 +153,6 @@ def section_unet(ctx: Context):
     if ctx.args.mlx_only:
         ctx.add("memory", "UNet CFG step: peak above resident memory", "MiB", mem)
         return ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent)", "ms", values)
-    del unet  # keep the module alive through `fast` only
     tx = torch.from_numpy(x).to(ctx.tdev, ctx.tdtype)
     tt = torch.from_numpy(t).to(ctx.tdev)
     tc = torch.from_numpy(c).to(ctx.tdev, ctx.tdtype)
@@ -212,10 +211,10 @@ def section_vae(ctx: Context):
             model = ctx.torch_model("vae", dtype=dt)
             tz = torch.from_numpy(z).to(ctx.tdev, dt)
             ti = torch.from_numpy(img).to(ctx.tdev, dt)
-            dec[name] = ctx.time_torch(lambda: model.decode(tz).sample, heavy=True) * 1e3
+            dec[name] = ctx.time_torch(lambda: model.decode(tz).sample, heavy=True) * 1e3  # noqa: B023
             if ctx.gpu:
-                mem[name] = torch_working_memory(ctx, lambda: model.decode(tz).sample)
-            enc[name] = ctx.time_torch(lambda: model.encode(ti).latent_dist.mode(), heavy=True) * 1e3
+                mem[name] = torch_working_memory(ctx, lambda: model.decode(tz).sample)  # noqa: B023
+            enc[name] = ctx.time_torch(lambda: model.encode(ti).latent_dist.mode(), heavy=True) * 1e3  # noqa: B023
     vdt = str(vae.decoder.conv_in.weight.dtype).split(".")[-1]
     ctx.add("vae", f"decode {size}x{size} (MLX {vdt})", "ms", dec)
     ctx.add("vae", f"encode {size}x{size} (MLX {vdt})", "ms", enc)
