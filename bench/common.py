@@ -76,7 +76,8 @@ def ensure_checkpoint(path: Path, size: str, dtype: str = "float16") -> Path:
         tmp = path.with_name(path.stem + ".partial" + path.suffix)
         make_checkpoint(tmp, size=size, dtype=dtype)
         tmp.rename(path)
-        print(f"[bench] wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s",
+        gib, secs = path.stat().st_size / 2**30, time.perf_counter() - start
+        print(f"[bench] wrote {path} ({gib:.2f} GiB) in {secs:.0f} s",
               flush=True)
     return path
 

@@ -122,7 +122,8 @@ def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
     saved = (fast_mod.conv2d, fast_mod.group_norm, fast_mod.attention, nn.Linear.__call__)
     opts = fast_mod.default_options("unet").with_(compile=False)
     try:
-        fast_mod.conv2d = wrap(lambda conv, *_: f"conv {conv.weight.shape[1]}x{conv.weight.shape[2]}", saved[0])
+        fast_mod.conv2d = wrap(lambda conv, *_: f"conv {conv.weight.shape[1]}x{conv.weight.shape[2]}",
+                               saved[0])
         fast_mod.group_norm = wrap(lambda *_: "GroupNorm", saved[1])
         fast_mod.attention = wrap(lambda attn, x, context, *_: "attention (proj + SDPA), "
                                   + ("self" if context is None else "cross"), saved[2])
@@ -136,8 +137,10 @@ def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
         whole = time.perf_counter() - start
     finally:
         fast_mod.conv2d, fast_mod.group_norm, fast_mod.attention, nn.Linear.__call__ = saved
-    rows = [(f"op profile: {k} (n={counts[k]})", v * 1e3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
-    rows.append(("op profile: everything else (activations, adds, concat, ...)", (whole - sum(totals.values())) * 1e3))
+    ordered = sorted(totals.items(), key=lambda kv: -kv[1])
+    rows = [(f"op profile: {k} (n={counts[k]})", v * 1e3) for k, v in ordered]
+    rest = (whole - sum(totals.values())) * 1e3
+    rows.append(("op profile: everything else (activations, adds, concat, ...)", rest))
     rows.append(("op profile: total, op-by-op", whole * 1e3))
     for name, ms in rows:
         print(f"[levers] {name}: {ms:.2f} ms", flush=True)

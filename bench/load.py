@@ -1,9 +1,9 @@
 """Checkpoint load time (cold and warm page cache) and peak RSS, each load in a fresh process.
 
 Run as a module by the bench: `python -m bench.load IMPL PATH` prints one JSON line. IMPL is `mlx`
-(sd.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of the file,
-convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load does without
-the hub).
+(sd.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of the
+file, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load does
+without the hub).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _load_diffusers(path: str, dtype: str | None) -> None:
     state = reference.read_state(path)
     parts = split_components({k: tuple(v.shape) for k, v in state.items()})
     tdtype = torch.float16 if dtype in ("float16", "fp16") else torch.float32
-    unet = reference.diffusers_unet(detect_unet_config(path, parts["unet"]),
-                                    {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")})
+    unet_state = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    unet = reference.diffusers_unet(detect_unet_config(path, parts["unet"]), unet_state)
     vae = reference.diffusers_vae(vae_config_from_weights(parts["vae"]),
                                   {k: v for k, v in state.items() if k.startswith("first_stage_model.")})
     clip = reference.transformers_clip(clip_config_from_weights(parts["clip"]),

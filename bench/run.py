@@ -1,7 +1,7 @@
 """sdgraph benchmark: MLX against diffusers on the same machine, same checkpoint, one run.
 
     python -m bench --device cpu --quick            # this 2-core CPU, in minutes
-    python -m bench --device gpu                    # MLX CUDA vs diffusers eager / channels-last / torch.compile
+    python -m bench --device gpu                    # MLX CUDA vs diffusers eager, channels-last, compile
     python -m bench --sections unet,levers --size tiny --device cpu   # smoke test
 
 A full-size SD1.5-shaped random checkpoint (fp16, real LDM layout) is generated once under bench/out/
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, help="use this file instead of a generated one")
     p.add_argument("--latent", type=int, default=64, help="UNet latent side (64 = 512x512 images)")
     p.add_argument("--image", type=int, default=512, help="VAE / txt2img image side")
-    p.add_argument("--steps", type=int, default=None, help="txt2img steps (default 20; 2 with --quick on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="txt2img steps (20; 2 with --quick on CPU)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=0, help="timed runs (default: per device and section)")
     p.add_argument("--unet-dtype", default=None, help="MLX UNet dtype (default: sd/precision.py)")

@@ -149,7 +149,8 @@ def section_unet(ctx: Context):
     values["mlx"] = ctx.time_mlx(lambda: unet(*mx_args)) * 1e3
     fast = FastUNet(unet)
     values["mlx_fast"] = ctx.time_mlx(lambda: fast(*mx_args)) * 1e3
-    mem = {"mlx": mlx_working_memory(lambda: unet(*mx_args)), "mlx_fast": mlx_working_memory(lambda: fast(*mx_args))}
+    mem = {"mlx": mlx_working_memory(lambda: unet(*mx_args)),
+           "mlx_fast": mlx_working_memory(lambda: fast(*mx_args))}
     if ctx.args.mlx_only:
         ctx.add("memory", "UNet CFG step: peak above resident memory", "MiB", mem)
         return ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent)", "ms", values)
@@ -184,7 +185,8 @@ def section_unet(ctx: Context):
                 ctx, lambda: ctx._torch["unet_compiled"](txl, tt, encoder_hidden_states=tc).sample)
     row = ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent)", "ms", values)
     ctx.add("memory", "UNet CFG step: peak above resident memory (GPU)" if ctx.gpu else
-            "UNet CFG step: MLX peak above resident memory", "MiB", {k: v for k, v in mem.items() if v is not None})
+            "UNet CFG step: MLX peak above resident memory", "MiB",
+            {k: v for k, v in mem.items() if v is not None})
     return row
 
 
@@ -203,7 +205,8 @@ def section_vae(ctx: Context):
     fast = FastVAEDecoder(vae)
     dec["mlx_fast"] = ctx.time_mlx(lambda: fast(mz), heavy=True) * 1e3
     enc = {"mlx": ctx.time_mlx(lambda: vae.encode(mimg), heavy=True) * 1e3}
-    mem = {"mlx": mlx_working_memory(lambda: vae.decode(mz)), "mlx_fast": mlx_working_memory(lambda: fast(mz))}
+    mem = {"mlx": mlx_working_memory(lambda: vae.decode(mz)),
+           "mlx_fast": mlx_working_memory(lambda: fast(mz))}
     if not ctx.args.mlx_only:
         dtypes = [ctx.tdtype] + ([torch.float32] if ctx.gpu else [])
         for dt in dtypes:

@@ -27,7 +27,8 @@ class FastOptions:
     conv: str = "native"          # "native" (mx.conv2d) | "im2col" (one GEMM over 9 shifted copies)
     groupnorm: str = "library"    # "library" (nn.GroupNorm) | "colsum" (fp32 column sums over pixels, then
                                   # groups) | "two_stage" (sums over each group's channels, then pixels)
-    attention: str = "sdpa"       # "sdpa" | "manual" (matmul-softmax-matmul) | "auto" (manual where SDPA lacks a fused kernel)
+    attention: str = "sdpa"       # "sdpa" | "manual" (matmul-softmax-matmul) | "auto" (manual where SDPA
+                                  # lacks a fused kernel)
     fused_qkv: bool = False       # one matmul for self-attention q/k/v, one for cross-attention k/v
     attn_chunk: int = 0           # >0: split queries into chunks of this many tokens (bounds memory)
 
@@ -104,8 +105,8 @@ def _attention_core(q: mx.array, k: mx.array, v: mx.array, scale: float, opts: F
 
     length = q.shape[2]
     if opts.attn_chunk and length > opts.attn_chunk:
-        return mx.concatenate([one(q[:, :, i:i + opts.attn_chunk]) for i in range(0, length, opts.attn_chunk)],
-                              axis=2)
+        step = opts.attn_chunk
+        return mx.concatenate([one(q[:, :, i:i + step]) for i in range(0, length, step)], axis=2)
     return one(q)
 
 

@@ -2,9 +2,9 @@
 
 `decode(vae, latent)` is what callers should use: below `TILE_THRESHOLD` latent pixels it is exactly
 `vae.decode(latent)` (bit-identical, same graph); above it, `decode_tiled` decodes latent tiles of
-`tile` x `tile` with `overlap` latent pixels shared between neighbours and blends the decoded tiles with linear
-ramps across each overlap. Every tile has the same shape (the last row/column of tiles is shifted back to
-end at the border), so a compiled decoder is traced once.
+`tile` x `tile` with `overlap` latent pixels shared between neighbours and blends the decoded tiles with
+linear ramps across each overlap. Every tile has the same shape (the last row/column of tiles is shifted
+back to end at the border), so a compiled decoder is traced once.
 
 Tiling is an approximation where the image is larger than one tile: the decoder's mid-block attention then
 sees one tile instead of the whole latent, as with ComfyUI's "VAE Decode (Tiled)".
@@ -83,7 +83,8 @@ def needs_tiling(latent_shape, threshold: int = TILE_THRESHOLD) -> bool:
 
 
 def decode(vae, latent: mx.array, decode_fn: Callable[[mx.array], mx.array] | None = None,
-           threshold: int = TILE_THRESHOLD, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> mx.array:
+           threshold: int = TILE_THRESHOLD, tile: int = DEFAULT_TILE,
+           overlap: int = DEFAULT_OVERLAP) -> mx.array:
     """`vae.decode(latent)` (or `decode_fn`), tiled only when the latent has more than `threshold` pixels."""
     fn = decode_fn or vae.decode
     if not needs_tiling(latent.shape, threshold):
