@@ -21,7 +21,7 @@ from pathlib import Path
 import sd  # noqa: F401  (loads OpenBLAS for MLX's CPU backend before mlx.core is imported)
 from bench.common import OUT_DIR, Row, ensure_checkpoint, machine_info
 
-ALL_SECTIONS = ("unet", "vae", "clip", "txt2img", "load", "levers")
+ALL_SECTIONS = ("unet", "unet_rr", "vae", "clip", "txt2img", "load", "levers")
 
 
 def parse_args(argv=None):
@@ -58,6 +58,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Idle OpenMP threads of torch spin by default; in one process with MLX (and OpenBLAS's threads) on a
+    # small CPU they starve the other side: a tiny diffusers UNet went from 40 ms to 4.6 s. Passive waiting.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:  # torch first: it must load its own cuDNN before MLX's CUDA build loads another one
         import torch  # noqa: F401
     except ImportError:
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
     path = args.checkpoint or ensure_checkpoint(OUT_DIR / f"sd15-random-{args.size}.safetensors", args.size)
     ctx = sections.Context(args, path)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if "load" in wanted:  # first: its child processes need the memory the other sections' models hold
+        wanted = ["load"] + [s for s in wanted if s != "load"]
     lever_rows: list[tuple[str, float]] = []
     started = time.perf_counter()
     for name in wanted:

@@ -190,6 +190,47 @@ def section_unet(ctx: Context):
     return row
 
 
+def section_unet_rr(ctx: Context):
+    """UNet CFG step, MLX plain / MLX fast / diffusers timed round-robin (one run of each per round), so a
+    machine whose load changes during the run (a shared CPU) weighs on all three alike."""
+    import statistics
+
+    from sd.fast import FastUNet
+
+    torch = ctx.torch
+    latent = ctx.args.latent
+    unet, cfg = ctx.mlx("unet", ctx.args.unet_dtype)
+    x, t, c = unet_inputs(ctx, latent, cfg.context_dim)
+    mx_args = (mx.array(x.transpose(0, 2, 3, 1)), mx.array(t), mx.array(c))
+    fast = FastUNet(unet)
+    model = ctx.torch_model("unet")
+    tx, tt = torch.from_numpy(x).to(ctx.tdev, ctx.tdtype), torch.from_numpy(t).to(ctx.tdev)
+    tc = torch.from_numpy(c).to(ctx.tdev, ctx.tdtype)
+
+    def run_torch():
+        with torch.inference_mode():
+            model(tx, tt, encoder_hidden_states=tc)
+            if ctx.gpu:
+                torch.cuda.synchronize()
+
+    impls = {"mlx": lambda: mx.eval(unet(*mx_args)), "mlx_fast": lambda: mx.eval(fast(*mx_args)),
+             "diffusers": run_torch}
+    for fn in impls.values():
+        fn()  # warm-up (and compile)
+    rounds = ctx.args.repeats or 3
+    times = {k: [] for k in impls}
+    for r in range(rounds):
+        for name, fn in impls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        print(f"[bench] unet_rr round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items()),
+              flush=True)
+    ctx.extra["unet_rr_rounds_s"] = times
+    return ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent), round-robin x{rounds}", "ms",
+                   {k: statistics.median(v) * 1e3 for k, v in times.items()})
+
+
 # ------------------------------------------------------------------------------------------- VAE
 def section_vae(ctx: Context):
     from sd.fast import FastVAEDecoder
@@ -329,7 +370,8 @@ def section_txt2img(ctx: Context):
     ctx.add("memory", f"txt2img {size}x{size}: {what}", "MiB", mem)
 
 
-SECTIONS = {"unet": section_unet, "vae": section_vae, "clip": section_clip, "txt2img": section_txt2img}
+SECTIONS = {"unet": section_unet, "unet_rr": section_unet_rr, "vae": section_vae, "clip": section_clip,
+            "txt2img": section_txt2img}
 
 
 def ratio_table(rows: list[Row]) -> str:
