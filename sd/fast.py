@@ -31,6 +31,10 @@ class FastOptions:
                                   # lacks a fused kernel)
     fused_qkv: bool = False       # one matmul for self-attention q/k/v, one for cross-attention k/v
     attn_chunk: int = 0           # >0: split queries into chunks of this many tokens (bounds memory)
+    streams: int = 1              # >1 (CPU): split attention's queries over this many CPU streams (threads);
+                                  # MLX's CPU softmax is single-threaded, so this puts the other cores to work
+    batch_streams: int = 1        # >1 (CPU): run batch slices (e.g. CFG's cond / uncond) on their own CPU
+                                  # streams, so single-threaded element-wise ops run side by side
 
     def with_(self, **changes) -> FastOptions:
         return replace(self, **changes)
@@ -104,10 +108,26 @@ def _attention_core(q: mx.array, k: mx.array, v: mx.array, scale: float, opts: F
         return mx.fast.scaled_dot_product_attention(qc, k, v, scale=scale)
 
     length = q.shape[2]
+    if opts.streams > 1 and length >= 256:
+        step = -(-length // opts.streams)
+        parts = []
+        for i, stream in zip(range(0, length, step), _cpu_streams(opts.streams), strict=False):
+            with mx.stream(stream):
+                parts.append(one(q[:, :, i:i + step]))
+        return mx.concatenate(parts, axis=2)
     if opts.attn_chunk and length > opts.attn_chunk:
         step = opts.attn_chunk
         return mx.concatenate([one(q[:, :, i:i + step]) for i in range(0, length, step)], axis=2)
     return one(q)
+
+
+_STREAMS: list = []
+
+
+def _cpu_streams(n: int) -> list:
+    while len(_STREAMS) < n:
+        _STREAMS.append(mx.new_stream(mx.cpu))
+    return _STREAMS[:n]
 
 
 def _heads(t: mx.array, heads: int) -> mx.array:
@@ -207,7 +227,15 @@ class FastUNet:
         self._fn = mx.compile(fn, inputs=unet.state) if self.opts.compile else fn
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
-        return self._fn(x, timesteps, context)
+        n = min(self.opts.batch_streams, x.shape[0])
+        if n <= 1:
+            return self._fn(x, timesteps, context)
+        step = -(-x.shape[0] // n)
+        outs = []
+        for i, stream in zip(range(0, x.shape[0], step), _cpu_streams(n), strict=False):
+            with mx.stream(stream):
+                outs.append(self._fn(x[i:i + step], timesteps[i:i + step], context[i:i + step]))
+        return mx.concatenate(outs, axis=0)
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -261,7 +289,8 @@ def default_options(component: str = "unet") -> FastOptions:
 
     GPU UNet: im2col 3x3 convs + column-sum GroupNorm + fused QKV under one mx.compile. GPU VAE: mx.compile +
     column-sum GroupNorm (im2col's 9x-wide copies of 128/256-channel 512x512 activations cost more than they
-    save, and memory). CPU: mx.compile + attention in chunks of 1024 queries.
+    save, and memory). CPU: mx.compile + attention's queries split over one CPU stream per core (2 cores:
+    UNet CFG step 28.4 -> 23.5 s; chunking queries alone did not pay).
     """
     from sd.precision import on_gpu
 
@@ -269,4 +298,6 @@ def default_options(component: str = "unet") -> FastOptions:
         if component == "unet":
             return FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True)
         return FastOptions(groupnorm="colsum")
-    return FastOptions(attn_chunk=1024)
+    import os
+
+    return FastOptions(streams=max(1, min(os.cpu_count() or 1, 8)))

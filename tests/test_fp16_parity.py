@@ -100,7 +100,8 @@ UNET_LEVERS = {
     "auto attention": FastOptions(attention="auto"),
     "chunked attention": FastOptions(attn_chunk=64),
     "GPU default": FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True),
-    "CPU default": FastOptions(attn_chunk=1024),
+    "attention over 2 CPU streams": FastOptions(streams=2),
+    "batch over 2 CPU streams": FastOptions(batch_streams=2, streams=2),
 }
 
 
@@ -121,8 +122,9 @@ def test_fast_unet_odd_latent_sides(models):
 
 
 @pytest.mark.parametrize("opts", [FastOptions(compile=False), FastOptions(), FastOptions(groupnorm="colsum"),
-                                  FastOptions(conv="im2col", groupnorm="two_stage", attn_chunk=32)],
-                         ids=["no compile", "compile", "colsum GN", "im2col+two-stage+chunked"])
+                                  FastOptions(conv="im2col", groupnorm="two_stage", attn_chunk=32),
+                                  FastOptions(streams=3)],
+                         ids=["no compile", "compile", "colsum GN", "im2col+two-stage+chunked", "3 streams"])
 def test_fast_vae_decoder_matches_plain(models, latent, opts):
     vae = models["float32"].vae
     assert rel_err(FastVAEDecoder(vae, opts)(latent), vae.decode(latent)) <= FAST_TOLERANCE
