@@ -8,6 +8,7 @@ from graph import IMAGE, LATENT, VAE, Choice, Int, node
 from nodes import models
 from nodes.resize import METHODS, center_crop_to_aspect, resize
 from nodes.values import Latent, VaeRecipe
+from sd import vae_tiling
 
 MAX_RESOLUTION = 16384
 LATENT_CHANNELS = 4
@@ -87,7 +88,9 @@ def VAEDecode(samples: LATENT, vae: VAE, ctx=None):
     recipe: VaeRecipe = vae
     latent: Latent = samples
     model = models.vae_for(recipe, ctx.log)
-    image = model.decode(latent.samples.astype(model.decoder.conv_in.weight.dtype))
+    # tiled above ~768x768 px so large images fit in memory; identical to one decode below that
+    image = vae_tiling.decode(model, latent.samples.astype(model.decoder.conv_in.weight.dtype),
+                              decode_fn=models.vae_decoder(model))
     image = mx.clip((image.astype(mx.float32) + 1.0) / 2.0, 0.0, 1.0)
     mx.eval(image)
     return image

@@ -11,6 +11,7 @@ LOAD_COUNTS counts reads from disk per kind ("unet", "clip", "vae", "lora"): tes
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections import Counter, OrderedDict
@@ -111,6 +112,33 @@ def clip_for(recipe: ClipRecipe, log: Log = lambda msg: None) -> Any:
 
 def vae_for(recipe: VaeRecipe, log: Log = lambda msg: None) -> Any:
     return _base("vae", recipe.checkpoint, log)
+
+
+def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
+    """sd.fast's compiled path for a (possibly LoRA-patched) module, built once and kept on the module.
+    SDGRAPH_FAST=0 runs the plain modules instead (same results within fp rounding; for debugging)."""
+    if os.environ.get("SDGRAPH_FAST", "1") == "0":
+        return None
+    fast = getattr(module, attr, None)
+    if fast is None:
+        fast = build(module)
+        object.__setattr__(module, attr, fast)  # a plain attribute, not a parameter of the module
+    return fast
+
+
+def fast_unet(unet: Any) -> Any:
+    """A callable like the UNet, with the levers measured in BENCHMARKS.md (compiled, fused)."""
+    from sd.fast import FastUNet
+
+    return _fast(unet, "_sdgraph_fast_unet", FastUNet) or unet
+
+
+def vae_decoder(vae: Any) -> Callable[[Any], Any]:
+    """The VAE's decode, compiled where that pays."""
+    from sd.fast import FastVAEDecoder
+
+    fast = _fast(vae, "_sdgraph_fast_decoder", FastVAEDecoder)
+    return fast if fast is not None else vae.decode
 
 
 def skeleton(part: str, ref: FileRef) -> Any:
