@@ -47,11 +47,14 @@ def load_workflow(path: str | Path) -> Workflow:
             head = f.read(65536)
     except OSError as e:
         raise ValidationFailed([Problem(f"cannot read workflow: {e.strerror}", str(path))]) from e
-    for imp in _IMPORTERS:
-        if imp.sniff(path, head):
-            return imp.load(path)
-    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
-        known = ", ".join(i.name for i in _IMPORTERS) or "none registered"
-        msg = f"unknown workflow format (expected .yaml/.yml/.json; importers: {known})"
-        raise ValidationFailed([Problem(msg, str(path))])
-    return load_workflow_file(path)
+    try:
+        for imp in _IMPORTERS:
+            if imp.sniff(path, head):
+                return imp.load(path)
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+            known = ", ".join(i.name for i in _IMPORTERS) or "none registered"
+            msg = f"unknown workflow format (expected .yaml/.yml/.json; importers: {known})"
+            raise ValidationFailed([Problem(msg, str(path))])
+        return load_workflow_file(path)
+    except UnicodeDecodeError as e:  # a text format read from a file that is not UTF-8
+        raise ValidationFailed([Problem(f"not UTF-8 text (byte {e.start}: {e.reason})", str(path))]) from e
