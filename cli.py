@@ -188,7 +188,7 @@ def cmd_run(args) -> int:
         return distributed.cmd_run(args, _prepare, _folders)
     from graph.disk_cache import DiskCache, default_cache_dir
     from graph.executor import Caches, Executor
-    from graph.runner import run_variation
+    from graph.runner import display_path, run_variation
 
     prepared = _prepare(args)  # every variation is validated before anything runs
     if args.no_cache:
@@ -209,7 +209,7 @@ def cmd_run(args) -> int:
             item = pv.variation.to_data() | {
                 "nodes": [{"id": r.id, "type": r.type, "status": r.status, "seconds": round(r.seconds, 4)}
                           for r in result.nodes],
-                "files": [_display_path(f) for f in result.files],
+                "files": [display_path(f) for f in result.files],
             }
             summary["variations"].append(item)
             summary["files"] += item["files"]
@@ -231,22 +231,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _display_path(path: str) -> str:
-    """Relative to the current folder when inside it (shorter to read), else absolute."""
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def _print_table(result) -> None:
+    from graph.runner import display_path
+
     rows = [(r.id, r.type, r.status, f"{r.seconds:.2f}") for r in result.nodes]
     header = ("node", "type", "status", "seconds")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
     for f in result.files:
-        print(f"output: {_display_path(f)}")
+        print(f"output: {display_path(f)}")
 
 
 class _RunPrinter:

@@ -4,6 +4,7 @@ another through one Executor (so its caches carry over between variations)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from graph.context import Folders
@@ -50,3 +51,11 @@ def run_variation(executor: Executor, pv: PreparedVariation) -> RunResult:
     except OSError as e:  # a file validated a moment ago has gone
         raise ValidationFailed([Problem(f"cannot read {e.filename}: {e.strerror}")]) from e
     return executor.run(plan, pv.run_info())
+
+
+def display_path(path: str) -> str:
+    """Relative to the current folder when inside it (shorter to read), else absolute."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from graph.context import atomic_path
 from graph.errors import Cancelled, GraphError, NodeFailed
 from graph.executor import Executor, RunEvents
-from graph.runner import PreparedVariation, run_variation
+from graph.runner import PreparedVariation, display_path, run_variation
 
 from .naming import FILE_TAG, tagged_stem  # noqa: F401  (tagged_stem: re-exported)
 from .world import RankLost, World
@@ -111,13 +111,6 @@ class RankEvents(RunEvents):
     def line(self, message: str) -> None:
         if not self.quiet:
             print(f"{self.prefix}{message}", file=sys.stderr, flush=True)
-
-
-def display_path(path: str) -> str:
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 class _StatusLog:
