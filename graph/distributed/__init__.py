@@ -36,7 +36,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed", action="store_true",
                        help="split the variations over N local processes started with mlx.launch "
                             "(or launch `sdgraph run` under mlx.launch yourself)")
-    group.add_argument("-n", "--ranks", type=int, default=2, metavar="N",
+    group.add_argument("-n", "--ranks", type=_positive_int, default=2, metavar="N",
                        help="processes for --distributed (default 2); one GPU each where there are several")
     group.add_argument("--backend", choices=("ring", "nccl", "mpi"), default=None,
                        help="for --distributed: ring (TCP on 127.0.0.1), nccl or mpi "
@@ -46,6 +46,16 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     group.add_argument("--manifest", metavar="FILE",
                        help="also write the JSON summary (every file with its variation and rank) to FILE")
     run.set_defaults(_run_parser=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def handles(args: argparse.Namespace) -> bool:
