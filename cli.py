@@ -207,8 +207,7 @@ def cmd_run(args) -> int:
             result = run_variation(executor, pv)
             printer.close_bars()
             item = pv.variation.to_data() | {
-                "nodes": [{"id": r.id, "type": r.type, "status": r.status, "seconds": round(r.seconds, 4)}
-                          for r in result.nodes],
+                "nodes": [r.to_data() for r in result.nodes],
                 "files": [display_path(f) for f in result.files],
             }
             summary["variations"].append(item)

@@ -43,6 +43,10 @@ class NodeReport:
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
 
+    def to_data(self) -> dict:
+        """The node's row of a run summary (--json, the distributed manifest)."""
+        return {"id": self.id, "type": self.type, "status": self.status, "seconds": round(self.seconds, 4)}
+
 
 @dataclass
 class RunResult:

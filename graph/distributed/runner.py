@@ -231,8 +231,7 @@ def _run_one(executor: Executor, pv: PreparedVariation, world: World, markers: D
     return base | {
         "status": "ok", "seconds": round(time.perf_counter() - t0, 4),
         "files": [display_path(f) for f in result.files],
-        "nodes": [{"id": r.id, "type": r.type, "status": r.status, "seconds": round(r.seconds, 4)}
-                  for r in result.nodes],
+        "nodes": [r.to_data() for r in result.nodes],
     }
 
 
