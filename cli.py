@@ -368,7 +368,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from graph.disk_cache import DiskCache, default_cache_dir
+    from graph.disk_cache import DiskCache, default_cache_dir, human_size
 
     store = DiskCache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     if args.action == "clear":
@@ -380,16 +380,8 @@ def cmd_cache(args) -> int:
     print(f"entries:       {info['entries']}")
     print(f"derived files: {info['derived_files']}")
     used = info["bytes"] + info["derived_bytes"]
-    print(f"size:          {_human(used)} of {_human(info['max_bytes'])}")
+    print(f"size:          {human_size(used)} of {human_size(info['max_bytes'])}")
     return 0
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def cmd_demo(args) -> int:

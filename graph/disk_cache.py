@@ -43,6 +43,15 @@ def default_max_bytes() -> int:
     return int(env) if env else DEFAULT_MAX_BYTES
 
 
+def human_size(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, ... up to GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 class CorruptEntry(Exception):
     pass
 

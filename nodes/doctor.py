@@ -27,18 +27,10 @@ nodes:
 """
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _environment(out: TextIO) -> None:
     import mlx.core as mx
 
-    from graph.disk_cache import DiskCache, default_cache_dir
+    from graph.disk_cache import DiskCache, default_cache_dir, human_size
     from sd.blas import blas_in_use
     from sd.precision import COMPONENTS, default_dtype, on_gpu
 
@@ -57,8 +49,9 @@ def _environment(out: TextIO) -> None:
     if info is None:
         print(f"cache:         {root} (empty)", file=out)
     else:
-        print(f"cache:         {root} ({info['entries']} entries, {_human(info['bytes'])} + "
-              f"{_human(info['derived_bytes'])} derived, budget {_human(info['max_bytes'])})", file=out)
+        sizes = [human_size(info[k]) for k in ("bytes", "derived_bytes", "max_bytes")]
+        print(f"cache:         {root} ({info['entries']} entries, {sizes[0]} + {sizes[1]} derived, "
+              f"budget {sizes[2]})", file=out)
 
 
 def _end_to_end(out: TextIO) -> bool:
