@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -186,17 +185,11 @@ def cmd_run(args) -> int:
 
     if distributed.handles(args):  # --distributed, under mlx.launch, --only-missing or --manifest
         return distributed.cmd_run(args, _prepare, _folders)
-    from graph.disk_cache import DiskCache, default_cache_dir
-    from graph.executor import Caches, Executor
+    from graph.executor import Executor, open_caches
     from graph.runner import display_path, run_variation
 
     prepared = _prepare(args)  # every variation is validated before anything runs
-    if args.no_cache:
-        tmp = tempfile.TemporaryDirectory(prefix="sdgraph-nocache-")
-        caches = Caches(Path(tmp.name), None)
-    else:
-        root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-        caches = Caches(root, DiskCache(root))
+    caches, _tmp = open_caches(args.cache_dir, args.no_cache)  # _tmp: --no-cache's folder, kept until return
     printer = _RunPrinter(quiet=args.quiet, announce=not args.json)
     executor = Executor(caches, _folders(args), printer)
     summary: dict[str, Any] = {"status": "ok", "workflow": str(args.workflow), "variations": [], "files": []}

@@ -9,6 +9,7 @@ first node runs. A failed or cancelled run removes every file its nodes register
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from graph.context import ExecutionContext, Folders
-from graph.disk_cache import CorruptEntry, DiskCache, Entry
+from graph.disk_cache import CorruptEntry, DiskCache, Entry, default_cache_dir
 from graph.errors import Cancelled, GraphError, NodeFailed
 from graph.fingerprint import FingerprintIndex
 from graph.memory_cache import MemoryCache, value_size
@@ -76,6 +77,18 @@ class Caches:
         self.disk = disk
         self.memory = memory if memory is not None else MemoryCache(None if use_memory else 0)
         self.fingerprints = FingerprintIndex(cache_dir / "fingerprints.json" if disk else None)
+
+
+def open_caches(cache_dir: str | Path | None, no_cache: bool = False
+                ) -> tuple[Caches, tempfile.TemporaryDirectory | None]:
+    """A run's caches: `cache_dir` (default: default_cache_dir()) with its disk store, or with
+    `no_cache` a throwaway folder and no disk store. The second value is that throwaway folder (keep it
+    alive while the caches are used; cleanup() removes it), else None."""
+    if no_cache:
+        tmp = tempfile.TemporaryDirectory(prefix="sdgraph-nocache-")
+        return Caches(Path(tmp.name), None), tmp
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return Caches(root, DiskCache(root)), None
 
 
 class Executor:

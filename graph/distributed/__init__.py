@@ -17,7 +17,6 @@ The CLI calls `add_run_arguments(run_parser)` and, in `run`, `cmd_run(args, prep
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,11 +89,6 @@ def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> i
 
 
 def _caches(args):
-    from graph.disk_cache import DiskCache, default_cache_dir
-    from graph.executor import Caches
+    from graph.executor import open_caches
 
-    if getattr(args, "no_cache", False):
-        tmp = tempfile.TemporaryDirectory(prefix="sdgraph-nocache-")
-        return Caches(Path(tmp.name), None), tmp
-    root = Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir()
-    return Caches(root, DiskCache(root)), None
+    return open_caches(getattr(args, "cache_dir", None), getattr(args, "no_cache", False))
