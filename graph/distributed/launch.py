@@ -23,7 +23,7 @@ from pathlib import Path
 
 from graph.runner import PreparedVariation
 
-from .runner import STATUS_DIR_ENV, SweepOptions, build_manifest, report
+from .runner import STATUS_DIR_ENV, SweepOptions, build_manifest, failed_records, report
 from .world import World
 
 LAUNCH_FLAGS = ("distributed", "ranks", "backend")
@@ -154,8 +154,7 @@ def _report_lost(args, prepared: list[PreparedVariation], status_dir: Path, rank
     for v in manifest["variations"]:
         if v["status"] == "missing":
             v["rank"] = next((r for r, ids in lost_by_rank.items() if v["id"] in ids), None)
-    manifest["failed"] = [{k: v.get(k) for k in ("index", "id", "overrides", "rank", "error", "failed_node")}
-                          for v in manifest["variations"] if v["status"] in ("failed", "missing")]
+    manifest["failed"] = failed_records(manifest["variations"])  # again: the ranks were filled in above
     manifest.update(status="failed", seconds=None, variations_per_second=None,
                     error="rank 0 did not report: a rank stopped early and the launcher stopped the others")
     print("error: the distributed run did not finish (a rank crashed or was killed):", file=sys.stderr)

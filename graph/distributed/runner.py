@@ -250,8 +250,7 @@ def build_manifest(prepared: list[PreparedVariation], gathered: list[dict], done
         else:  # its rank died (see launch.py), or ranks disagreed on the variation list
             variations.append(pv.variation.to_data() | {"rank": None, "status": "missing", "files": [],
                                                         "error": missing_error})
-    failed = [{k: v.get(k) for k in ("index", "id", "overrides", "rank", "error", "failed_node")}
-              for v in variations if v["status"] in ("failed", "missing")]
+    failed = failed_records(variations)
     ran = sum(v["status"] == "ok" for v in variations)
     return {
         "status": "failed" if failed else "ok",
@@ -265,6 +264,12 @@ def build_manifest(prepared: list[PreparedVariation], gathered: list[dict], done
         "files": [f for v in variations for f in v["files"]],
         "failed": failed,
     }
+
+
+def failed_records(variations: list[dict]) -> list[dict]:
+    """The manifest's "failed" list: the variations that failed or that no rank reported."""
+    return [{k: v.get(k) for k in ("index", "id", "overrides", "rank", "error", "failed_node")}
+            for v in variations if v["status"] in ("failed", "missing")]
 
 
 def report(manifest: dict, opts: SweepOptions) -> None:
