@@ -239,6 +239,11 @@ class _Run:
             return
         try:
             blobs = [o.type.to_bytes(v) for o, v in zip(spec.outputs, cached.values, strict=True)]
+        except Exception as e:  # a serializer that cannot write this value: same as a failed write
+            self.ex.events.warning(f"could not serialize the outputs of node '{pn.id}' ({spec.type_name}) "
+                                   f"for the disk cache ({type(e).__name__}: {e})")
+            return
+        try:
             disk.put(pn.key, Entry([o.type.name for o in spec.outputs], blobs, cached.files))
         except OSError as e:  # a full or read-only disk costs a cache entry, not the run
             self.ex.events.warning(f"could not write the disk cache for node '{pn.id}': {e}")
