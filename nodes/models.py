@@ -119,11 +119,13 @@ def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
     SDGRAPH_FAST=0 runs the plain modules instead (same results within fp rounding; for debugging)."""
     if os.environ.get("SDGRAPH_FAST", "1") == "0":
         return None
-    fast = getattr(module, attr, None)
-    if fast is None:
-        fast = build(module)
-        object.__setattr__(module, attr, fast)  # a plain attribute, not a parameter of the module
-    return fast
+    kept = getattr(module, attr, None)
+    # (owner, fast): a LoRA-patched copy (sd.lora's _copy_tree) inherits its base's attributes, and the
+    # base's fast path would run the base's weights
+    if kept is None or kept[0] is not module:
+        kept = (module, build(module))
+        object.__setattr__(module, attr, kept)  # a plain attribute, not a parameter of the module
+    return kept[1]
 
 
 def fast_unet(unet: Any) -> Any:

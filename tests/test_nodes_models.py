@@ -172,6 +172,17 @@ def test_branches_with_different_loras_share_one_base(world, tmp_path):
     assert np.array_equal(pixels(world.output / "alone_00001_.png"), base)
 
 
+def test_a_lora_patched_unet_gets_its_own_fast_path_after_its_base_had_one(world):
+    ref = FileRef.of(world.checkpoint)
+    lora = FileRef.of(world.models / "loras" / "detail.safetensors")
+    base = models.unet_for(ModelRecipe(ref))
+    base_fast = models.fast_unet(base)  # the base ran first (e.g. a strength-0 variation of a sweep)
+    patched = models.unet_for(ModelRecipe(ref).with_lora(lora, 1.0))
+    fast = models.fast_unet(patched)
+    assert patched is not base and fast is not base_fast and fast.unet is patched
+    assert models.fast_unet(base) is base_fast and models.fast_unet(patched) is fast  # each kept
+
+
 def test_clip_encode_and_clip_skip(world):
     from nodes.conditioning import CLIPEncode, CLIPSetLastLayer
 
