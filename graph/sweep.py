@@ -119,7 +119,6 @@ def _apply_param(wf: Workflow, name: str, raw: str) -> Any:
     if name not in wf.params:
         names = list(wf.params) + list(wf.nodes)
         raise _Bad(f"no param '{name}' (use node.input for a node's input)", hint=did_you_mean(name, names))
-    value: Any = yaml_loader.load(raw) if raw.strip() else raw
     user = _first_literal_user(wf, name)
     if user is not None:  # parse by the type of an input that uses the param
         node_id, input_name, literal_type = user
@@ -127,6 +126,11 @@ def _apply_param(wf: Workflow, name: str, raw: str) -> Any:
             value = literal_type.parse(raw)
         except ValueError as e:
             raise _Bad(str(e), node_id, input_name) from e
+    else:
+        try:
+            value = yaml_loader.load_value(raw)
+        except ValueError as e:
+            raise _Bad(str(e)) from e
     wf.params[name] = value
     return value
 

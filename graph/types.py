@@ -92,7 +92,7 @@ class LiteralType:
 
     def parse(self, text: str) -> Any:
         """Parse a command-line string (--set/--sweep) into a value, then check it."""
-        return self.check(yaml_loader.load(text) if text.strip() else text)
+        return self.check(yaml_loader.load_value(text))
 
     def describe(self) -> str:
         return self.type_name

@@ -21,3 +21,12 @@ Loader.add_implicit_resolver(
 
 def load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_value(text: str) -> Any:
+    """A command-line value (--set/--sweep) as YAML; ValueError (a user message) when it is not YAML."""
+    try:
+        return load(text) if text.strip() else text
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ValueError(f"cannot read {text!r} as a value ({problem}); quote it or fix it") from e

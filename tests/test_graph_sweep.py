@@ -65,6 +65,16 @@ def test_bad_overrides_are_all_reported(tmp_path):
     assert len(info.value.problems) == 6
 
 
+def test_override_text_that_is_not_yaml(tmp_path):
+    wf = load_workflow(write(tmp_path, WF))
+    out, parsed = apply_overrides(wf, {"word": "[not yaml", "c.b": "{x"})  # strings: taken verbatim
+    assert parsed == {"word": "[not yaml", "c.b": "{x"}
+    with pytest.raises(ValidationFailed) as info:  # a number cannot be read from it: an error, located
+        apply_overrides(wf, {"v.fill": "[1", "seed": "[1"})
+    assert [(p.node, p.input) for p in info.value.problems] == [("v", "fill"), ("s", "seed")]
+    assert "cannot read '[1' as a value" in str(info.value)
+
+
 def test_prepare_validates_every_variation_before_running(tmp_path):
     wf = load_workflow(write(tmp_path, WF))
     prepared = prepare(wf, [("word", "yo")], [("s.seed", ["1", "2"])], None)
