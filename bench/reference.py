@@ -23,12 +23,10 @@ def read_state(path) -> dict[str, torch.Tensor]:
     return loaded.get("state_dict", loaded)
 
 
-def diffusers_unet(cfg: UNetConfig, state: dict):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """diffusers' UNet2DConditionModel arguments mirroring our detected config."""
     levels = range(len(cfg.channel_mult))
-    model = UNet2DConditionModel(
+    return dict(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=tuple(m * cfg.model_channels for m in cfg.channel_mult),
         down_block_types=tuple("CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D"
@@ -36,9 +34,17 @@ def diffusers_unet(cfg: UNetConfig, state: dict):
         up_block_types=tuple("CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D"
                              for lv in reversed(levels)),
         layers_per_block=cfg.num_res_blocks, transformer_layers_per_block=cfg.transformer_depth,
-        cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads, norm_num_groups=32,
-        flip_sin_to_cos=True, freq_shift=0, use_linear_projection=False,
+        cross_attention_dim=cfg.context_dim,
+        attention_head_dim=cfg.num_heads,  # diffusers' SD1 configs put the head *count* here
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, use_linear_projection=False,
     )
+
+
+def diffusers_unet(cfg: UNetConfig, state: dict):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    model = UNet2DConditionModel(**diffusers_unet_config(cfg))
     converted = convert_ldm_unet_checkpoint(state, model.config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
@@ -72,10 +78,11 @@ def transformers_clip(cfg: CLIPTextConfig, state: dict):
                   bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     model = CLIPTextModel(hf)
     converted = convert_ldm_clip_checkpoint(state)
-    if not any(k.startswith("text_model.") for k in model.state_dict()):
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 drops the level
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
     missing, unexpected = model.load_state_dict(converted, strict=False)
-    assert all(k.endswith("position_ids") for k in [*missing, *unexpected]), (missing, unexpected)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
     return model.eval()
 
 

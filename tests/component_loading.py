@@ -1,6 +1,6 @@
 """Test helper: write synthetic component weights as a user would have them (a real-layout .safetensors or a
-torch.save'd .ckpt with a 'state_dict' wrapper), load them through sd.checkpoint like users do, and read the
-same file back as torch tensors for the reference models."""
+torch.save'd .ckpt with a 'state_dict' wrapper), and load them through sd.checkpoint like users do
+(bench.reference.read_state reads the same file back as torch tensors for the reference models)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save_file
-from safetensors.torch import load_file as torch_load_file
 
 from sd.checkpoint import load_component as sd_load_component
 
@@ -26,11 +25,6 @@ def write_component(path: Path, prefix: str, weights: dict[str, np.ndarray]) -> 
         save_file(tensors, str(path))
     return path
 
-
-def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".ckpt":
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return torch_load_file(str(path))
 
 
 def load_component(path: Path, part: str):

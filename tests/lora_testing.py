@@ -9,6 +9,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
+from bench.reference import diffusers_unet_config as reference_unet_config
 from sd.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
 
@@ -24,18 +25,7 @@ def make_tiny(tmp_path_factory) -> dict:
 
 
 def diffusers_unet_config(cfg) -> dict:
-    levels = range(len(cfg.channel_mult))
-    return dict(
-        sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(m * cfg.model_channels for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-        attention_head_dim=cfg.num_heads, norm_num_groups=32,
-        transformer_layers_per_block=cfg.transformer_depth,
-        down_block_types=tuple("CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D"
-                               for lv in levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D"
-                             for lv in reversed(levels)),
-    )
+    return dict(reference_unet_config(cfg), sample_size=8)
 
 
 def params(module) -> dict[str, mx.array]:

@@ -6,12 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from component_loading import CLIP_PREFIX, load_component, read_torch_state, write_component
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+from component_loading import CLIP_PREFIX, load_component, write_component
 from sd15_keys import sd15_shapes
-from transformers import CLIPTextConfig as HFCLIPTextConfig
-from transformers import CLIPTextModel as HFCLIPTextModel
 
+from bench.reference import read_state, transformers_clip
 from sd.clip import CLIPTextConfig, CLIPTextModel, clip_config_from_weights, encode_tokens
 from sd.errors import SDGraphError
 from sd.synthetic.clip import SD15_CLIP, TINY_CLIP, random_clip_weights
@@ -26,21 +24,8 @@ def max_rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def reference_clip(path, cfg: CLIPTextConfig) -> HFCLIPTextModel:
-    hf_cfg = HFCLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        max_position_embeddings=cfg.max_positions,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=START, eos_token_id=END, pad_token_id=END,
-    )
-    model = HFCLIPTextModel(hf_cfg)
-    state = convert_ldm_clip_checkpoint(read_torch_state(path))
-    # transformers 5 names the text tower's parameters without the 'text_model.' level of the file
-    if not any(k.startswith("text_model.") for k in model.state_dict()):
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(m.endswith("position_ids") for m in missing), (missing, unexpected)
-    return model.eval()
+def reference_clip(path, cfg: CLIPTextConfig):
+    return transformers_clip(cfg, read_state(path))
 
 
 def random_prompts(rng: np.random.Generator, lengths: list[int], n: int = 77) -> np.ndarray:

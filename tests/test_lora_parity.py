@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from lora_testing import UNET_PREFIX, diffusers_unet_config
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
-from transformers import CLIPTextConfig as HFCLIPTextConfig
-from transformers import CLIPTextModel as HFCLIPTextModel
 
+from bench.reference import read_state, transformers_clip
 from sd.checkpoint import load_checkpoint
 from sd.lora import apply_loras, load_lora
 from sd.synthetic import make_checkpoint
@@ -53,20 +52,8 @@ def models(tmp_path_factory):
     return models
 
 
-def reference_clip(path, cfg) -> HFCLIPTextModel:
-    hf_cfg = HFCLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        max_position_embeddings=cfg.max_positions,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=START, eos_token_id=END, pad_token_id=END)
-    model = HFCLIPTextModel(hf_cfg)
-    state = convert_ldm_clip_checkpoint(torch_load_file(str(path)))
-    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 drops the level
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(m.endswith("position_ids") for m in missing), (missing, unexpected)
-    return model.eval()
+def reference_clip(path, cfg):
+    return transformers_clip(cfg, read_state(path))
 
 
 def random_prompts(rng: np.random.Generator, lengths: list[int], n: int = 77) -> np.ndarray:

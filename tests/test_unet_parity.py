@@ -10,49 +10,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file
 
+from bench.reference import diffusers_unet, read_state
 from sd.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
-from sd.unet import UNetConfig, timestep_embedding
+from sd.unet import timestep_embedding
 
 MAX_REL_ERR = 1e-4
 
 
-def diffusers_unet(cfg: UNetConfig, state_dict: dict) -> UNet2DConditionModel:
-    """A diffusers UNet mirroring our detected config, filled from the LDM state dict by diffusers."""
-    levels = range(len(cfg.channel_mult))
-    model = UNet2DConditionModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        block_out_channels=tuple(m * cfg.model_channels for m in cfg.channel_mult),
-        down_block_types=tuple("CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D"
-                               for lv in levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D"
-                             for lv in reversed(levels)),
-        layers_per_block=cfg.num_res_blocks,
-        transformer_layers_per_block=cfg.transformer_depth,
-        cross_attention_dim=cfg.context_dim,
-        attention_head_dim=cfg.num_heads,  # diffusers' SD1 configs put the head *count* here
-        norm_num_groups=32,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        use_linear_projection=False,
-    )
-    converted = convert_ldm_unet_checkpoint(state_dict, model.config)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return model.eval()
-
-
-def torch_state_dict(path) -> dict:
-    if str(path).endswith(".safetensors"):
-        return load_file(path)
-    loaded = torch.load(path, weights_only=True)
-    return loaded.get("state_dict", loaded)
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -73,7 +41,7 @@ def _run_both(path, inputs) -> float:
     ckpt = load_checkpoint(path, dtype="float32", parts=("unet",))
     ours = ckpt.unet(mx.array(x.transpose(0, 2, 3, 1)), mx.array(t), mx.array(context))
     ours = np.array(ours).transpose(0, 3, 1, 2)
-    reference_model = diffusers_unet(ckpt.unet_config, torch_state_dict(path))
+    reference_model = diffusers_unet(ckpt.unet_config, read_state(path))
     with torch.no_grad():
         reference = reference_model(torch.from_numpy(x), torch.from_numpy(t),
                                     encoder_hidden_states=torch.from_numpy(context)).sample.numpy()

@@ -6,11 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from component_loading import VAE_PREFIX, load_component, read_torch_state, write_component
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from component_loading import VAE_PREFIX, load_component, write_component
 from sd15_keys import sd15_shapes
 
+from bench.reference import diffusers_vae, read_state
 from sd.synthetic.vae import SD15_VAE, TINY_VAE, random_vae_weights
 from sd.vae import AutoencoderKL, VAEConfig, vae_config_from_weights
 
@@ -21,18 +20,8 @@ def max_rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def reference_vae(path, cfg: VAEConfig) -> DiffusersAutoencoderKL:
-    n = len(cfg.channel_mult)
-    config = dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.embed_dim, norm_num_groups=32,
-    )
-    model = DiffusersAutoencoderKL(**config)
-    state = convert_ldm_vae_checkpoint(read_torch_state(path), config)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+def reference_vae(path, cfg: VAEConfig):
+    return diffusers_vae(cfg, read_state(path))
 
 
 @pytest.fixture(scope="module", params=["safetensors", "ckpt"])
