@@ -96,6 +96,12 @@ def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
     return gn(x)
 
 
+def norm_silu_conv(gn: nn.GroupNorm, conv: nn.Conv2d, x: mx.array, opts: FastOptions) -> mx.array:
+    """conv(silu(group_norm(x))): the ResBlock / UNet-output / VAE pattern, in one place so a backend's
+    fused kernel can take all three steps."""
+    return conv2d(conv, nn.silu(group_norm(gn, x, opts)), opts)
+
+
 def _attention_core(q: mx.array, k: mx.array, v: mx.array, scale: float, opts: FastOptions) -> mx.array:
     """q [B,H,Lq,D], k/v [B,H,Lk,D] -> [B,H,Lq,D]."""
     d = q.shape[-1]
@@ -155,9 +161,9 @@ def attention(attn, x: mx.array, context: mx.array | None, opts: FastOptions) ->
 
 # --------------------------------------------------------------------------------------------- UNet
 def _res_block(blk: ResBlock, x: mx.array, emb: mx.array, opts: FastOptions) -> mx.array:
-    h = conv2d(blk.in_layers[2], nn.silu(group_norm(blk.in_layers[0], x, opts)), opts)
+    h = norm_silu_conv(blk.in_layers[0], blk.in_layers[2], x, opts)
     h = h + blk.emb_layers[1](nn.silu(emb))[:, None, None, :]
-    h = conv2d(blk.out_layers[3], nn.silu(group_norm(blk.out_layers[0], h, opts)), opts)
+    h = norm_silu_conv(blk.out_layers[0], blk.out_layers[3], h, opts)
     skip = conv2d(blk.skip_connection, x, opts, padding=0) if "skip_connection" in blk else x
     return skip + h
 
@@ -213,7 +219,7 @@ def unet_forward(unet, x: mx.array, timesteps: mx.array, context: mx.array, opts
         for layer in block:
             hw = tuple(skips[-1].shape[1:3]) if isinstance(layer, Upsample) else None
             h = _layer(layer, h, emb, context, opts, hw)
-    h = conv2d(unet.out[2], nn.silu(group_norm(unet.out[0], h, opts)), opts)
+    h = norm_silu_conv(unet.out[0], unet.out[2], h, opts)
     return h.astype(x.dtype)
 
 
@@ -240,8 +246,8 @@ class FastUNet:
 
 # ---------------------------------------------------------------------------------------------- VAE
 def _vae_resnet(blk, x: mx.array, opts: FastOptions) -> mx.array:
-    h = conv2d(blk.conv1, nn.silu(group_norm(blk.norm1, x, opts)), opts)
-    h = conv2d(blk.conv2, nn.silu(group_norm(blk.norm2, h, opts)), opts)
+    h = norm_silu_conv(blk.norm1, blk.conv1, x, opts)
+    h = norm_silu_conv(blk.norm2, blk.conv2, h, opts)
     if "nin_shortcut" in blk:
         x = conv2d(blk.nin_shortcut, x, opts, padding=0)
     return x + h
@@ -268,7 +274,7 @@ def vae_decode_forward(vae, latent: mx.array, opts: FastOptions) -> mx.array:
             x = _vae_resnet(blk, x, opts)
         if "upsample" in level:
             x = conv2d(level.upsample.conv, _upsample2x(x), opts)
-    return conv2d(dec.conv_out, nn.silu(group_norm(dec.norm_out, x, opts)), opts)
+    return norm_silu_conv(dec.norm_out, dec.conv_out, x, opts)
 
 
 class FastVAEDecoder:
