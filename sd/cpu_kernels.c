@@ -271,7 +271,6 @@ int sdk_attention(const float *q, long q_bs, long q_rs, const float *k, long k_b
             float *op = out + (bi * lq + i0) * ld_out + h * d;
             sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)m, (int)lk, (int)d, alpha, qp, (int)q_rs, kp, (int)k_rs,
                   0.0f, scores, (int)lk);
-#ifndef SKIP_SOFTMAX
             for (long i = 0; i < m; i++) {
                 float *row = scores + i * lk;
                 float top = row[0], sum = 0.0f;
@@ -284,11 +283,8 @@ int sdk_attention(const float *q, long q_bs, long q_rs, const float *k, long k_b
                 }
                 inv_sum[i] = 1.0f / sum;
             }
-#endif
-#ifndef SKIP_PV
             sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, (int)d, (int)lk, 1.0f, scores, (int)lk, vp, (int)v_rs,
                   0.0f, op, (int)ld_out);
-#endif
             for (long i = 0; i < m; i++) {
                 float *o = op + i * ld_out, s = inv_sum[i];
                 #pragma omp simd

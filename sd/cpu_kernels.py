@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -41,6 +42,9 @@ FLAG_SETS = (
 ATTENTION_BLOCK = 128
 
 _lib: ctypes.CDLL | None = None
+# One kernel at a time: each already uses every core, and attention switches the BLAS to one thread and back
+# (overlapping calls could restore each other's setting and leave MLX's matmuls single-threaded).
+_call_lock = threading.Lock()
 _failure: str | None = None     # why the kernels cannot be used (set once)
 _warned = False
 
@@ -214,7 +218,8 @@ def elementwise(name: str, x: mx.array) -> mx.array:
     mx.eval(x)
     xv = _contiguous(x)
     out = np.empty_like(xv)
-    getattr(_library(), f"sdk_{name}")(_address(xv), _address(out), xv.size)
+    with _call_lock:
+        getattr(_library(), f"sdk_{name}")(_address(xv), _address(out), xv.size)
     return mx.array(out)
 
 
@@ -224,7 +229,8 @@ def geglu(h: mx.array) -> mx.array:
     hv = _contiguous(h)
     f = hv.shape[-1] // 2
     out = np.empty(hv.shape[:-1] + (f,), np.float32)
-    _library().sdk_geglu(_address(hv), _address(out), hv.size // (2 * f), f)
+    with _call_lock:
+        _library().sdk_geglu(_address(hv), _address(out), hv.size // (2 * f), f)
     return mx.array(out)
 
 
@@ -239,8 +245,9 @@ def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array
     xv, wv, bv = _contiguous(x), _contiguous(weight), _contiguous(bias)
     out = np.empty_like(xv)
     pixels = xv.size // (xv.shape[0] * c)
-    rc = _library().sdk_group_norm(_address(xv), _address(out), xv.shape[0], pixels, c, groups,
-                                   _address(wv), _address(bv), eps, int(silu))
+    with _call_lock:
+        rc = _library().sdk_group_norm(_address(xv), _address(out), xv.shape[0], pixels, c, groups,
+                                       _address(wv), _address(bv), eps, int(silu))
     if rc != 0:
         raise MemoryError("sdk_group_norm: out of memory")
     return mx.array(out)
@@ -263,10 +270,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
     lk = kv.shape[1]
     out = np.empty((b, lq, inner), np.float32)
     e = qv.itemsize
-    rc = _library().sdk_attention(
-        _address(qv), qv.strides[0] // e, qv.strides[1] // e, _address(kv), kv.strides[0] // e,
-        kv.strides[1] // e, _address(vv), vv.strides[0] // e, vv.strides[1] // e, _address(out),
-        b, heads, lq, lk, inner // heads, scale, block)
+    with _call_lock:
+        rc = _library().sdk_attention(
+            _address(qv), qv.strides[0] // e, qv.strides[1] // e, _address(kv), kv.strides[0] // e,
+            kv.strides[1] // e, _address(vv), vv.strides[0] // e, vv.strides[1] // e, _address(out),
+            b, heads, lq, lk, inner // heads, scale, block)
     if rc != 0:
         raise RuntimeError(f"sdk_attention failed ({'no BLAS' if rc == -1 else 'out of memory'})")
     return mx.array(out)
