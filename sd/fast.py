@@ -5,7 +5,9 @@
 time-embedding broadcasts fuse into few kernels), reading the modules' parameters at call time, so LoRA
 patches or reloaded weights are picked up (the compiled graph takes the parameters as inputs, not
 constants). `FastOptions` holds the levers measured by `bench/levers.py`; the defaults are the ones that
-paid on the H100 (see BENCHMARKS.md). On the CPU, attention is computed in query chunks (bounded memory).
+paid on the H100 (see BENCHMARKS.md). On the CPU, attention is computed in query chunks (bounded memory), or,
+with `cpu_kernels` (the CPU default where they build), attention, GEGLU and GroupNorm(+SiLU) run as the C
+kernels of sd/cpu_kernels.py, evaluated eagerly (not under mx.compile).
 
 Outputs match the plain modules' to float rounding (tests/test_fp16_parity.py).
 """
@@ -35,6 +37,9 @@ class FastOptions:
                                   # MLX's CPU softmax is single-threaded, so this puts the other cores to work
     batch_streams: int = 1        # >1 (CPU): run batch slices (e.g. CFG's cond / uncond) on their own CPU
                                   # streams, so single-threaded element-wise ops run side by side
+    cpu_kernels: bool = False     # CPU, fp32: attention, GEGLU and GroupNorm(+SiLU) as sd/cpu_kernels.py's C
+                                  # kernels (they evaluate their inputs, so FastUNet/FastVAEDecoder then do
+                                  # not mx.compile)
 
     def with_(self, **changes) -> FastOptions:
         return replace(self, **changes)
@@ -42,6 +47,15 @@ class FastOptions:
 
 # Head sizes MLX's fused SDPA kernels cover (others fall back to a composed path).
 _SDPA_FUSED_HEAD_DIMS = (64, 80, 128)
+
+
+def _cpu_kernels(opts: FastOptions, x: mx.array):
+    """The sd.cpu_kernels module when opts asks for it and x is fp32 on the CPU; else None (MLX's ops)."""
+    if not opts.cpu_kernels or x.dtype != mx.float32 or mx.default_device().type != mx.DeviceType.cpu:
+        return None
+    from sd import cpu_kernels
+
+    return cpu_kernels if cpu_kernels.available() else None
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -72,6 +86,9 @@ def _affine_from_stats(gn: nn.GroupNorm, x: mx.array, mean: mx.array, var: mx.ar
 
 
 def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
+    kernels = _cpu_kernels(opts, x)
+    if kernels and gn.pytorch_compatible:
+        return kernels.group_norm(x, gn.num_groups, gn.get("weight"), gn.get("bias"), gn.eps)
     if opts.groupnorm == "colsum":
         b, c, g = x.shape[0], x.shape[-1], gn.num_groups
         xf = x.reshape(b, -1, c).astype(mx.float32)
@@ -99,6 +116,10 @@ def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
 def norm_silu_conv(gn: nn.GroupNorm, conv: nn.Conv2d, x: mx.array, opts: FastOptions) -> mx.array:
     """conv(silu(group_norm(x))): the ResBlock / UNet-output / VAE pattern, in one place so a backend's
     fused kernel can take all three steps."""
+    kernels = _cpu_kernels(opts, x)
+    if kernels and gn.pytorch_compatible:
+        y = kernels.group_norm(x, gn.num_groups, gn.get("weight"), gn.get("bias"), gn.eps, silu=True)
+        return conv2d(conv, y, opts)
     return conv2d(conv, nn.silu(group_norm(gn, x, opts)), opts)
 
 
@@ -154,6 +175,9 @@ def attention(attn, x: mx.array, context: mx.array | None, opts: FastOptions) ->
     else:
         ctx = x if context is None else context
         q, k, v = x @ attn.to_q.weight.T, ctx @ attn.to_k.weight.T, ctx @ attn.to_v.weight.T
+    kernels = _cpu_kernels(opts, x)
+    if kernels:  # reads q/k/v in place (also strided thirds of the fused buffer), no head transposes
+        return attn.to_out[0](kernels.attention(q, k, v, heads, attn.scale))
     out = _attention_core(_heads(q, heads), _heads(k, heads), _heads(v, heads), attn.scale, opts)
     b, _, n, _ = out.shape
     return attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, -1))
@@ -174,9 +198,17 @@ def _transformer(st: SpatialTransformer, x: mx.array, context: mx.array, opts: F
     for blk in st.transformer_blocks:
         h = h + attention(blk.attn1, blk.norm1(h), None, opts)
         h = h + attention(blk.attn2, blk.norm2(h), context, opts)
-        value, gate = mx.split(blk.ff.net[0].proj(blk.norm3(h)), 2, axis=-1)
-        h = h + blk.ff.net[2](value * nn.gelu(gate))
+        h = h + blk.ff.net[2](_geglu(blk.ff.net[0].proj(blk.norm3(h)), opts))
     return x + conv2d(st.proj_out, h.reshape(b, hh, ww, c), opts, padding=0)
+
+
+def _geglu(h: mx.array, opts: FastOptions) -> mx.array:
+    """value * gelu(gate) of the feed-forward's projection h = [value | gate]."""
+    kernels = _cpu_kernels(opts, h)
+    if kernels:
+        return kernels.geglu(h)
+    value, gate = mx.split(h, 2, axis=-1)
+    return value * nn.gelu(gate)
 
 
 def _upsample2x(x: mx.array) -> mx.array:
@@ -223,6 +255,12 @@ def unet_forward(unet, x: mx.array, timesteps: mx.array, context: mx.array, opts
     return h.astype(x.dtype)
 
 
+def _compiles(opts: FastOptions) -> bool:
+    """Whether the forward is wrapped in mx.compile: not with the CPU kernels, which evaluate their inputs
+    (compiling measured no gain on the CPU anyway)."""
+    return opts.compile and not opts.cpu_kernels
+
+
 class FastUNet:
     """Callable like the UNet: `fast(x, timesteps, context)`; compiled per input shape when opts.compile."""
 
@@ -230,7 +268,7 @@ class FastUNet:
         self.unet = unet
         self.opts = opts or default_options("unet")
         fn = lambda x, t, c: unet_forward(self.unet, x, t, c, self.opts)  # noqa: E731
-        self._fn = mx.compile(fn, inputs=unet.state) if self.opts.compile else fn
+        self._fn = mx.compile(fn, inputs=unet.state) if _compiles(self.opts) else fn
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
         n = min(self.opts.batch_streams, x.shape[0])
@@ -257,7 +295,12 @@ def _vae_attn(blk, x: mx.array, opts: FastOptions) -> mx.array:
     b, h, w, c = x.shape
     y = group_norm(blk.norm, x, opts)
     q, k, v = (conv2d(p, y, opts, padding=0).reshape(b, 1, h * w, c) for p in (blk.q, blk.k, blk.v))
-    out = _attention_core(q, k, v, c ** -0.5, opts)
+    kernels = _cpu_kernels(opts, x)
+    if kernels:  # one head of c channels
+        out = kernels.attention(q.reshape(b, h * w, c), k.reshape(b, h * w, c), v.reshape(b, h * w, c), 1,
+                                c ** -0.5)
+    else:
+        out = _attention_core(q, k, v, c ** -0.5, opts)
     return x + conv2d(blk.proj_out, out.reshape(b, h, w, c), opts, padding=0)
 
 
@@ -284,7 +327,7 @@ class FastVAEDecoder:
         self.vae = vae
         self.opts = opts or default_options("vae")
         fn = lambda z: vae_decode_forward(self.vae, z, self.opts)  # noqa: E731
-        self._fn = mx.compile(fn, inputs=vae.state) if self.opts.compile else fn
+        self._fn = mx.compile(fn, inputs=vae.state) if _compiles(self.opts) else fn
 
     def __call__(self, latent: mx.array) -> mx.array:
         return self._fn(latent)
@@ -295,8 +338,9 @@ def default_options(component: str = "unet") -> FastOptions:
 
     GPU UNet: im2col 3x3 convs + column-sum GroupNorm + fused QKV under one mx.compile. GPU VAE: mx.compile +
     column-sum GroupNorm (im2col's 9x-wide copies of 128/256-channel 512x512 activations cost more than they
-    save, and memory). CPU: mx.compile + attention's queries split over one CPU stream per core (2 cores:
-    UNet CFG step 28.4 -> 23.5 s; chunking queries alone did not pay).
+    save, and memory). CPU: the C kernels of sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU) with
+    fused QKV, uncompiled, where they build; else mx.compile + attention's queries split over one CPU stream
+    per core (2 cores: UNet CFG step 28.4 -> 23.5 s; chunking queries alone did not pay).
     """
     from sd.precision import on_gpu
 
@@ -306,4 +350,8 @@ def default_options(component: str = "unet") -> FastOptions:
         return FastOptions(groupnorm="colsum")
     import os
 
+    from sd import cpu_kernels
+
+    if cpu_kernels.available():
+        return FastOptions(compile=False, cpu_kernels=True, fused_qkv=True)
     return FastOptions(streams=max(1, min(os.cpu_count() or 1, 8)))
