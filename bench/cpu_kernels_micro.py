@@ -37,6 +37,14 @@ ATTENTION = (
     ("VAE mid 4096 tok, 1x512", 1, 4096, None, 1, 512),
 )
 GEGLU = (("GEGLU 8192x(2x1280)", 8192, 1280), ("GEGLU 2048x(2x2560)", 2048, 2560))
+# (what, input shape B H W Cin, Cout)
+CONV = (("conv3x3 2x64x64 320->320", (2, 64, 64, 320), 320),
+        ("conv3x3 2x32x32 640->640", (2, 32, 32, 640), 640),
+        ("conv3x3 2x16x16 1280->1280", (2, 16, 16, 1280), 1280),
+        ("conv3x3 2x8x8 2560->1280", (2, 8, 8, 2560), 1280),
+        ("conv3x3 2x64x64 4->320 (conv_in)", (2, 64, 64, 4), 320),
+        ("conv3x3 1x256x256 256->256 (VAE)", (1, 256, 256, 256), 256),
+        ("conv3x3 1x512x512 128->128 (VAE)", (1, 512, 512, 128), 128))
 GROUPNORM = (("GN+SiLU 2x64x64x320", (2, 64, 64, 320)), ("GN+SiLU 1x512x512x128 (VAE)", (1, 512, 512, 128)),
              ("GN 2x64x64x320 (no SiLU)", (2, 64, 64, 320)))
 
@@ -132,6 +140,23 @@ def bench_group_norm(repeats: int) -> None:
         show(what, round_robin(impls, repeats))
 
 
+def bench_conv(repeats: int) -> None:
+    rng = np.random.default_rng(4)
+    for what, shape, cout in CONV:
+        x = mx.array(rng.standard_normal(shape).astype(np.float32))
+        conv = nn.Conv2d(shape[-1], cout, 3, padding=1)
+        mx.eval(x, conv.parameters())
+        tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+        tw = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2).contiguous()
+        tb = torch.from_numpy(np.array(conv.bias))
+        impls = {"mlx": lambda: mx.eval(conv(x)),  # noqa: B023
+                 "torch": lambda: F.conv2d(tx, tw, tb, padding=1),  # noqa: B023
+                 "C": lambda: ck.conv3x3(x, conv.weight, conv.bias)}  # noqa: B023
+        ms = round_robin(impls, repeats)
+        gflop = 2 * np.prod(shape[:3]) * 9 * shape[3] * cout / 1e9
+        show(what, ms | {"C GFLOP/s": gflop / ms["C"] * 1e3})
+
+
 def check_no_spin(repeats: int) -> None:
     """An MLX op right after a kernel must run at its usual speed (no spinning OpenMP threads)."""
     rng = np.random.default_rng(3)
@@ -155,7 +180,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--blocks", default=str(ck.ATTENTION_BLOCK), help="attention query blocks to try")
-    p.add_argument("--only", default="", help="attention | geglu | groupnorm | spin (default: all)")
+    p.add_argument("--only", default="", help="attention | geglu | groupnorm | conv | spin (default: all)")
     args = p.parse_args(argv)
     if not ck.available():
         raise SystemExit("CPU kernels unavailable")
@@ -164,6 +189,7 @@ def main(argv=None) -> int:
     print(f"threads: C {threads}, torch {torch.get_num_threads()}; times in ms", flush=True)
     parts = {"attention": lambda: bench_attention(args.repeats, [int(b) for b in args.blocks.split(",")]),
              "geglu": lambda: bench_geglu(args.repeats), "groupnorm": lambda: bench_group_norm(args.repeats),
+             "conv": lambda: bench_conv(args.repeats),
              "spin": lambda: check_no_spin(args.repeats)}
     for name, fn in parts.items():
         if not args.only or args.only == name:

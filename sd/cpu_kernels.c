@@ -296,3 +296,50 @@ int sdk_attention(const float *q, long q_bs, long q_rs, const float *k, long k_b
     free(scratch);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------- conv 3x3 */
+
+/* 3x3 convolution, stride 1, zero padding 1, channels-last, as 9 GEMMs over shifted views of one padded
+ * copy (no 9x im2col buffer): with the padded image flattened to rows of (w + 2) pixels, output pixel p
+ * is sum over taps (dy, dx) of xp[p + (dy - 1)(w + 2) + dx - 1] . weight[:, dy, dx, :]^T, so each tap is one
+ * GEMM over all padded pixels at once (A = xp shifted, lda = cin). The border rows of that padded result
+ * are discarded when the interior is copied out with the bias.
+ * x [b, h, w, cin], weight [cout, 3, 3, cin] (MLX's layout), bias [cout] or NULL, y [b, h, w, cout].
+ * `padded` / `acc` are caller-provided scratch of (b (h+2)(w+2) + 2 (w+3)) cin and b (h+2)(w+2) cout floats.
+ * The GEMMs use the BLAS's own threads. Returns 0, or -1 without a BLAS. */
+int sdk_conv3x3(const float *x, const float *weight, const float *bias, float *y, long b, long h, long w,
+                long cin, long cout, float *padded, float *acc) {
+    if (!sgemm) return -1;
+    long wp = w + 2, rows = b * (h + 2) * wp, margin = w + 3;
+    float *xp = padded + margin * cin;                       /* pixel 0 of the padded images */
+    memset(padded, 0, sizeof(float) * margin * cin);
+    memset(xp + rows * cin, 0, sizeof(float) * margin * cin);
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < b * (h + 2); r++) {                 /* one padded image row at a time */
+        long bi = r / (h + 2), yy = r % (h + 2) - 1;
+        float *dst = xp + r * wp * cin;
+        if (yy < 0 || yy >= h) {
+            memset(dst, 0, sizeof(float) * wp * cin);
+            continue;
+        }
+        memset(dst, 0, sizeof(float) * cin);
+        memcpy(dst + cin, x + ((bi * h + yy) * w) * cin, sizeof(float) * w * cin);
+        memset(dst + (w + 1) * cin, 0, sizeof(float) * cin);
+    }
+    for (int tap = 0; tap < 9; tap++) {
+        long dy = tap / 3, dx = tap % 3, shift = (dy - 1) * wp + (dx - 1);
+        sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)rows, (int)cout, (int)cin, 1.0f, xp + shift * cin, (int)cin,
+              weight + tap * cin, (int)(9 * cin), tap ? 1.0f : 0.0f, acc, (int)cout);
+    }
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < b * h; r++) {
+        long bi = r / h, yy = r % h;
+        const float *src = acc + ((bi * (h + 2) + yy + 1) * wp + 1) * cout;
+        float *dst = y + r * w * cout;
+        for (long px = 0; px < w; px++) {
+            #pragma omp simd
+            for (long k = 0; k < cout; k++) dst[px * cout + k] = src[px * cout + k] + (bias ? bias[k] : 0.0f);
+        }
+    }
+    return 0;
+}

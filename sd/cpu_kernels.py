@@ -9,6 +9,10 @@ that `sd.blas` loaded. It is compiled with the system's C compiler (``CC``, else
 `available()` says whether they can be used; when not (no compiler, no BLAS, ``SDGRAPH_CPU_KERNELS=0``),
 callers keep MLX's own ops, after at most one one-line warning. The wrappers take and return fp32
 `mx.array`s; inputs are evaluated and read in place through numpy views (no copies).
+
+Loading them also calls `keep_freed_memory()`: MLX's CPU backend has no buffer cache, and glibc returns
+large blocks (mmap'ed, above 32 MB) to the kernel on free, so every large activation was page-faulted in
+again, 4 KB at a time (a 42 MB add: 21 ms; with the pages kept: 1.8 ms).
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ FLAG_SETS = (
 # amortises the BLAS's packing of K; measured by bench/cpu_kernels_micro.py.
 ATTENTION_BLOCK = 128
 
+# conv3x3 pays from here on (pixels per image; with at least CONV_MIN_CHANNELS input channels): SD1.5 VAE
+# decoder at 512x512, 128 channels: 645 -> 300 ms, 256x256x256: 258 -> 216 ms; UNet 64x64x320: 47 -> 40 ms;
+# at 32x32 and below MLX's own is as fast or faster (bench/cpu_kernels_micro.py --only conv).
+CONV_MIN_PIXELS = 64 * 64
+CONV_MIN_CHANNELS = 64
+
 _lib: ctypes.CDLL | None = None
 # One kernel at a time: each already uses every core, and attention switches the BLAS to one thread and back
 # (overlapping calls could restore each other's setting and leave MLX's matmuls single-threaded).
@@ -56,6 +66,20 @@ def disabled() -> bool:
 def available() -> bool:
     """Whether the kernels can be used here (compiling them on the first call)."""
     return not disabled() and _load() is not None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed large blocks in the heap for reuse (no mmap per allocation, no trim
+    below 1 GB), so MLX's big CPU buffers are not page-faulted in anew each time. Process-wide: the heap
+    stays at its peak until exit. Returns whether it applied (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def _warn(reason: str) -> None:
@@ -172,6 +196,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     _declare(lib)
     lib.sdk_set_blas(sgemm, set_threads or None, get_threads or None)
+    keep_freed_memory()
     _lib = lib
     return lib
 
@@ -187,6 +212,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sdk_group_norm.restype = ctypes.c_int
     lib.sdk_attention.argtypes = [p, i, i, p, i, i, p, i, i, p, i, i, i, i, i, f, i]
     lib.sdk_attention.restype = ctypes.c_int
+    lib.sdk_conv3x3.argtypes = [p, p, p, p, i, i, i, i, i, p, p]
+    lib.sdk_conv3x3.restype = ctypes.c_int
 
 
 def _library() -> ctypes.CDLL:
@@ -277,4 +304,26 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
             b, heads, lq, lk, inner // heads, scale, block)
     if rc != 0:
         raise RuntimeError(f"sdk_attention failed ({'no BLAS' if rc == -1 else 'out of memory'})")
+    return mx.array(out)
+
+
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """3x3 convolution, stride 1, zero padding 1: x [B, H, W, Cin], weight [Cout, 3, 3, Cin] (nn.Conv2d's),
+    bias [Cout] or None -> [B, H, W, Cout]; nine multithreaded GEMMs over one padded copy of x, no im2col.
+    Pays over MLX's conv (im2col + GEMM) for large images: see `CONV_MIN_PIXELS`."""
+    arrays = [x, weight] + ([] if bias is None else [bias])
+    mx.eval(*arrays)
+    xv, wv = _contiguous(x), _contiguous(weight)
+    bv = None if bias is None else _contiguous(bias)
+    b, h, w, cin = xv.shape
+    cout = wv.shape[0]
+    rows = b * (h + 2) * (w + 2)
+    padded = np.empty((rows + 2 * (w + 3)) * cin, np.float32)
+    acc = np.empty(rows * cout, np.float32)
+    out = np.empty((b, h, w, cout), np.float32)
+    with _call_lock:
+        rc = _library().sdk_conv3x3(_address(xv), _address(wv), None if bv is None else _address(bv),
+                                    _address(out), b, h, w, cin, cout, _address(padded), _address(acc))
+    if rc != 0:
+        raise RuntimeError("sdk_conv3x3: no BLAS")
     return mx.array(out)

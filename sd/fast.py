@@ -6,8 +6,8 @@ time-embedding broadcasts fuse into few kernels), reading the modules' parameter
 patches or reloaded weights are picked up (the compiled graph takes the parameters as inputs, not
 constants). `FastOptions` holds the levers measured by `bench/levers.py`; the defaults are the ones that
 paid on the H100 (see BENCHMARKS.md). On the CPU, attention is computed in query chunks (bounded memory), or,
-with `cpu_kernels` (the CPU default where they build), attention, GEGLU and GroupNorm(+SiLU) run as the C
-kernels of sd/cpu_kernels.py, evaluated eagerly (not under mx.compile).
+with `cpu_kernels` (the CPU default where they build), attention, GEGLU, GroupNorm(+SiLU) and large 3x3
+convs run as the C kernels of sd/cpu_kernels.py, evaluated eagerly (not under mx.compile).
 
 Outputs match the plain modules' to float rounding (tests/test_fp16_parity.py).
 """
@@ -37,9 +37,9 @@ class FastOptions:
                                   # MLX's CPU softmax is single-threaded, so this puts the other cores to work
     batch_streams: int = 1        # >1 (CPU): run batch slices (e.g. CFG's cond / uncond) on their own CPU
                                   # streams, so single-threaded element-wise ops run side by side
-    cpu_kernels: bool = False     # CPU, fp32: attention, GEGLU and GroupNorm(+SiLU) as sd/cpu_kernels.py's C
-                                  # kernels (they evaluate their inputs, so FastUNet/FastVAEDecoder then do
-                                  # not mx.compile)
+    cpu_kernels: bool = False     # CPU, fp32: attention, GEGLU, GroupNorm(+SiLU) and large 3x3 convs as
+                                  # sd/cpu_kernels.py's C kernels (they evaluate their inputs, so
+                                  # FastUNet/FastVAEDecoder then do not mx.compile)
 
     def with_(self, **changes) -> FastOptions:
         return replace(self, **changes)
@@ -61,6 +61,11 @@ def _cpu_kernels(opts: FastOptions, x: mx.array):
 # ---------------------------------------------------------------------------------------------- ops
 def conv2d(conv: nn.Conv2d, x: mx.array, opts: FastOptions, stride: int = 1, padding: int = 1) -> mx.array:
     w = conv.weight
+    kernels = _cpu_kernels(opts, x)
+    if (kernels and w.shape[1] == w.shape[2] == 3 and stride == 1 and padding == 1
+            and x.shape[1] * x.shape[2] >= kernels.CONV_MIN_PIXELS
+            and x.shape[-1] >= kernels.CONV_MIN_CHANNELS):
+        return kernels.conv3x3(x, w, conv.get("bias"))
     if opts.conv == "im2col" and w.shape[1] == 3 and stride == 1 and padding == 1:
         b, h, wd, c = x.shape
         xp = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
@@ -338,7 +343,7 @@ def default_options(component: str = "unet") -> FastOptions:
 
     GPU UNet: im2col 3x3 convs + column-sum GroupNorm + fused QKV under one mx.compile. GPU VAE: mx.compile +
     column-sum GroupNorm (im2col's 9x-wide copies of 128/256-channel 512x512 activations cost more than they
-    save, and memory). CPU: the C kernels of sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU) with
+    save, and memory). CPU: the C kernels of sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU, convs) with
     fused QKV, uncompiled, where they build; else mx.compile + attention's queries split over one CPU stream
     per core (2 cores: UNet CFG step 28.4 -> 23.5 s; chunking queries alone did not pay).
     """

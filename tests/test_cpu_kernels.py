@@ -97,6 +97,16 @@ def test_group_norm_large_mean_does_not_cancel(silu):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+# ------------------------------------------------------------------------------------------------- conv
+@pytest.mark.parametrize("shape,cout,bias", [((2, 5, 7, 6), 4, True), ((1, 1, 1, 3), 5, True),
+                                             ((2, 9, 8, 32), 16, False)])
+def test_conv3x3_matches_mlx(shape, cout, bias):
+    x = mx.array(np.random.default_rng(8).standard_normal(shape).astype(np.float32))
+    conv = nn.Conv2d(shape[-1], cout, 3, padding=1, bias=bias)
+    ours = cpu_kernels.conv3x3(x, conv.weight, conv.get("bias"))
+    np.testing.assert_allclose(np.array(ours), np.array(conv(x)), rtol=1e-5, atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------- attention
 def _sdpa(q, k, v, heads, scale):
     def split(t):
@@ -168,8 +178,10 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernels sd.fast calls."""
-    calls = {"attention": 0, "geglu": 0, "group_norm": 0}
+    """Counts the kernels sd.fast calls (the conv kernel also on the tiny model's small images)."""
+    monkeypatch.setattr(cpu_kernels, "CONV_MIN_PIXELS", 1)
+    monkeypatch.setattr(cpu_kernels, "CONV_MIN_CHANNELS", 1)
+    calls = {"attention": 0, "geglu": 0, "group_norm": 0, "conv3x3": 0}
     for name in calls:
         original = getattr(cpu_kernels, name)
 
@@ -205,7 +217,7 @@ def test_fast_vae_with_kernels_matches_plain(model, kernel_calls):
     latent = mx.array(np.random.default_rng(4).standard_normal((1, 12, 16, 4)).astype(np.float32))
     fast = FastVAEDecoder(model.vae, default_options("vae"))
     assert rel_err(fast(latent), model.vae.decode(latent)) <= 2e-5
-    assert kernel_calls["attention"] and kernel_calls["group_norm"]
+    assert kernel_calls["attention"] and kernel_calls["group_norm"] and kernel_calls["conv3x3"]
 
 
 def test_half_precision_keeps_mlx_ops(model, kernel_calls, tmp_path):
