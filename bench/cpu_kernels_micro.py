@@ -75,7 +75,7 @@ def show(what: str, ms: dict) -> None:
     print(f"{what:34s} " + "  ".join(f"{k} {v:8.1f}" for k, v in ms.items()), flush=True)
 
 
-def bench_attention(repeats: int, blocks: list[int]) -> None:
+def bench_attention(repeats: int, blocks: list[str]) -> None:
     rng = np.random.default_rng(0)
     mlx_opts = FastOptions(streams=min(os.cpu_count() or 1, 8))
     for what, b, n, ctx, heads, d in ATTENTION:
@@ -93,7 +93,9 @@ def bench_attention(repeats: int, blocks: list[int]) -> None:
                                                         _heads(v, heads), scale, mlx_opts)),  # noqa: B023
                  "torch": lambda: F.scaled_dot_product_attention(tq, tk, tv)}  # noqa: B023
         for blk in blocks:
-            impls[f"C b{blk}"] = lambda blk=blk: ck.attention(q, k, v, heads, scale, blk)  # noqa: B023
+            qb, _, kb = blk.partition("x")
+            impls[f"C {blk}"] = lambda qb=int(qb), kb=int(kb or 0): ck.attention(  # noqa: B023
+                q, k, v, heads, scale, qb, kb)  # noqa: B023
         show(what, round_robin(impls, repeats))
 
 
@@ -179,7 +181,8 @@ def check_no_spin(repeats: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--blocks", default=str(ck.ATTENTION_BLOCK), help="attention query blocks to try")
+    p.add_argument("--blocks", default=f"{ck.ATTENTION_BLOCK}x{ck.ATTENTION_KEY_BLOCK}",
+                   help="attention blocks to try, comma-separated QxK (K 0: all keys at once)")
     p.add_argument("--only", default="", help="attention | geglu | groupnorm | conv | spin (default: all)")
     args = p.parse_args(argv)
     if not ck.available():
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     threads = ck._library().sdk_threads()
     print(f"threads: C {threads}, torch {torch.get_num_threads()}; times in ms", flush=True)
-    parts = {"attention": lambda: bench_attention(args.repeats, [int(b) for b in args.blocks.split(",")]),
+    parts = {"attention": lambda: bench_attention(args.repeats, args.blocks.split(",")),
              "geglu": lambda: bench_geglu(args.repeats), "groupnorm": lambda: bench_group_norm(args.repeats),
              "conv": lambda: bench_conv(args.repeats),
              "spin": lambda: check_no_spin(args.repeats)}

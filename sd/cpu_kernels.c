@@ -239,17 +239,21 @@ int sdk_threads(void) {
 /* softmax(scale q k^T) v per (batch, head). q/k/v: element (b, token, h*d + i) at
  * base + b*batch_stride + token*row_stride + h*d + i, so projections' outputs (also a fused qkv buffer, at
  * offsets) are read in place; out [b, lq, heads*d] contiguous. Work is split over (batch, head, block of
- * `block` queries): scores block = q_blk k^T (sgemm), exp2 softmax with the row max subtracted, then
- * P v (sgemm), normalised by the row sums afterwards (d columns instead of lk). Returns 0, -1 without a
- * BLAS, -2 out of memory. */
+ * `block` queries); keys are taken `key_block` at a time (0: all at once) with an online softmax, so the
+ * scores tile (block x key_block) stays in L2: scores = q_blk k_tile^T (sgemm), exp2 with the running row
+ * max subtracted (the output so far and the row sums rescaled when the max grows), out += P v_tile (sgemm);
+ * rows are divided by their sums at the end (d columns instead of lk). Returns 0, -1 without a BLAS, -2 out
+ * of memory. */
 int sdk_attention(const float *q, long q_bs, long q_rs, const float *k, long k_bs, long k_rs,
                   const float *v, long v_bs, long v_rs, float *out, long b, long heads, long lq, long lk,
-                  long d, float scale, long block) {
+                  long d, float scale, long block, long key_block) {
     if (!sgemm) return -1;
     if (block > lq) block = lq;
+    if (key_block <= 0 || key_block > lk) key_block = lk;
     long q_blocks = (lq + block - 1) / block, tasks = b * heads * q_blocks, ld_out = heads * d;
     int threads = sdk_threads();
-    float *scratch = malloc(sizeof(float) * (size_t)threads * (size_t)block * (size_t)(lk + 1));
+    size_t per_thread = (size_t)block * (size_t)(key_block + 2);
+    float *scratch = malloc(sizeof(float) * (size_t)threads * per_thread);
     if (!scratch) return -2;
     int previous = blas_get_threads ? blas_get_threads() : 0;
     if (blas_set_threads) blas_set_threads(1);
@@ -257,38 +261,52 @@ int sdk_attention(const float *q, long q_bs, long q_rs, const float *k, long k_b
     #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-        float *scores = scratch + (size_t)omp_get_thread_num() * block * (lk + 1);
+        float *scores = scratch + (size_t)omp_get_thread_num() * per_thread;
 #else
         float *scores = scratch;
 #endif
-        float *inv_sum = scores + block * lk;
+        float *row_max = scores + block * key_block, *row_sum = row_max + block;
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < tasks; t++) {
             long qb = t % q_blocks, h = (t / q_blocks) % heads, bi = t / (q_blocks * heads);
             long i0 = qb * block, m = lq - i0 < block ? lq - i0 : block;
             const float *qp = q + bi * q_bs + i0 * q_rs + h * d;
-            const float *kp = k + bi * k_bs + h * d, *vp = v + bi * v_bs + h * d;
             float *op = out + (bi * lq + i0) * ld_out + h * d;
-            sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)m, (int)lk, (int)d, alpha, qp, (int)q_rs, kp, (int)k_rs,
-                  0.0f, scores, (int)lk);
-            for (long i = 0; i < m; i++) {
-                float *row = scores + i * lk;
-                float top = row[0], sum = 0.0f;
-                #pragma omp simd reduction(max:top)
-                for (long j = 0; j < lk; j++) top = row[j] > top ? row[j] : top;
-                #pragma omp simd reduction(+:sum)
-                for (long j = 0; j < lk; j++) {
-                    row[j] = exp2_poly(row[j] - top);
-                    sum += row[j];
+            for (long j0 = 0; j0 < lk; j0 += key_block) {
+                long n = lk - j0 < key_block ? lk - j0 : key_block;
+                const float *kp = k + bi * k_bs + j0 * k_rs + h * d, *vp = v + bi * v_bs + j0 * v_rs + h * d;
+                sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)m, (int)n, (int)d, alpha, qp, (int)q_rs, kp, (int)k_rs,
+                      0.0f, scores, (int)n);
+                for (long i = 0; i < m; i++) {
+                    float *row = scores + i * n;
+                    float top = row[0], sum = 0.0f;
+                    #pragma omp simd reduction(max:top)
+                    for (long j = 0; j < n; j++) top = row[j] > top ? row[j] : top;
+                    if (j0 == 0) {
+                        row_max[i] = top;
+                        row_sum[i] = 0.0f;
+                    } else if (top > row_max[i]) {
+                        float shrink = exp2_poly(row_max[i] - top), *o = op + i * ld_out;
+                        row_sum[i] *= shrink;
+                        #pragma omp simd
+                        for (long c = 0; c < d; c++) o[c] *= shrink;
+                        row_max[i] = top;
+                    }
+                    top = row_max[i];
+                    #pragma omp simd reduction(+:sum)
+                    for (long j = 0; j < n; j++) {
+                        row[j] = exp2_poly(row[j] - top);
+                        sum += row[j];
+                    }
+                    row_sum[i] += sum;
                 }
-                inv_sum[i] = 1.0f / sum;
+                sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, (int)d, (int)n, 1.0f, scores, (int)n, vp, (int)v_rs,
+                      j0 ? 1.0f : 0.0f, op, (int)ld_out);
             }
-            sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, (int)d, (int)lk, 1.0f, scores, (int)lk, vp, (int)v_rs,
-                  0.0f, op, (int)ld_out);
             for (long i = 0; i < m; i++) {
-                float *o = op + i * ld_out, s = inv_sum[i];
+                float *o = op + i * ld_out, inv = 1.0f / row_sum[i];
                 #pragma omp simd
-                for (long j = 0; j < d; j++) o[j] *= s;
+                for (long c = 0; c < d; c++) o[c] *= inv;
             }
         }
     }

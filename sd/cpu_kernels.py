@@ -41,9 +41,11 @@ FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp-simd"),
     ("-O3",),
 )
-# Queries per attention work item: the scores block (block x Lk fp32) stays in L2/L3 and each of its rows
-# amortises the BLAS's packing of K; measured by bench/cpu_kernels_micro.py.
-ATTENTION_BLOCK = 128
+# Queries per attention work item, and keys per scores tile (online softmax across tiles): the tile
+# (256 x 512 fp32, 512 KB) stays in L2 and each GEMM call still amortises the BLAS's packing. UNet 4096-token
+# self-attention, 2 cores: 256 x all keys 186 ms, 256 x 512 152 ms (bench/cpu_kernels_micro.py).
+ATTENTION_BLOCK = 256
+ATTENTION_KEY_BLOCK = 512
 
 # conv3x3 pays from here on (pixels per image; with at least CONV_MIN_CHANNELS input channels): SD1.5 VAE
 # decoder at 512x512, 128 channels: 645 -> 300 ms, 256x256x256: 258 -> 216 ms; UNet 64x64x320: 47 -> 40 ms;
@@ -210,7 +212,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sdk_geglu.argtypes = [p, p, i, i]
     lib.sdk_group_norm.argtypes = [p, p, i, i, i, i, p, p, f, ctypes.c_int]
     lib.sdk_group_norm.restype = ctypes.c_int
-    lib.sdk_attention.argtypes = [p, i, i, p, i, i, p, i, i, p, i, i, i, i, i, f, i]
+    lib.sdk_attention.argtypes = [p, i, i, p, i, i, p, i, i, p, i, i, i, i, i, f, i, i]
     lib.sdk_attention.restype = ctypes.c_int
     lib.sdk_conv3x3.argtypes = [p, p, p, p, i, i, i, i, i, p, p]
     lib.sdk_conv3x3.restype = ctypes.c_int
@@ -288,7 +290,7 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
-              block: int = ATTENTION_BLOCK) -> mx.array:
+              block: int = ATTENTION_BLOCK, key_block: int = ATTENTION_KEY_BLOCK) -> mx.array:
     """softmax(scale q k^T) v per head. q [B, Lq, heads*D], k/v [B, Lk, heads*D] as the projections give
     them (strided views of a fused qkv buffer are read in place) -> [B, Lq, heads*D]."""
     mx.eval(q, k, v)
@@ -301,7 +303,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
         rc = _library().sdk_attention(
             _address(qv), qv.strides[0] // e, qv.strides[1] // e, _address(kv), kv.strides[0] // e,
             kv.strides[1] // e, _address(vv), vv.strides[0] // e, vv.strides[1] // e, _address(out),
-            b, heads, lq, lk, inner // heads, scale, block)
+            b, heads, lq, lk, inner // heads, scale, block, key_block)
     if rc != 0:
         raise RuntimeError(f"sdk_attention failed ({'no BLAS' if rc == -1 else 'out of memory'})")
     return mx.array(out)
