@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 
+from sd import cuda_kernels
 from sd.unet import timestep_embedding
 from sd.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 
@@ -37,6 +38,8 @@ class FastOptions:
                                   # MLX's CPU softmax is single-threaded, so this puts the other cores to work
     batch_streams: int = 1        # >1 (CPU): run batch slices (e.g. CFG's cond / uncond) on their own CPU
                                   # streams, so single-threaded element-wise ops run side by side
+    cuda_kernels: bool = False    # MLX CUDA: sd/cuda_kernels.py's GroupNorm statistics kernel; with
+                                  # conv="im2col" also its im2col kernel (GroupNorm-apply + SiLU fused in)
     cpu_kernels: bool = False     # CPU, fp32: attention, GEGLU, GroupNorm(+SiLU) and large 3x3 convs as
                                   # sd/cpu_kernels.py's C kernels (they evaluate their inputs, so
                                   # FastUNet/FastVAEDecoder then do not mx.compile)
@@ -61,6 +64,9 @@ def _cpu_kernels(opts: FastOptions, x: mx.array):
 # ---------------------------------------------------------------------------------------------- ops
 def conv2d(conv: nn.Conv2d, x: mx.array, opts: FastOptions, stride: int = 1, padding: int = 1) -> mx.array:
     w = conv.weight
+    if (opts.cuda_kernels and opts.conv == "im2col" and w.shape[1] == 3 and stride == 1 and padding == 1
+            and cuda_kernels.supported(x)):
+        return cuda_kernels.conv3x3(conv, x)
     kernels = _cpu_kernels(opts, x)
     if (kernels and w.shape[1] == w.shape[2] == 3 and stride == 1 and padding == 1
             and x.shape[1] * x.shape[2] >= kernels.CONV_MIN_PIXELS
@@ -91,6 +97,8 @@ def _affine_from_stats(gn: nn.GroupNorm, x: mx.array, mean: mx.array, var: mx.ar
 
 
 def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
+    if opts.cuda_kernels and cuda_kernels.supported(x):
+        return cuda_kernels.group_norm(gn, x)
     kernels = _cpu_kernels(opts, x)
     if kernels and gn.pytorch_compatible:
         return kernels.group_norm(x, gn.num_groups, gn.get("weight"), gn.get("bias"), gn.eps)
@@ -121,6 +129,10 @@ def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
 def norm_silu_conv(gn: nn.GroupNorm, conv: nn.Conv2d, x: mx.array, opts: FastOptions) -> mx.array:
     """conv(silu(group_norm(x))): the ResBlock / UNet-output / VAE pattern, in one place so a backend's
     fused kernel can take all three steps."""
+    if (opts.cuda_kernels and opts.conv == "im2col" and conv.weight.shape[1] == 3
+            and cuda_kernels.supported(x)):
+        scale, shift = cuda_kernels.group_norm_affine(gn, x)
+        return cuda_kernels.conv3x3(conv, x, scale, shift, silu=True)
     kernels = _cpu_kernels(opts, x)
     if kernels and gn.pytorch_compatible:
         y = kernels.group_norm(x, gn.num_groups, gn.get("weight"), gn.get("bias"), gn.eps, silu=True)
@@ -341,18 +353,21 @@ class FastVAEDecoder:
 def default_options(component: str = "unet") -> FastOptions:
     """The levers that paid, per backend and component (measured by bench/levers.py, see BENCHMARKS.md).
 
-    GPU UNet: im2col 3x3 convs + column-sum GroupNorm + fused QKV under one mx.compile. GPU VAE: mx.compile +
-    column-sum GroupNorm (im2col's 9x-wide copies of 128/256-channel 512x512 activations cost more than they
-    save, and memory). CPU: the C kernels of sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU, convs) with
-    fused QKV, uncompiled, where they build; else mx.compile + attention's queries split over one CPU stream
-    per core (2 cores: UNet CFG step 28.4 -> 23.5 s; chunking queries alone did not pay).
+    GPU UNet: im2col 3x3 convs + fused QKV under one mx.compile; on MLX's CUDA backend the GroupNorm
+    statistics and the (GroupNorm-apply + SiLU +) im2col are sd/cuda_kernels.py's kernels, elsewhere
+    column-sum GroupNorm and a concatenated im2col. GPU VAE: mx.compile + the GroupNorm kernels / column-sum
+    GroupNorm, cuDNN convs (im2col's 9x-wide copies of 128/256-channel 512x512 activations cost more than
+    they save, and memory). CPU: the C kernels of sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU,
+    convs) with fused QKV, uncompiled, where they build; else mx.compile + attention's queries split over one
+    CPU stream per core (2 cores: UNet CFG step 28.4 -> 23.5 s; chunking queries alone did not pay).
     """
     from sd.precision import on_gpu
 
     if on_gpu():
+        kernels = cuda_kernels.available()
         if component == "unet":
-            return FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True)
-        return FastOptions(groupnorm="colsum")
+            return FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, cuda_kernels=kernels)
+        return FastOptions(groupnorm="colsum", cuda_kernels=kernels)
     import os
 
     from sd import cpu_kernels

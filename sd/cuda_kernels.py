@@ -1,0 +1,249 @@
+"""Hand-written CUDA kernels for the ops MLX's CUDA backend runs slowly in the SD UNet and VAE.
+
+MLX compiles (`mx.compile`) chains of element-wise ops into one kernel, but a GroupNorm's statistics are
+reductions it runs separately over an fp32 copy, and a 3x3 convolution done as im2col + GEMM (faster than
+MLX's cuDNN convs on the H100, see BENCHMARKS.md) costs a pad copy plus nine slice copies. Two kernels
+(through `mx.fast.cuda_kernel`, JIT-compiled by MLX with NVRTC, cached per shape/dtype) replace them:
+
+- `channel_sums`: per-(batch, channel) sums of x and x^2 over the pixels, read once in the input dtype, in
+  fp32 partial sums over pixel chunks (no atomics; deterministic), finished by a tiny MLX sum.
+- `im2col3x3`: the [pixels, 9*C] im2col matrix of a zero-padded 3x3 window, written in one pass; optionally
+  applying a per-(batch, channel) affine map and SiLU to the input first, so GroupNorm-apply + SiLU + im2col
+  is one kernel feeding one GEMM.
+
+Used by `sd/fast.py` only where `available()` (MLX's CUDA backend); everything else keeps the MLX ops.
+`SDGRAPH_CUDA_KERNELS=0` switches them off.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import mlx.core as mx
+
+_THREADS = 256
+
+
+def available() -> bool:
+    if os.environ.get("SDGRAPH_CUDA_KERNELS", "").strip() == "0":
+        return False
+    return bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+
+
+# ------------------------------------------------------------------------------------ channel sums
+_SUMS_SOURCE = """
+    const int P = x_shape[1];
+    const int C = x_shape[2];
+    const int nchunk = gridDim.x;
+    const int chunk = blockIdx.x;
+    const int b = blockIdx.y;
+    const int p0 = chunk * CHUNK;
+    const int p1 = min(P, p0 + CHUNK);
+    const T* xb = x + (size_t)b * P * C;
+    for (int c = threadIdx.x * 2; c < C; c += blockDim.x * 2) {
+        float s1a = 0.f, s2a = 0.f, s1b = 0.f, s2b = 0.f;
+        for (int p = p0; p < p1; ++p) {
+            const float va = static_cast<float>(xb[(size_t)p * C + c]);
+            const float vb = static_cast<float>(xb[(size_t)p * C + c + 1]);
+            s1a += va; s2a += va * va; s1b += vb; s2b += vb * vb;
+        }
+        float* o = part + ((size_t)(b * nchunk + chunk) * 2) * C;
+        o[c] = s1a; o[c + 1] = s1b;
+        o[C + c] = s2a; o[C + c + 1] = s2b;
+    }
+"""
+
+
+@cache
+def _sums_kernel():
+    return mx.fast.cuda_kernel(name="sdgraph_channel_sums", input_names=["x"], output_names=["part"],
+                               source=_SUMS_SOURCE)
+
+
+def _chunk_for(batch: int, pixels: int) -> int:
+    """Pixels per block: enough blocks (~2 per SM on an H100) without tiny chunks."""
+    want_blocks = 264
+    chunk = max(16, -(-pixels * batch // want_blocks))
+    return min(chunk, pixels)
+
+
+def _partial_sums(x3: mx.array) -> mx.array:
+    """x3 [B, P, C] -> [B, nchunk, 2, C] float32 partial sums of x and x^2 over pixel chunks."""
+    b, pixels, c = x3.shape
+    chunk = _chunk_for(b, pixels)
+    nchunk = -(-pixels // chunk)
+    (part,) = _sums_kernel()(
+        inputs=[x3], template=[("T", x3.dtype), ("CHUNK", chunk)],
+        grid=(nchunk * _THREADS, b, 1), threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(b, nchunk, 2, c)], output_dtypes=[mx.float32])
+    return part
+
+
+def channel_sums(x: mx.array) -> tuple[mx.array, mx.array]:
+    """x [B, ..., C] (C even) -> (sum x, sum x^2) over the middle axes, each [B, C] float32."""
+    b, c = x.shape[0], x.shape[-1]
+    sums = _partial_sums(x.reshape(b, -1, c)).sum(axis=1)
+    return sums[:, 0], sums[:, 1]
+
+
+_AFFINE_SOURCE = """
+    // one block per (group, batch): finish the partial sums, then scale/shift for the group's channels
+    const int nchunk = part_shape[1];
+    const int C = part_shape[3];
+    const int g = blockIdx.x;
+    const int b = blockIdx.y;
+    const int cpg = C / G;
+    const float* pb = part + (size_t)b * nchunk * 2 * C;
+    float s1 = 0.f, s2 = 0.f;
+    for (int i = threadIdx.x; i < nchunk * cpg; i += blockDim.x) {
+        const int k = i / cpg;
+        const int c = g * cpg + i % cpg;
+        s1 += pb[(size_t)k * 2 * C + c];
+        s2 += pb[(size_t)k * 2 * C + C + c];
+    }
+    __shared__ float sh1[32];
+    __shared__ float sh2[32];
+    for (int o = 16; o > 0; o /= 2) {
+        s1 += __shfl_down_sync(0xffffffff, s1, o);
+        s2 += __shfl_down_sync(0xffffffff, s2, o);
+    }
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    if (lane == 0) { sh1[warp] = s1; sh2[warp] = s2; }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x / 32;
+        s1 = lane < nw ? sh1[lane] : 0.f;
+        s2 = lane < nw ? sh2[lane] : 0.f;
+        for (int o = 16; o > 0; o /= 2) {
+            s1 += __shfl_down_sync(0xffffffff, s1, o);
+            s2 += __shfl_down_sync(0xffffffff, s2, o);
+        }
+        if (lane == 0) { sh1[0] = s1; sh2[0] = s2; }
+    }
+    __syncthreads();
+    const float n = (float)NPIX * cpg;
+    const float mean = sh1[0] / n;
+    const float var = fmaxf(sh2[0] / n - mean * mean, 0.f);
+    const float rstd = rsqrtf(var + EPS_E9 * 1e-9f);
+    for (int j = threadIdx.x; j < cpg; j += blockDim.x) {
+        const int c = g * cpg + j;
+        const float sc = rstd * static_cast<float>(weight[c]);
+        scale[(size_t)b * C + c] = sc;
+        shift[(size_t)b * C + c] = static_cast<float>(bias[c]) - mean * sc;
+    }
+"""
+
+
+@cache
+def _affine_kernel():
+    return mx.fast.cuda_kernel(name="sdgraph_gn_affine", input_names=["part", "weight", "bias"],
+                               output_names=["scale", "shift"], source=_AFFINE_SOURCE)
+
+
+def group_norm_affine(gn, x: mx.array) -> tuple[mx.array, mx.array]:
+    """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift: two kernels (partial sums over
+    pixel chunks, then one block per (group, batch) finishing them)."""
+    b, c, g = x.shape[0], x.shape[-1], gn.num_groups
+    x3 = x.reshape(b, -1, c)
+    part = _partial_sums(x3)
+    weight = gn.weight if "weight" in gn else mx.ones((c,), mx.float32)
+    bias = gn.bias if "bias" in gn else mx.zeros((c,), mx.float32)
+    scale, shift = _affine_kernel()(
+        inputs=[part, weight, bias],
+        template=[("G", g), ("NPIX", x3.shape[1]), ("EPS_E9", round(gn.eps * 1e9))],
+        grid=(g * 128, b, 1), threadgroup=(128, 1, 1),
+        output_shapes=[(b, c), (b, c)], output_dtypes=[mx.float32, mx.float32])
+    return scale, shift
+
+
+def group_norm(gn, x: mx.array) -> mx.array:
+    """GroupNorm of channels-last x through the kernels; the affine map is element-wise (fused by compile)."""
+    scale, shift = group_norm_affine(gn, x)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+    return (x.astype(mx.float32) * scale.reshape(shape) + shift.reshape(shape)).astype(x.dtype)
+
+
+def supported(x: mx.array) -> bool:
+    """The kernels' layout needs: an even channel count, 16-byte rows for the vector loads."""
+    return x.shape[-1] % 2 == 0 and (x.shape[-1] * x.dtype.size) % 16 == 0
+
+
+# ------------------------------------------------------------------------------------------ im2col
+_IM2COL_SOURCE = """
+    const int B = x_shape[0];
+    const int H = x_shape[1];
+    const int W = x_shape[2];
+    const int C = x_shape[3];
+    const int CV = C / VEC;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t total = (size_t)B * H * W * 9 * CV;
+    if (idx >= total) return;
+    const int cv = idx % CV;
+    size_t r = idx / CV;
+    const int tap = r % 9;
+    const size_t pix = r / 9;
+    const int xw = pix % W;
+    r = pix / W;
+    const int yh = r % H;
+    const int b = r / H;
+    const int yi = yh + tap / 3 - 1;
+    const int xi = xw + tap % 3 - 1;
+    alignas(16) T vals[VEC];
+    if (yi < 0 || yi >= H || xi < 0 || xi >= W) {
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) vals[e] = static_cast<T>(0.f);
+    } else {
+        const T* src = x + (((size_t)b * H + yi) * W + xi) * C + cv * VEC;
+        *reinterpret_cast<uint4*>(vals) = *reinterpret_cast<const uint4*>(src);
+        if (AFFINE) {
+            const float* sc = scale + (size_t)b * C + cv * VEC;
+            const float* sh = shift + (size_t)b * C + cv * VEC;
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                float v = static_cast<float>(vals[e]) * sc[e] + sh[e];
+                if (SILU) v = v / (1.f + expf(-v));
+                vals[e] = static_cast<T>(v);
+            }
+        }
+    }
+    T* dst = out + pix * 9 * C + (size_t)tap * C + cv * VEC;
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+"""
+
+
+@cache
+def _im2col_kernel():
+    return mx.fast.cuda_kernel(name="sdgraph_im2col3x3", input_names=["x", "scale", "shift"],
+                               output_names=["out"], source=_IM2COL_SOURCE)
+
+
+def im2col3x3(x: mx.array, scale: mx.array | None = None, shift: mx.array | None = None,
+              silu: bool = False) -> mx.array:
+    """x [B, H, W, C] -> [B*H*W, 9*C], tap-major (ky, kx) then channel, zero padding 1 — the layout of an MLX
+    conv weight [O, 3, 3, C] reshaped to [O, 9*C]. With scale/shift [B, C] float32, each input value v becomes
+    v*scale + shift (then SiLU if `silu`) before it is placed; the padding stays zero."""
+    b, h, w, c = x.shape
+    vec = 16 // x.dtype.size
+    affine = scale is not None
+    if not affine:
+        scale = shift = mx.zeros((1,), mx.float32)
+    (out,) = _im2col_kernel()(
+        inputs=[x, scale, shift],
+        template=[("T", x.dtype), ("VEC", vec), ("AFFINE", affine), ("SILU", bool(silu))],
+        grid=(b * h * w * 9 * (c // vec), 1, 1), threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(b * h * w, 9 * c)], output_dtypes=[x.dtype])
+    return out
+
+
+# ------------------------------------------------------------------------------------ composites
+def conv3x3(conv, x: mx.array, scale: mx.array | None = None, shift: mx.array | None = None,
+            silu: bool = False) -> mx.array:
+    """A stride-1, padding-1 3x3 conv: one im2col kernel (with the optional fused affine + SiLU), one GEMM."""
+    b, h, w, _ = x.shape
+    wt = conv.weight
+    cols = im2col3x3(x, scale, shift, silu)
+    out = mx.addmm(conv.bias, cols, wt.reshape(wt.shape[0], -1).T)
+    return out.reshape(b, h, w, -1)
+

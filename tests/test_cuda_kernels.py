@@ -1,0 +1,85 @@
+"""sd/cuda_kernels.py: the CUDA kernels against MLX's own ops (run where MLX's CUDA backend is: the lent GPU,
+`python3 -m pytest tests/test_cuda_kernels.py`), and the switch that keeps them off everywhere else."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from sd import cuda_kernels
+from sd.fast import FastOptions, default_options
+
+on_cuda = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend (the lent GPU)")
+
+
+def test_off_without_cuda_and_by_switch(monkeypatch):
+    if not mx.cuda.is_available():
+        assert not cuda_kernels.available()
+        assert not default_options("unet").cuda_kernels and not default_options("vae").cuda_kernels
+    monkeypatch.setenv("SDGRAPH_CUDA_KERNELS", "0")
+    assert not cuda_kernels.available()
+    assert not default_options("unet").cuda_kernels
+
+
+def test_layout_requirements():
+    assert cuda_kernels.supported(mx.zeros((1, 4, 4, 320), mx.float16))
+    assert not cuda_kernels.supported(mx.zeros((1, 4, 4, 4), mx.float16))    # the latent: 8-byte rows
+    assert not cuda_kernels.supported(mx.zeros((1, 4, 4, 3), mx.float32))    # odd channel count
+    for batch, pixels in ((1, 64), (2, 4096), (1, 512 * 512), (2, 7)):
+        chunk = cuda_kernels._chunk_for(batch, pixels)
+        assert 1 <= chunk <= pixels and -(-pixels // chunk) * chunk >= pixels
+
+
+def _rel(a, b):
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.float16, 1e-2), (mx.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 320), (1, 24, 20, 128), (2, 3, 5, 64)])
+def test_group_norm_and_fused_conv_match_mlx(dtype, tol, shape):
+    rng = np.random.default_rng(0)
+    x = mx.array((rng.standard_normal(shape) * 3 + 5).astype(np.float32)).astype(dtype)  # large mean
+    gn = nn.GroupNorm(32, shape[-1], pytorch_compatible=True)
+    gn.weight = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)).astype(dtype)
+    gn.bias = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)).astype(dtype)
+    ref_gn = gn(x.astype(mx.float32))
+    assert _rel(cuda_kernels.group_norm(gn, x), ref_gn) < tol
+    conv = nn.Conv2d(shape[-1], 48, 3, padding=1)
+    conv.weight, conv.bias = conv.weight.astype(dtype), conv.bias.astype(dtype)
+    scale, shift = cuda_kernels.group_norm_affine(gn, x)
+    fused = cuda_kernels.conv3x3(conv, x, scale, shift, silu=True)
+    wf = conv.weight.astype(mx.float32)
+    ref = mx.conv2d(nn.silu(ref_gn), wf, padding=1) + conv.bias.astype(mx.float32)
+    assert _rel(fused, ref) < 2 * tol
+    ref = mx.conv2d(x.astype(mx.float32), wf, padding=1) + conv.bias.astype(mx.float32)
+    assert _rel(cuda_kernels.conv3x3(conv, x), ref) < 2 * tol
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from sd.checkpoint import load_checkpoint
+    from sd.synthetic import make_checkpoint
+
+    path = make_checkpoint(tmp_path_factory.mktemp("cuda") / "tiny.safetensors", seed=11)
+    return {dtype: load_checkpoint(path, dtype=dtype) for dtype in ("float32", "float16", "bfloat16")}
+
+
+@on_cuda
+def test_fast_unet_and_vae_with_kernels_match_plain_modules(tiny):
+    from sd.fast import FastUNet, FastVAEDecoder
+
+    rng = np.random.default_rng(3)
+    dim = tiny["float32"].unet_config.context_dim
+    args = (mx.array(rng.standard_normal((2, 16, 24, 4)).astype(np.float32)), mx.array([10.0, 800.0]),
+            mx.array(rng.standard_normal((2, 77, dim)).astype(np.float32)))
+    gpu = FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, cuda_kernels=True)
+    ref = tiny["float32"].unet(*args)
+    assert _rel(FastUNet(tiny["float32"].unet, gpu)(*args), ref) < 2e-5
+    assert _rel(FastUNet(tiny["float16"].unet, gpu)(*args), ref) < 1e-2
+    z = mx.array(rng.standard_normal((1, 12, 16, 4)).astype(np.float32))
+    ref = tiny["float32"].vae.decode(z)
+    for dtype, tol in (("float32", 2e-5), ("bfloat16", 3e-2)):
+        for opts in (FastOptions(groupnorm="colsum", cuda_kernels=True), gpu):
+            assert _rel(FastVAEDecoder(tiny[dtype].vae, opts)(z), ref) < tol, (dtype, opts)
