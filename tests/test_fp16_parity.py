@@ -141,3 +141,17 @@ def test_fast_paths_follow_weight_changes(path, unet_args):
     after = np.array(fast(*unet_args))
     assert np.allclose(after, 2 * before, rtol=1e-4, atol=1e-5)
     assert rel_err(mx.array(after), unet(*unet_args)) <= FAST_TOLERANCE
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_fused_projections_follow_replaced_weights(path, unet_args, compile_):
+    """FastUNet keeps q|k|v concatenated across calls; replacing a weight array (what a LoRA patch or a reload
+    does) must reach the next call, compiled or not."""
+    unet = load_checkpoint(path, dtype="float32").unet
+    fast = FastUNet(unet, FastOptions(compile=compile_, fused_qkv=True))
+    assert rel_err(fast(*unet_args), unet(*unet_args)) <= FAST_TOLERANCE
+    for m, _ in fast.fused.modules:
+        m.to_k.weight = m.to_k.weight * 1.5
+        m.to_v.weight = -m.to_v.weight
+    ref = unet(*unet_args)
+    assert rel_err(fast(*unet_args), ref) <= FAST_TOLERANCE
