@@ -81,8 +81,13 @@ def _check_kernels():
             scale, shift = K.group_norm_affine(gn, x)
             e_conv = rel(K.conv3x3(conv, x, scale, shift, silu=True), ref)
             e_plain = rel(K.conv3x3(conv, x), conv(x))
+            e = mx.array(rng.standard_normal((shape[0], shape[-1])).astype(np.float32) * 4).astype(dt)
+            sc, sh = K.group_norm_affine(gn, x, e)
+            e_off = rel(x.astype(mx.float32) * sc[:, None, None, :] + sh[:, None, None, :],
+                        gn((x + e[:, None, None, :]).astype(mx.float32)))
             key = f"{str(dt).split('.')[-1]} {shape}"
-            out[key] = {"sum": e1, "sumsq": e2, "gn": e_gn, "gn_silu_conv": e_conv, "conv": e_plain}
+            out[key] = {"sum": e1, "sumsq": e2, "gn": e_gn, "gn_silu_conv": e_conv, "conv": e_plain,
+                        "gn_offset": e_off}
             log(f"[check] {key}: " + ", ".join(f"{k}={v:.2e}" for k, v in out[key].items()))
     RESULTS["checks"] = out
 

@@ -88,7 +88,9 @@ def channel_sums(x: mx.array) -> tuple[mx.array, mx.array]:
 
 
 _AFFINE_SOURCE = """
-    // one block per (group, batch): finish the partial sums, then scale/shift for the group's channels
+    // one block per (group, batch): finish the partial sums, then scale/shift for the group's channels.
+    // With OFFSET, the statistics are those of x + offset[b, c] (a per-channel shift folded in, never added):
+    // a chunk of n pixels has sum(x+e) = S1 + n e and sum((x+e)^2) = S2 + 2 e S1 + n e^2.
     const int nchunk = part_shape[1];
     const int C = part_shape[3];
     const int g = blockIdx.x;
@@ -99,8 +101,17 @@ _AFFINE_SOURCE = """
     for (int i = threadIdx.x; i < nchunk * cpg; i += blockDim.x) {
         const int k = i / cpg;
         const int c = g * cpg + i % cpg;
-        s1 += pb[(size_t)k * 2 * C + c];
-        s2 += pb[(size_t)k * 2 * C + C + c];
+        const float p1 = pb[(size_t)k * 2 * C + c];
+        const float p2 = pb[(size_t)k * 2 * C + C + c];
+        if (OFFSET) {
+            const float e = static_cast<float>(offset[(size_t)b * C + c]);
+            const float n = (float)min(CHUNK, NPIX - k * CHUNK);
+            s1 += p1 + n * e;
+            s2 += p2 + 2.f * e * p1 + n * e * e;
+        } else {
+            s1 += p1;
+            s2 += p2;
+        }
     }
     __shared__ float sh1[32];
     __shared__ float sh2[32];
@@ -130,29 +141,34 @@ _AFFINE_SOURCE = """
     for (int j = threadIdx.x; j < cpg; j += blockDim.x) {
         const int c = g * cpg + j;
         const float sc = rstd * static_cast<float>(weight[c]);
+        const float e = OFFSET ? static_cast<float>(offset[(size_t)b * C + c]) : 0.f;
         scale[(size_t)b * C + c] = sc;
-        shift[(size_t)b * C + c] = static_cast<float>(bias[c]) - mean * sc;
+        shift[(size_t)b * C + c] = static_cast<float>(bias[c]) + (e - mean) * sc;
     }
 """
 
 
 @cache
 def _affine_kernel():
-    return mx.fast.cuda_kernel(name="sdgraph_gn_affine", input_names=["part", "weight", "bias"],
+    return mx.fast.cuda_kernel(name="sdgraph_gn_affine", input_names=["part", "weight", "bias", "offset"],
                                output_names=["scale", "shift"], source=_AFFINE_SOURCE)
 
 
-def group_norm_affine(gn, x: mx.array) -> tuple[mx.array, mx.array]:
+def group_norm_affine(gn, x: mx.array, offset: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift: two kernels (partial sums over
-    pixel chunks, then one block per (group, batch) finishing them)."""
+    pixel chunks, then one block per (group, batch) finishing them). With `offset` [B, C], the same for
+    x + offset (broadcast over pixels), never summed:
+    x*scale + shift == group_norm(x + offset)."""
     b, c, g = x.shape[0], x.shape[-1], gn.num_groups
     x3 = x.reshape(b, -1, c)
     part = _partial_sums(x3)
+    chunk = _chunk_for(b, x3.shape[1])
     weight = gn.weight if "weight" in gn else mx.ones((c,), mx.float32)
     bias = gn.bias if "bias" in gn else mx.zeros((c,), mx.float32)
     scale, shift = _affine_kernel()(
-        inputs=[part, weight, bias],
-        template=[("G", g), ("NPIX", x3.shape[1]), ("EPS_E9", round(gn.eps * 1e9))],
+        inputs=[part, weight, bias, offset if offset is not None else mx.zeros((1,), mx.float32)],
+        template=[("G", g), ("NPIX", x3.shape[1]), ("CHUNK", chunk), ("EPS_E9", round(gn.eps * 1e9)),
+                  ("OFFSET", offset is not None)],
         grid=(g * 128, b, 1), threadgroup=(128, 1, 1),
         output_shapes=[(b, c), (b, c)], output_dtypes=[mx.float32, mx.float32])
     return scale, shift

@@ -126,13 +126,17 @@ def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
     return gn(x)
 
 
-def norm_silu_conv(gn: nn.GroupNorm, conv: nn.Conv2d, x: mx.array, opts: FastOptions) -> mx.array:
-    """conv(silu(group_norm(x))): the ResBlock / UNet-output / VAE pattern, in one place so a backend's
-    fused kernel can take all three steps."""
+def norm_silu_conv(gn: nn.GroupNorm, conv: nn.Conv2d, x: mx.array, opts: FastOptions,
+                   offset: mx.array | None = None) -> mx.array:
+    """conv(silu(group_norm(x + offset))) (offset [B, C], e.g. a ResBlock's time embedding, broadcast over the
+    pixels): the ResBlock / UNet-output / VAE pattern, in one place so a backend's fused kernel can take all
+    of it."""
     if (opts.cuda_kernels and opts.conv == "im2col" and conv.weight.shape[1] == 3
             and cuda_kernels.supported(x)):
-        scale, shift = cuda_kernels.group_norm_affine(gn, x)
+        scale, shift = cuda_kernels.group_norm_affine(gn, x, offset)
         return cuda_kernels.conv3x3(conv, x, scale, shift, silu=True)
+    if offset is not None:
+        x = x + offset.reshape(offset.shape[0], *(1,) * (x.ndim - 2), offset.shape[-1])
     kernels = _cpu_kernels(opts, x)
     if kernels and gn.pytorch_compatible:
         y = kernels.group_norm(x, gn.num_groups, gn.get("weight"), gn.get("bias"), gn.eps, silu=True)
@@ -235,8 +239,7 @@ def _transformer_blocks(unet) -> list:
 # --------------------------------------------------------------------------------------------- UNet
 def _res_block(blk: ResBlock, x: mx.array, emb: mx.array, opts: FastOptions) -> mx.array:
     h = norm_silu_conv(blk.in_layers[0], blk.in_layers[2], x, opts)
-    h = h + blk.emb_layers[1](nn.silu(emb))[:, None, None, :]
-    h = norm_silu_conv(blk.out_layers[0], blk.out_layers[3], h, opts)
+    h = norm_silu_conv(blk.out_layers[0], blk.out_layers[3], h, opts, offset=blk.emb_layers[1](nn.silu(emb)))
     skip = conv2d(blk.skip_connection, x, opts, padding=0) if "skip_connection" in blk else x
     return skip + h
 

@@ -46,6 +46,11 @@ def test_group_norm_and_fused_conv_match_mlx(dtype, tol, shape):
     gn.bias = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)).astype(dtype)
     ref_gn = gn(x.astype(mx.float32))
     assert _rel(cuda_kernels.group_norm(gn, x), ref_gn) < tol
+    # a per-(batch, channel) offset folded into the statistics == GroupNorm of x + offset
+    e = mx.array(rng.standard_normal((shape[0], shape[-1])).astype(np.float32) * 4).astype(dtype)
+    scale, shift = cuda_kernels.group_norm_affine(gn, x, e)
+    shifted = (x.astype(mx.float32) * scale[:, None, None, :] + shift[:, None, None, :])
+    assert _rel(shifted, gn((x + e[:, None, None, :]).astype(mx.float32))) < tol
     conv = nn.Conv2d(shape[-1], 48, 3, padding=1)
     conv.weight, conv.bias = conv.weight.astype(dtype), conv.bias.astype(dtype)
     scale, shift = cuda_kernels.group_norm_affine(gn, x)
