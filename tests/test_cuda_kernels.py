@@ -81,10 +81,14 @@ def test_fast_unet_and_vae_with_kernels_match_plain_modules(tiny):
             mx.array(rng.standard_normal((2, 77, dim)).astype(np.float32)))
     gpu = FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, cuda_kernels=True)
     ref = tiny["float32"].unet(*args)
-    assert _rel(FastUNet(tiny["float32"].unet, gpu)(*args), ref) < 2e-5
+    # MLX's CUDA matmuls and convs run fp32 as TF32 (10-bit mantissa): the kernels may differ from the plain
+    # modules by what the same path without them differs (~1e-3), not more
+    tf32 = _rel(FastUNet(tiny["float32"].unet, gpu.with_(cuda_kernels=False))(*args), ref)
+    assert _rel(FastUNet(tiny["float32"].unet, gpu)(*args), ref) < max(2e-5, 2 * tf32)
     assert _rel(FastUNet(tiny["float16"].unet, gpu)(*args), ref) < 1e-2
     z = mx.array(rng.standard_normal((1, 12, 16, 4)).astype(np.float32))
     ref = tiny["float32"].vae.decode(z)
-    for dtype, tol in (("float32", 2e-5), ("bfloat16", 3e-2)):
+    tf32 = _rel(FastVAEDecoder(tiny["float32"].vae, FastOptions(groupnorm="colsum"))(z), ref)
+    for dtype, tol in (("float32", max(2e-5, 2 * tf32)), ("bfloat16", 3e-2)):
         for opts in (FastOptions(groupnorm="colsum", cuda_kernels=True), gpu):
             assert _rel(FastVAEDecoder(tiny[dtype].vae, opts)(z), ref) < tol, (dtype, opts)
