@@ -55,6 +55,11 @@ def test_exp_erf_silu_accuracy():
     assert np.isfinite(big).all() and np.allclose(big, [0, 0, 100, 1e4], atol=1e-30)
 
 
+def test_keeps_freed_memory_for_reuse():
+    """glibc keeps MLX's large freed buffers in the heap (no page faults on the next allocation)."""
+    assert cpu_kernels.keep_freed_memory()
+
+
 # ------------------------------------------------------------------------------------------------ GEGLU
 def test_geglu_matches_mlx_gelu():
     h = mx.array(np.random.default_rng(0).standard_normal((3, 37, 2 * 24)).astype(np.float32) * 2)
