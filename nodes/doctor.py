@@ -39,6 +39,10 @@ def _environment(out: TextIO) -> None:
     device = mx.default_device()
     print(f"device:        {device} ({'GPU' if on_gpu() else 'CPU'})", file=out)
     print(f"blas (cpu):    {blas_in_use()}", file=out)
+    if not on_gpu():
+        from sd import cpu_kernels
+
+        print(f"cpu kernels:   {cpu_kernels.describe()}", file=out)
     dtypes = ", ".join(f"{c} {str(default_dtype(c)).removeprefix('mlx.core.')}" for c in COMPONENTS)
     print(f"dtypes:        {dtypes}", file=out)
     root = default_cache_dir()

@@ -66,8 +66,20 @@ def disabled() -> bool:
 
 
 def available() -> bool:
-    """Whether the kernels can be used here (compiling them on the first call)."""
-    return not disabled() and _load() is not None
+    """Whether the kernels can be used here (compiling them on the first call). Linux only: elsewhere MLX's
+    CPU backend has Accelerate, and sd.blas loads no BLAS for the attention kernel."""
+    return sys.platform.startswith("linux") and not disabled() and _load() is not None
+
+
+def describe() -> str:
+    """One line for `sdgraph doctor`."""
+    if not sys.platform.startswith("linux"):
+        return "not used (Linux only)"
+    if disabled():
+        return "off (SDGRAPH_CPU_KERNELS=0)"
+    if not available():
+        return f"unavailable: {_failure}"
+    return f"{_library().sdk_threads()} threads, {_lib._name}"
 
 
 def keep_freed_memory() -> bool:

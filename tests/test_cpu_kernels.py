@@ -238,8 +238,10 @@ def test_half_precision_keeps_mlx_ops(model, kernel_calls, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- fallback
 def test_disabled_by_environment(model, kernel_calls, monkeypatch):
+    assert "threads" in cpu_kernels.describe()
     monkeypatch.setenv("SDGRAPH_CPU_KERNELS", "0")
     assert not cpu_kernels.available()
+    assert cpu_kernels.describe() == "off (SDGRAPH_CPU_KERNELS=0)"
     assert not default_options("unet").cpu_kernels
     args = _unet_args(model)
     # asked for explicitly, the kernels still step aside: MLX's ops compute the same
