@@ -246,6 +246,24 @@ def env_sweep(args):
     RESULTS["env_sweep_ms"] = sweep
 
 
+def interleaved(impls: dict, rounds: int, steps: int) -> tuple[dict, dict]:
+    """Times `steps` calls of each implementation in turn, `rounds` times, after 3 warm-ups each: per-call ms
+    lists and their medians."""
+    times = {k: [] for k in impls}
+    for fn in impls.values():
+        for _ in range(3):
+            fn()
+    for r in range(rounds):
+        for name, fn in impls.items():
+            for _ in range(steps):
+                s = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - s) * 1e3)
+        log(f"[rr] round {r + 1}: " + ", ".join(f"{k}={statistics.median(v[-steps:]):.2f}"
+                                               for k, v in times.items()))
+    return times, {k: statistics.median(v) for k, v in times.items()}
+
+
 def round_robin(path, args):
     """MLX fast (today's defaults) vs diffusers eager channels-last vs torch.compile, fp16, the same inputs,
     interleaved: each round times `--steps` CFG steps of each, so a host whose speed drifts (the MLX side is
@@ -282,19 +300,7 @@ def round_robin(path, args):
     mine = fast(x, t, c)
     diff = rel(mine, mx.array(ref.float().cpu().numpy().transpose(0, 2, 3, 1)))
     log(f"[rr] MLX fast vs diffusers (compiled) output: max rel diff {diff:.2e}")
-    times = {k: [] for k in impls}
-    for fn in impls.values():
-        for _ in range(3):
-            fn()
-    for r in range(args.rounds):
-        for name, fn in impls.items():
-            for _ in range(args.steps):
-                s = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - s) * 1e3)
-        log(f"[rr] round {r + 1}: " + ", ".join(f"{k}={statistics.median(v[-args.steps:]):.2f}"
-                                               for k, v in times.items()))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = interleaved(impls, args.rounds, args.steps)
     log("[rr] UNet CFG step medians (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in med.items())
         + f"; MLX/eager-cl {med['mlx_fast'] / med['diffusers_cl']:.2f}, "
         f"MLX/compile {med['mlx_fast'] / med['diffusers_compile']:.2f}")
@@ -318,17 +324,7 @@ def round_robin(path, args):
 
     impls = {"mlx_fast": lambda: mx.eval(dec(z)), "diffusers_fp16": torch_dec(vae16, tz16),
              "diffusers_fp32": torch_dec(vae32, tz32)}
-    times = {k: [] for k in impls}
-    for fn in impls.values():
-        for _ in range(3):
-            fn()
-    for _ in range(args.rounds):
-        for name, fn in impls.items():
-            for _ in range(args.steps):
-                s = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - s) * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = interleaved(impls, args.rounds, args.steps)
     log("[rr] VAE decode 512x512 medians (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in med.items()))
     RESULTS["rr_vae_ms"] = {"median": med, "all": times}
 
