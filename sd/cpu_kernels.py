@@ -296,8 +296,12 @@ def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
-    """a [B, L, W] with unit stride along W (rows may be strided, e.g. one third of a fused qkv buffer)."""
-    if a.ndim != 3 or a.strides[2] != a.itemsize or a.strides[1] % a.itemsize or a.strides[0] % a.itemsize:
+    """a [B, L, W] as the kernel reads it: unit stride along W, rows at least W apart (a BLAS leading
+    dimension; rows may be further apart, e.g. one third of a fused qkv buffer), batches at a stride >= 0
+    (0: broadcast). Anything else is copied."""
+    e = a.itemsize
+    if (a.ndim != 3 or a.strides[2] != e or a.strides[1] < a.shape[2] * e or a.strides[0] < 0
+            or a.strides[1] % e or a.strides[0] % e):
         return np.ascontiguousarray(a)
     return a
 

@@ -158,6 +158,19 @@ def test_attention_reads_fused_thirds_in_place():
     assert cpu_kernels._address(kv) == cpu_kernels._address(base) + 16 * 4
 
 
+def test_attention_copies_layouts_a_blas_cannot_read():
+    """Broadcast rows (stride 0), reversed tokens and transposed inputs are copied first, not misread."""
+    rng = np.random.default_rng(9)
+    q = mx.array(rng.standard_normal((2, 12, 32)).astype(np.float32))
+    row = mx.array(rng.standard_normal((2, 1, 32)).astype(np.float32))
+    k = mx.broadcast_to(row, (2, 7, 32))                                  # every key the same row
+    v = mx.array(rng.standard_normal((2, 32, 7)).astype(np.float32)).transpose(0, 2, 1)
+    q_reversed = q[:, ::-1, :]
+    for qq in (q, q_reversed):
+        ours = cpu_kernels.attention(qq, k, v, 4, 0.3)
+        np.testing.assert_allclose(np.array(ours), np.array(_sdpa(qq, k, v, 4, 0.3)), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_from_threads_at_once():
     """Work items call the BLAS from every OpenMP thread; callers from Python threads must not clash, and
     the BLAS's own thread count is back to what it was afterwards (MLX's matmuls use it)."""
