@@ -43,6 +43,10 @@ def _environment(out: TextIO) -> None:
         from sd import cpu_kernels
 
         print(f"cpu kernels:   {cpu_kernels.describe()}", file=out)
+    else:
+        from sd import cuda_kernels
+
+        print(f"cuda kernels:  {cuda_kernels.describe()}", file=out)
     dtypes = ", ".join(f"{c} {str(default_dtype(c)).removeprefix('mlx.core.')}" for c in COMPONENTS)
     print(f"dtypes:        {dtypes}", file=out)
     root = default_cache_dir()

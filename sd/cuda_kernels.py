@@ -25,10 +25,22 @@ import mlx.core as mx
 _THREADS = 256
 
 
+def disabled() -> bool:
+    return os.environ.get("SDGRAPH_CUDA_KERNELS", "").strip().lower() in ("0", "false", "no", "off")
+
+
 def available() -> bool:
-    if os.environ.get("SDGRAPH_CUDA_KERNELS", "").strip() == "0":
-        return False
-    return bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+    """MLX computes on its CUDA backend by default, and the kernels are not switched off."""
+    return not disabled() and bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+
+
+def describe() -> str:
+    """One line for `sdgraph doctor`."""
+    if disabled():
+        return "off (SDGRAPH_CUDA_KERNELS=0)"
+    if not mx.cuda.is_available():
+        return "not used (MLX is not on its CUDA backend)"
+    return "on (GroupNorm statistics, im2col 3x3 convs; JIT-compiled by MLX on first use)"
 
 
 # ------------------------------------------------------------------------------------ channel sums

@@ -18,6 +18,7 @@ def test_off_without_cuda_and_by_switch(monkeypatch):
         assert not default_options("unet").cuda_kernels and not default_options("vae").cuda_kernels
     monkeypatch.setenv("SDGRAPH_CUDA_KERNELS", "0")
     assert not cuda_kernels.available()
+    assert "SDGRAPH_CUDA_KERNELS=0" in cuda_kernels.describe()
     assert not default_options("unet").cuda_kernels
 
 
