@@ -28,6 +28,7 @@ from sd.checkpoint import load_component  # noqa: E402
 from sd.fast import FastUNet, FastVAEDecoder, default_options  # noqa: E402
 
 RESULTS: dict = {}
+LOOP_STEPS = 20
 
 
 def log(*a):
@@ -305,6 +306,38 @@ def round_robin(path, args):
         + f"; MLX/eager-cl {med['mlx_fast'] / med['diffusers_cl']:.2f}, "
         f"MLX/compile {med['mlx_fast'] / med['diffusers_compile']:.2f}")
     RESULTS["rr_unet_ms"] = {"median": med, "all": times, "mlx_vs_diffusers_rel_diff": diff}
+
+    # the same UNet inside a 20-step loop (each step feeds the next, as a sampler does): MLX pipelined by
+    # sd.samplers_common.report (step i computes while step i+1's graph is built), torch launching
+    # asynchronously and synchronising once at the end; ms per step
+    from sd.samplers_common import report
+
+    def mlx_loop():
+        xx = x
+        for i in range(LOOP_STEPS):
+            d = fast(xx, t, c)
+            xx = xx - 1e-3 * d
+            report(None, i, xx, d)
+        mx.eval(xx)
+
+    def torch_loop(m):
+        def run():
+            with torch.inference_mode():
+                xx = tx
+                for _ in range(LOOP_STEPS):
+                    xx = xx - 1e-3 * m(xx, tt, encoder_hidden_states=tc).sample
+            torch.cuda.synchronize()
+        return run
+
+    loops = {"mlx_fast": mlx_loop, "diffusers_cl": torch_loop(model),
+             "diffusers_compile": torch_loop(compiled)}
+    times, med = interleaved(loops, args.rounds, 2)
+    med = {k: v / LOOP_STEPS for k, v in med.items()}
+    log(f"[rr] UNet step inside a {LOOP_STEPS}-step loop (ms per step): "
+        + ", ".join(f"{k}={v:.2f}" for k, v in med.items())
+        + f"; MLX/eager-cl {med['mlx_fast'] / med['diffusers_cl']:.2f}, "
+        f"MLX/compile {med['mlx_fast'] / med['diffusers_compile']:.2f}")
+    RESULTS["rr_unet_loop_ms_per_step"] = {"median": med, "all_loops_ms": times}
     del model, compiled
 
     # VAE decode 512x512: MLX (bf16, defaults) vs diffusers fp16 / fp32 eager

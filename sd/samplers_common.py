@@ -43,9 +43,19 @@ def step_indices(sigmas: list[float], cancel: CancelCheck | None) -> Iterator[in
         yield i
 
 
+# The previous step's arrays: `report` starts step i's evaluation and then waits for step i-1's, so the device
+# computes step i while Python builds step i+1's graph (building a compiled UNet's graph and dispatching its
+# ~900 kernels is host work the GPU would otherwise wait for), yet never more than one step is queued.
+_previous: list[mx.array] = []
+
+
 def report(callback: StepCallback | None, i: int, x: mx.array, denoised: mx.array) -> None:
-    """End-of-prediction hook of step i: evaluate, then tell the callback."""
-    mx.eval(x, denoised)  # keep MLX's lazy graph one step deep
+    """End-of-prediction hook of step i: start evaluating it, wait for step i-1, then tell the callback (which
+    may read x / denoised: reading waits for them)."""
+    mx.async_eval(x, denoised)
+    if i > 0 and _previous:
+        mx.eval(*_previous)
+    _previous[:] = [x, denoised]
     if callback is not None:
         callback(i, x, denoised)
 
