@@ -7,6 +7,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from bench.common import Row, RSSPeak, median_time
 
@@ -337,15 +338,23 @@ def section_txt2img(ctx: Context):
     unet, _ = ctx.mlx("unet", ctx.args.unet_dtype)
     vae, _ = ctx.mlx("vae", ctx.args.vae_dtype)
     clip, _ = ctx.mlx("clip", None)
-    times, mem = {}, {}
+    times, mem, work, weights = {}, {}, {}, {}
+    fast_unet = FastUNet(unet)
     runs = {"mlx": _mlx_txt2img(ctx, steps, unet, clip, vae.decode),
-            "mlx_fast": _mlx_txt2img(ctx, steps, FastUNet(unet), clip, FastVAEDecoder(vae))}
+            "mlx_fast": _mlx_txt2img(ctx, steps, fast_unet, clip, FastVAEDecoder(vae))}
     for name, run in runs.items():
         mx.eval(run())  # warm (compiles)
         mx.reset_peak_memory()
         with RSSPeak() as rss:
             times[name] = ctx.time_mlx(run, heavy=True, warmup=0)
         mem[name] = (mx.get_peak_memory() if ctx.gpu else rss.peak - rss.start) / 2**20
+    if ctx.gpu:
+        # the peak above counts every array alive in the process; these two rows do not depend on what
+        # earlier sections left resident (on the torch side: the channels-last and compiled UNets)
+        work["mlx_fast"] = mlx_working_memory(runs["mlx_fast"])
+        fused = fast_unet.fused.weights().values() if fast_unet.fused else []
+        params = [v for m in (unet, vae, clip) for _, v in tree_flatten(m.parameters())]
+        weights["mlx_fast"] = (sum(v.nbytes for v in params) + sum(w.nbytes for w in fused)) / 2**20
     if not ctx.args.mlx_only:
         variants = {"diffusers": ctx.torch_model("unet")}
         if "unet_compiled" in ctx._torch:
@@ -363,11 +372,19 @@ def section_txt2img(ctx: Context):
             with RSSPeak() as rss:
                 times[name] = ctx.time_torch(run, heavy=True, warmup=0)
             mem[name] = (torch.cuda.max_memory_allocated() if ctx.gpu else rss.peak - rss.start) / 2**20
+            if ctx.gpu:
+                work[name] = torch_working_memory(ctx, run)
+                weights[name] = sum(p.numel() * p.element_size() for m in (tunet, tvae, tclip)
+                                    for p in m.parameters()) / 2**20
     size = ctx.args.image
     ctx.add("txt2img", f"{size}x{size}, {steps} steps euler, CFG (encode+sample+decode)", "s", times)
     what = "peak GPU memory (mx.get_peak_memory / torch.cuda.max_memory_allocated)" if ctx.gpu else \
         "peak RSS growth during the run (both sides share the process)"
     ctx.add("memory", f"txt2img {size}x{size}: {what}", "MiB", mem)
+    if work:
+        ctx.add("memory", f"txt2img {size}x{size}: working memory (peak above resident, weights excluded)",
+                "MiB", work)
+        ctx.add("memory", f"txt2img {size}x{size}: weights of the models it runs", "MiB", weights)
 
 
 SECTIONS = {"unet": section_unet, "unet_rr": section_unet_rr, "vae": section_vae, "clip": section_clip,
