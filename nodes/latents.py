@@ -76,7 +76,8 @@ def VAEEncode(pixels: IMAGE, vae: VAE, ctx=None):
     dy, dx = (h % 8) // 2, (w % 8) // 2
     image = pixels[:, dy:dy + h8, dx:dx + w8, :3]
     model = models.vae_for(recipe, ctx.log)
-    latent = model.encode((image * 2.0 - 1.0).astype(model.encoder.conv_in.weight.dtype))
+    encode = models.vae_encoder(model)
+    latent = encode((image * 2.0 - 1.0).astype(model.encoder.conv_in.weight.dtype))
     latent = latent.astype(mx.float32)
     mx.eval(latent)
     return Latent(latent)

@@ -143,6 +143,14 @@ def vae_decoder(vae: Any) -> Callable[[Any], Any]:
     return fast if fast is not None else vae.decode
 
 
+def vae_encoder(vae: Any) -> Callable[[Any], Any]:
+    """The VAE's encode, compiled where that pays."""
+    from sd.fast import FastVAEEncoder
+
+    fast = _fast(vae, "_sdgraph_fast_encoder", FastVAEEncoder)
+    return fast if fast is not None else vae.encode
+
+
 def skeleton(part: str, ref: FileRef) -> Any:
     """The component's module built from the file's shapes with *unevaluated* random weights: MLX is
     lazy, so this reads only the header and allocates nothing. Enough to match LoRA keys against."""

@@ -379,6 +379,36 @@ def vae_decode_forward(vae, latent: mx.array, opts: FastOptions) -> mx.array:
     return norm_silu_conv(dec.norm_out, dec.conv_out, x, opts)
 
 
+def vae_encode_forward(vae, image: mx.array, opts: FastOptions) -> mx.array:
+    """AutoencoderKL.encode's computation (the posterior mode), with the optimised ops; in the VAE's dtype."""
+    enc = vae.encoder
+    x = conv2d(enc.conv_in, image.astype(enc.conv_in.weight.dtype), opts)
+    for level in enc.down:
+        for blk in level.block:
+            x = _vae_resnet(blk, x, opts)
+        if "downsample" in level:  # LDM pads right/bottom only, then a stride-2 conv without padding
+            x = conv2d(level.downsample.conv, mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]), opts,
+                       stride=2, padding=0)
+    x = _vae_resnet(enc.mid.block_1, x, opts)
+    x = _vae_attn(enc.mid.attn_1, x, opts)
+    x = _vae_resnet(enc.mid.block_2, x, opts)
+    x = norm_silu_conv(enc.norm_out, enc.conv_out, x, opts)
+    return conv2d(vae.quant_conv, x, opts, padding=0)[..., : vae.config.embed_dim]
+
+
+class FastVAEEncoder:
+    """Callable like `vae.encode`; compiled per image shape when opts.compile."""
+
+    def __init__(self, vae, opts: FastOptions | None = None):
+        self.vae = vae
+        self.opts = opts or default_options("vae")
+        fn = lambda image: vae_encode_forward(self.vae, image, self.opts)  # noqa: E731
+        self._fn = mx.compile(fn, inputs=vae.state) if _compiles(self.opts) else fn
+
+    def __call__(self, image: mx.array) -> mx.array:
+        return self._fn(image)
+
+
 class FastVAEDecoder:
     """Callable like `vae.decode`; compiled per latent shape when opts.compile."""
 

@@ -14,7 +14,7 @@ import pytest
 
 from sd.checkpoint import load_checkpoint
 from sd.clip import encode_tokens
-from sd.fast import FastOptions, FastUNet, FastVAEDecoder, default_options
+from sd.fast import FastOptions, FastUNet, FastVAEDecoder, FastVAEEncoder, default_options
 from sd.synthetic import make_checkpoint
 
 HALF_TOLERANCE = 1e-2
@@ -128,6 +128,18 @@ def test_fast_unet_odd_latent_sides(models):
 def test_fast_vae_decoder_matches_plain(models, latent, opts):
     vae = models["float32"].vae
     assert rel_err(FastVAEDecoder(vae, opts)(latent), vae.decode(latent)) <= FAST_TOLERANCE
+
+
+@pytest.mark.parametrize("opts", [FastOptions(compile=False), FastOptions(groupnorm="colsum"),
+                                  FastOptions(conv="im2col", groupnorm="two_stage", attn_chunk=32),
+                                  default_options("vae")],
+                         ids=["plain ops", "compile + colsum GN", "im2col + two-stage GN", "default"])
+@pytest.mark.parametrize("size", [(1, 32, 48), (2, 40, 24)])
+def test_fast_vae_encoder_matches_plain(models, opts, size):
+    vae = models["float32"].vae
+    b, h, w = size
+    image = mx.array(np.random.default_rng(5).uniform(-1, 1, (b, h, w, 3)).astype(np.float32))
+    assert rel_err(FastVAEEncoder(vae, opts)(image), vae.encode(image)) <= FAST_TOLERANCE
 
 
 def test_fast_paths_follow_weight_changes(path, unet_args):
