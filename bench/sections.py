@@ -234,7 +234,7 @@ def section_unet_rr(ctx: Context):
 
 # ------------------------------------------------------------------------------------------- VAE
 def section_vae(ctx: Context):
-    from sd.fast import FastVAEDecoder
+    from sd.fast import FastVAEDecoder, FastVAEEncoder
 
     torch = ctx.torch
     size = ctx.args.image
@@ -247,6 +247,8 @@ def section_vae(ctx: Context):
     fast = FastVAEDecoder(vae)
     dec["mlx_fast"] = ctx.time_mlx(lambda: fast(mz), heavy=True) * 1e3
     enc = {"mlx": ctx.time_mlx(lambda: vae.encode(mimg), heavy=True) * 1e3}
+    fast_enc = FastVAEEncoder(vae)
+    enc["mlx_fast"] = ctx.time_mlx(lambda: fast_enc(mimg), heavy=True) * 1e3
     mem = {"mlx": mlx_working_memory(lambda: vae.decode(mz)),
            "mlx_fast": mlx_working_memory(lambda: fast(mz))}
     if not ctx.args.mlx_only:
