@@ -36,6 +36,26 @@ def median_time(fn, sync, warmup: int, repeats: int) -> tuple[float, list[float]
     return statistics.median(times), times
 
 
+def interleaved(impls: dict, rounds: int, per_round: int = 1, warmup: int = 1,
+                on_round=None) -> dict[str, list[float]]:
+    """Wall times (seconds) of each implementation, timed in turn: `per_round` calls of each per round, so a
+    machine whose speed drifts during the run weighs on all alike. `warmup` untimed calls of each first;
+    `on_round(r, times)` after each round (progress lines)."""
+    for fn in impls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for r in range(rounds):
+        for name, fn in impls.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(r, times)
+    return times
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

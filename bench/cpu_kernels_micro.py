@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common import interleaved, median_time  # noqa: E402
 from sd import cpu_kernels as ck  # noqa: E402
 from sd.fast import FastOptions, _attention_core, _heads  # noqa: E402
 
@@ -51,25 +52,11 @@ GROUPNORM = (("GN+SiLU 2x64x64x320", (2, 64, 64, 320)), ("GN+SiLU 1x512x512x128 
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_time(fn, lambda _: None, 1, repeats)[0] * 1e3
 
 
 def round_robin(impls: dict, repeats: int) -> dict:
-    for fn in impls.values():
-        fn()
-    times = {name: [] for name in impls}
-    for _ in range(repeats):
-        for name, fn in impls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {name: statistics.median(t) * 1e3 for name, t in interleaved(impls, repeats).items()}
 
 
 def show(what: str, ms: dict) -> None:

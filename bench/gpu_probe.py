@@ -22,7 +22,7 @@ import torch  # noqa: F401  (before MLX: its CUDA wheel's cuDNN must not be load
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import OUT_DIR, ensure_checkpoint  # noqa: E402
+from bench.common import OUT_DIR, ensure_checkpoint, interleaved, median_time  # noqa: E402
 from sd import cuda_kernels as K  # noqa: E402
 from sd.checkpoint import load_component  # noqa: E402
 from sd.fast import FastUNet, FastVAEDecoder, default_options  # noqa: E402
@@ -35,15 +35,8 @@ def log(*a):
     print(*a, flush=True)
 
 
-def median_ms(fn, warmup=3, repeats=10) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        s = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - s)
-    return statistics.median(ts) * 1e3
+def median_ms(fn, repeats=10) -> float:
+    return median_time(fn, lambda _: None, 3, repeats)[0] * 1e3
 
 
 def rel(a: mx.array, b: mx.array) -> float:
@@ -247,21 +240,14 @@ def env_sweep(args):
     RESULTS["env_sweep_ms"] = sweep
 
 
-def interleaved(impls: dict, rounds: int, steps: int) -> tuple[dict, dict]:
-    """Times `steps` calls of each implementation in turn, `rounds` times, after 3 warm-ups each: per-call ms
-    lists and their medians."""
-    times = {k: [] for k in impls}
-    for fn in impls.values():
-        for _ in range(3):
-            fn()
-    for r in range(rounds):
-        for name, fn in impls.items():
-            for _ in range(steps):
-                s = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - s) * 1e3)
-        log(f"[rr] round {r + 1}: " + ", ".join(f"{k}={statistics.median(v[-steps:]):.2f}"
+def timed_in_turn(impls: dict, rounds: int, steps: int) -> tuple[dict, dict]:
+    """bench.common.interleaved with 3 warm-ups and a log line per round: per-call ms lists, their medians."""
+    def progress(r, times):
+        log(f"[rr] round {r + 1}: " + ", ".join(f"{k}={statistics.median(v[-steps:]) * 1e3:.2f}"
                                                for k, v in times.items()))
+
+    times = interleaved(impls, rounds, per_round=steps, warmup=3, on_round=progress)
+    times = {k: [t * 1e3 for t in v] for k, v in times.items()}
     return times, {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -301,7 +287,7 @@ def round_robin(path, args):
     mine = fast(x, t, c)
     diff = rel(mine, mx.array(ref.float().cpu().numpy().transpose(0, 2, 3, 1)))
     log(f"[rr] MLX fast vs diffusers (compiled) output: max rel diff {diff:.2e}")
-    times, med = interleaved(impls, args.rounds, args.steps)
+    times, med = timed_in_turn(impls, args.rounds, args.steps)
     log("[rr] UNet CFG step medians (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in med.items())
         + f"; MLX/eager-cl {med['mlx_fast'] / med['diffusers_cl']:.2f}, "
         f"MLX/compile {med['mlx_fast'] / med['diffusers_compile']:.2f}")
@@ -331,7 +317,7 @@ def round_robin(path, args):
 
     loops = {"mlx_fast": mlx_loop, "diffusers_cl": torch_loop(model),
              "diffusers_compile": torch_loop(compiled)}
-    times, med = interleaved(loops, args.rounds, 2)
+    times, med = timed_in_turn(loops, args.rounds, 2)
     med = {k: v / LOOP_STEPS for k, v in med.items()}
     log(f"[rr] UNet step inside a {LOOP_STEPS}-step loop (ms per step): "
         + ", ".join(f"{k}={v:.2f}" for k, v in med.items())
@@ -357,7 +343,7 @@ def round_robin(path, args):
 
     impls = {"mlx_fast": lambda: mx.eval(dec(z)), "diffusers_fp16": torch_dec(vae16, tz16),
              "diffusers_fp32": torch_dec(vae32, tz32)}
-    times, med = interleaved(impls, args.rounds, args.steps)
+    times, med = timed_in_turn(impls, args.rounds, args.steps)
     log("[rr] VAE decode 512x512 medians (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in med.items()))
     RESULTS["rr_vae_ms"] = {"median": med, "all": times}
 

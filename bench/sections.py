@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from bench.common import Row, RSSPeak, median_time
+from bench.common import Row, RSSPeak, interleaved, median_time
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -216,17 +216,13 @@ def section_unet_rr(ctx: Context):
 
     impls = {"mlx": lambda: mx.eval(unet(*mx_args)), "mlx_fast": lambda: mx.eval(fast(*mx_args)),
              "diffusers": run_torch}
-    for fn in impls.values():
-        fn()  # warm-up (and compile)
     rounds = ctx.args.repeats or 3
-    times = {k: [] for k in impls}
-    for r in range(rounds):
-        for name, fn in impls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+
+    def progress(r, times):
         print(f"[bench] unet_rr round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items()),
               flush=True)
+
+    times = interleaved(impls, rounds, on_round=progress)  # the warm-up call also compiles
     ctx.extra["unet_rr_rounds_s"] = times
     return ctx.add("unet", f"CFG step (batch 2, {latent}x{latent} latent), round-robin x{rounds}", "ms",
                    {k: statistics.median(v) * 1e3 for k, v in times.items()})
