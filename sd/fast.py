@@ -396,30 +396,31 @@ def vae_encode_forward(vae, image: mx.array, opts: FastOptions) -> mx.array:
     return conv2d(vae.quant_conv, x, opts, padding=0)[..., : vae.config.embed_dim]
 
 
-class FastVAEEncoder:
-    """Callable like `vae.encode`; compiled per image shape when opts.compile."""
+class _FastVAEPath:
+    """One of the VAE's two directions through sd.fast's ops, compiled per input shape when opts.compile."""
 
-    def __init__(self, vae, opts: FastOptions | None = None):
+    def __init__(self, vae, forward, opts: FastOptions | None = None):
         self.vae = vae
         self.opts = opts or default_options("vae")
-        fn = lambda image: vae_encode_forward(self.vae, image, self.opts)  # noqa: E731
+        fn = lambda x: forward(self.vae, x, self.opts)  # noqa: E731
         self._fn = mx.compile(fn, inputs=vae.state) if _compiles(self.opts) else fn
 
-    def __call__(self, image: mx.array) -> mx.array:
-        return self._fn(image)
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._fn(x)
 
 
-class FastVAEDecoder:
-    """Callable like `vae.decode`; compiled per latent shape when opts.compile."""
+class FastVAEEncoder(_FastVAEPath):
+    """Callable like `vae.encode`."""
 
     def __init__(self, vae, opts: FastOptions | None = None):
-        self.vae = vae
-        self.opts = opts or default_options("vae")
-        fn = lambda z: vae_decode_forward(self.vae, z, self.opts)  # noqa: E731
-        self._fn = mx.compile(fn, inputs=vae.state) if _compiles(self.opts) else fn
+        super().__init__(vae, vae_encode_forward, opts)
 
-    def __call__(self, latent: mx.array) -> mx.array:
-        return self._fn(latent)
+
+class FastVAEDecoder(_FastVAEPath):
+    """Callable like `vae.decode`."""
+
+    def __init__(self, vae, opts: FastOptions | None = None):
+        super().__init__(vae, vae_decode_forward, opts)
 
 
 def default_options(component: str = "unet") -> FastOptions:
