@@ -80,10 +80,9 @@ def _chunk_for(batch: int, pixels: int) -> int:
     return min(chunk, pixels)
 
 
-def _partial_sums(x3: mx.array) -> mx.array:
-    """x3 [B, P, C] -> [B, nchunk, 2, C] float32 partial sums of x and x^2 over pixel chunks."""
+def _partial_sums(x3: mx.array, chunk: int) -> mx.array:
+    """x3 [B, P, C] -> [B, nchunk, 2, C] float32 partial sums of x and x^2 over chunks of `chunk` pixels."""
     b, pixels, c = x3.shape
-    chunk = _chunk_for(b, pixels)
     nchunk = -(-pixels // chunk)
     (part,) = _sums_kernel()(
         inputs=[x3], template=[("T", x3.dtype), ("CHUNK", chunk)],
@@ -95,7 +94,8 @@ def _partial_sums(x3: mx.array) -> mx.array:
 def channel_sums(x: mx.array) -> tuple[mx.array, mx.array]:
     """x [B, ..., C] (C even) -> (sum x, sum x^2) over the middle axes, each [B, C] float32."""
     b, c = x.shape[0], x.shape[-1]
-    sums = _partial_sums(x.reshape(b, -1, c)).sum(axis=1)
+    x3 = x.reshape(b, -1, c)
+    sums = _partial_sums(x3, _chunk_for(b, x3.shape[1])).sum(axis=1)
     return sums[:, 0], sums[:, 1]
 
 
@@ -167,14 +167,15 @@ def _affine_kernel():
 
 
 def group_norm_affine(gn, x: mx.array, offset: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift: two kernels (partial sums over
+    """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift (sd.fast applies them, fused by
+    mx.compile into the next element-wise kernel or into the im2col kernel): two kernels (partial sums over
     pixel chunks, then one block per (group, batch) finishing them). With `offset` [B, C], the same for
     x + offset (broadcast over pixels), never summed:
     x*scale + shift == group_norm(x + offset)."""
     b, c, g = x.shape[0], x.shape[-1], gn.num_groups
     x3 = x.reshape(b, -1, c)
-    part = _partial_sums(x3)
     chunk = _chunk_for(b, x3.shape[1])
+    part = _partial_sums(x3, chunk)
     weight = gn.weight if "weight" in gn else mx.ones((c,), mx.float32)
     bias = gn.bias if "bias" in gn else mx.zeros((c,), mx.float32)
     scale, shift = _affine_kernel()(
@@ -184,13 +185,6 @@ def group_norm_affine(gn, x: mx.array, offset: mx.array | None = None) -> tuple[
         grid=(g * 128, b, 1), threadgroup=(128, 1, 1),
         output_shapes=[(b, c), (b, c)], output_dtypes=[mx.float32, mx.float32])
     return scale, shift
-
-
-def group_norm(gn, x: mx.array) -> mx.array:
-    """GroupNorm of channels-last x through the kernels; the affine map is element-wise (fused by compile)."""
-    scale, shift = group_norm_affine(gn, x)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
-    return (x.astype(mx.float32) * scale.reshape(shape) + shift.reshape(shape)).astype(x.dtype)
 
 
 def supported(x: mx.array) -> bool:

@@ -61,11 +61,16 @@ def _cpu_kernels(opts: FastOptions, x: mx.array):
     return cpu_kernels if cpu_kernels.available() else None
 
 
+def _cuda_im2col(conv: nn.Conv2d, x: mx.array, opts: FastOptions, stride: int = 1, padding: int = 1) -> bool:
+    """Whether a 3x3 stride-1 conv of x runs as sd/cuda_kernels.py's im2col kernel + one GEMM."""
+    return (opts.cuda_kernels and opts.conv == "im2col" and conv.weight.shape[1] == 3 and stride == 1
+            and padding == 1 and cuda_kernels.supported(x))
+
+
 # ---------------------------------------------------------------------------------------------- ops
 def conv2d(conv: nn.Conv2d, x: mx.array, opts: FastOptions, stride: int = 1, padding: int = 1) -> mx.array:
     w = conv.weight
-    if (opts.cuda_kernels and opts.conv == "im2col" and w.shape[1] == 3 and stride == 1 and padding == 1
-            and cuda_kernels.supported(x)):
+    if _cuda_im2col(conv, x, opts, stride, padding):
         return cuda_kernels.conv3x3(conv, x)
     kernels = _cpu_kernels(opts, x)
     if (kernels and w.shape[1] == w.shape[2] == 3 and stride == 1 and padding == 1
@@ -86,19 +91,24 @@ def conv2d(conv: nn.Conv2d, x: mx.array, opts: FastOptions, stride: int = 1, pad
 
 def _affine_from_stats(gn: nn.GroupNorm, x: mx.array, mean: mx.array, var: mx.array) -> mx.array:
     """mean/var [b, g] float32 -> GroupNorm output; one fused multiply-add per element."""
-    b, c, g = x.shape[0], x.shape[-1], gn.num_groups
+    c, g = x.shape[-1], gn.num_groups
     scale = mx.rsqrt(var + gn.eps)
     scale_c = mx.repeat(scale, c // g, axis=1) * gn.weight.astype(mx.float32)   # (b, c)
     shift_c = gn.bias.astype(mx.float32) - mx.repeat(mean, c // g, axis=1) * scale_c
-    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    return _apply_affine(x, scale_c, shift_c)
+
+
+def _apply_affine(x: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
+    """x * scale + shift with per-(batch, channel) scale/shift [b, c] float32, broadcast over the pixels."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
     # in fp32 (fused into one elementwise kernel under compile): in half precision, x*scale and shift can be
     # large and cancel, and rounding them to bf16 first costs ~1e-2 relative
-    return (x.astype(mx.float32) * scale_c.reshape(shape) + shift_c.reshape(shape)).astype(x.dtype)
+    return (x.astype(mx.float32) * scale.reshape(shape) + shift.reshape(shape)).astype(x.dtype)
 
 
 def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
     if opts.cuda_kernels and cuda_kernels.supported(x):
-        return cuda_kernels.group_norm(gn, x)
+        return _apply_affine(x, *cuda_kernels.group_norm_affine(gn, x))
     kernels = _cpu_kernels(opts, x)
     if kernels and gn.pytorch_compatible:
         return kernels.group_norm(x, gn.num_groups, gn.get("weight"), gn.get("bias"), gn.eps)
@@ -117,12 +127,7 @@ def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
         s1 = xf.sum(axis=3).sum(axis=1)                     # (b, g)
         s2 = mx.square(xf).sum(axis=3).sum(axis=1)
         mean = s1 / n
-        var = mx.maximum(s2 / n - mean * mean, 0.0)
-        scale = mx.rsqrt(var + gn.eps)                      # (b, g)
-        scale_c = mx.repeat(scale, c // g, axis=1) * gn.weight.astype(mx.float32)   # (b, c)
-        shift_c = gn.bias.astype(mx.float32) - mx.repeat(mean, c // g, axis=1) * scale_c
-        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
-        return (xf.reshape(x.shape) * scale_c.reshape(shape) + shift_c.reshape(shape)).astype(x.dtype)
+        return _affine_from_stats(gn, x, mean, mx.maximum(s2 / n - mean * mean, 0.0))
     return gn(x)
 
 
@@ -131,8 +136,7 @@ def norm_silu_conv(gn: nn.GroupNorm, conv: nn.Conv2d, x: mx.array, opts: FastOpt
     """conv(silu(group_norm(x + offset))) (offset [B, C], e.g. a ResBlock's time embedding, broadcast over the
     pixels): the ResBlock / UNet-output / VAE pattern, in one place so a backend's fused kernel can take all
     of it."""
-    if (opts.cuda_kernels and opts.conv == "im2col" and conv.weight.shape[1] == 3
-            and cuda_kernels.supported(x)):
+    if _cuda_im2col(conv, x, opts):
         scale, shift = cuda_kernels.group_norm_affine(gn, x, offset)
         return cuda_kernels.conv3x3(conv, x, scale, shift, silu=True)
     if offset is not None:
