@@ -139,16 +139,14 @@ def vae_decoder(vae: Any) -> Callable[[Any], Any]:
     """The VAE's decode, compiled where that pays."""
     from sd.fast import FastVAEDecoder
 
-    fast = _fast(vae, "_sdgraph_fast_decoder", FastVAEDecoder)
-    return fast if fast is not None else vae.decode
+    return _fast(vae, "_sdgraph_fast_decoder", FastVAEDecoder) or vae.decode
 
 
 def vae_encoder(vae: Any) -> Callable[[Any], Any]:
     """The VAE's encode, compiled where that pays."""
     from sd.fast import FastVAEEncoder
 
-    fast = _fast(vae, "_sdgraph_fast_encoder", FastVAEEncoder)
-    return fast if fast is not None else vae.encode
+    return _fast(vae, "_sdgraph_fast_encoder", FastVAEEncoder) or vae.encode
 
 
 def skeleton(part: str, ref: FileRef) -> Any:
