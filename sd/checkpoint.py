@@ -132,7 +132,9 @@ def check_weights_match(path: object, part: str, expected: Mapping[str, tuple],
 
 def _to_mlx(array: np.ndarray, dtype: mx.Dtype) -> mx.array:
     if array.ndim == 4:
-        array = array.transpose(0, 2, 3, 1)  # OIHW -> OHWI; mx.array copies into contiguous memory
+        # OIHW -> OHWI, made contiguous here: mx.array keeps a transposed view's strides, and every op that
+        # needs the weight contiguous (a conv GEMM's reshape) would copy it again on every call
+        array = np.ascontiguousarray(array.transpose(0, 2, 3, 1))
     weight = mx.array(array)
     return weight if weight.dtype == dtype else weight.astype(dtype)
 
