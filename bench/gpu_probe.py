@@ -76,7 +76,7 @@ def _check_kernels():
             e_conv = rel(K.conv3x3(conv, x, scale, shift, silu=True), ref)
             e_plain = rel(K.conv3x3(conv, x), conv(x))
             e = mx.array(rng.standard_normal((shape[0], shape[-1])).astype(np.float32) * 4).astype(dt)
-            sc, sh = K.group_norm_affine(gn, x, e)
+            sc, sh = K.group_norm_affine(gn, x, mx.contiguous(e.T))
             e_off = rel(x.astype(mx.float32) * sc[:, None, None, :] + sh[:, None, None, :],
                         gn((x + e[:, None, None, :]).astype(mx.float32)))
             key = f"{str(dt).split('.')[-1]} {shape}"
@@ -88,34 +88,46 @@ def _check_kernels():
 
 # ----------------------------------------------------------------------------------------- UNet
 def unet_variants(unet, args):
+    """Each lever's UNet step, timed in turn (interleaved rounds: the host's speed drifts), with its output's
+    difference from the first variant's."""
     rng = np.random.default_rng(1)
     x = mx.array(rng.standard_normal((2, 64, 64, 4)).astype(np.float32))
     t = mx.array(np.array([500.0, 500.0], np.float32))
     c = mx.array(rng.standard_normal((2, 77, 768)).astype(np.float32))
-    base = default_options("unet").with_(cuda_kernels=False)
+    base = default_options("unet").with_(cuda_kernels=True, shared_projections=False)
     variants = {
-        "default": base,
-        "default+cuda_kernels": base.with_(cuda_kernels=True),
-        "cuda_kernels, no mx.compile": base.with_(cuda_kernels=True, compile=False),
+        "kernels": base,
+        "kernels, no attention kernel": base,
+        "kernels+shared": base.with_(shared_projections=True),
+        "no kernels": base.with_(cuda_kernels=False),
+        "kernels, no mx.compile": base.with_(compile=False),
     }
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
-    times, outs = {}, {}
+    outs, fns = {}, {}
     for name, opts in variants.items():
         try:
             fast = FastUNet(unet, opts)
-            outs[name] = fast(x, t, c)
-            mx.eval(outs[name])
-            times[name] = median_ms(lambda f=fast: mx.eval(f(x, t, c)), repeats=args.steps)
-            ref = outs.get("default", outs[name])
-            log(f"[unet] {name}: {times[name]:.2f} ms  (rel diff vs default {rel(outs[name], ref):.2e})")
+            supported = K.attention_supported
+            if "no attention kernel" in name:  # compiled on this first call: trace it without the kernel
+                K.attention_supported = lambda *a: False
+            try:
+                outs[name] = fast(x, t, c)
+                mx.eval(outs[name])
+            finally:
+                K.attention_supported = supported
+            fns[name] = lambda f=fast: mx.eval(f(x, t, c))
+            ref = next(iter(outs.values()))
+            log(f"[unet] {name}: rel diff vs first {rel(outs[name], ref):.2e}")
         except Exception as e:  # keep going: one failing lever must not cost the run
             log(f"[unet] {name}: FAILED {type(e).__name__}: {e}")
+    _, times = timed_in_turn(fns, args.rounds, args.steps)
+    log("[unet] step medians (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in times.items()))
     RESULTS["unet_ms"] = times
     if args.variants:
         return x, t, c
     # CPU-side cost of building and dispatching one step (GPU work overlaps it)
-    fast = FastUNet(unet, base.with_(cuda_kernels=True))
+    fast = FastUNet(unet, default_options("unet"))
     mx.eval(fast(x, t, c))
     disp = []
     for _ in range(5):
@@ -232,9 +244,9 @@ def env_sweep(args):
         if setting != "(defaults)":
             env.update(kv.split("=", 1) for kv in setting.split(","))
         cmd = [sys.executable, "-m", "bench.gpu_probe", "--skip", "checks,vae", "--no-profile",
-               "--variants", "default+cuda_kernels", "--out", "/tmp/sweep", "--steps", str(args.steps)]
+               "--variants", "kernels", "--out", "/tmp/sweep", "--steps", str(args.steps)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        m = re.search(r"default\+cuda_kernels: ([0-9.]+) ms", proc.stdout)
+        m = re.search(r"step medians \(ms\): kernels=([0-9.]+)", proc.stdout)
         sweep[setting] = float(m.group(1)) if m else None
         log(f"[env] {setting}: {sweep[setting]} ms" + ("" if m else f"  (failed: {proc.stderr[-500:]})"))
     RESULTS["env_sweep_ms"] = sweep
@@ -374,8 +386,8 @@ def main(argv=None):
             unet = load_component(path, "unet", dtype="float16")
             x, t, c = unet_variants(unet, args)
             if not args.no_profile:
-                for name, opts in (("default", default_options("unet")),
-                                   ("cuda_kernels", default_options("unet").with_(cuda_kernels=True))):
+                for name, opts in (("kernels", default_options("unet").with_(shared_projections=False)),
+                                   ("kernels+shared", default_options("unet"))):
                     f = FastUNet(unet, opts)
                     profile_kernels(lambda f=f: mx.eval(f(x, t, c)), name)
             del unet

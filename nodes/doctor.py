@@ -44,9 +44,10 @@ def _environment(out: TextIO) -> None:
 
         print(f"cpu kernels:   {cpu_kernels.describe()}", file=out)
     else:
-        from sd import cuda_kernels
+        from sd import cuda_kernels, mlx_settings
 
         print(f"cuda kernels:  {cuda_kernels.describe()}", file=out)
+        print(f"mlx settings:  {mlx_settings.describe()}", file=out)
     dtypes = ", ".join(f"{c} {str(default_dtype(c)).removeprefix('mlx.core.')}" for c in COMPONENTS)
     print(f"dtypes:        {dtypes}", file=out)
     root = default_cache_dir()

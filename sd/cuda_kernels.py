@@ -2,14 +2,18 @@
 
 MLX compiles (`mx.compile`) chains of element-wise ops into one kernel, but a GroupNorm's statistics are
 reductions it runs separately over an fp32 copy, and a 3x3 convolution done as im2col + GEMM (faster than
-MLX's cuDNN convs on the H100, see BENCHMARKS.md) costs a pad copy plus nine slice copies. Two kernels
-(through `mx.fast.cuda_kernel`, JIT-compiled by MLX with NVRTC, cached per shape/dtype) replace them:
+MLX's cuDNN convs on the H100, see BENCHMARKS.md) costs a pad copy plus nine slice copies; and attention with
+heads wider than 128 (SD's 1280-channel levels: 8 heads of 160) has no fused kernel in MLX, whose fallback is
+~7 kernels with head-transposing copies. Kernels through `mx.fast.cuda_kernel` (JIT-compiled by MLX with
+NVRTC, cached per shape/dtype) replace them:
 
 - `channel_sums`: per-(batch, channel) sums of x and x^2 over the pixels, read once in the input dtype, in
   fp32 partial sums over pixel chunks (no atomics; deterministic), finished by a tiny MLX sum.
 - `im2col3x3`: the [pixels, 9*C] im2col matrix of a zero-padded 3x3 window, written in one pass; optionally
   applying a per-(batch, channel) affine map and SiLU to the input first, so GroupNorm-apply + SiLU + im2col
   is one kernel feeding one GEMM.
+- `attention`: softmax(q k^T) v for 129..256-wide heads, reading q/k/v in place from the projections'
+  buffers, flash attention's online softmax in fp32 (`sdgraph_attention`).
 
 Used by `sd/fast.py` only where `available()` (MLX's CUDA backend); everything else keeps the MLX ops.
 `SDGRAPH_CUDA_KERNELS=0` switches them off.
@@ -40,7 +44,7 @@ def describe() -> str:
         return "off (SDGRAPH_CUDA_KERNELS=0)"
     if not mx.cuda.is_available():
         return "not used (MLX is not on its CUDA backend)"
-    return "on (GroupNorm statistics, im2col 3x3 convs; JIT-compiled by MLX on first use)"
+    return "on (GroupNorm statistics, im2col 3x3 convs, 160-wide attention; JIT-compiled by MLX on first use)"
 
 
 # ------------------------------------------------------------------------------------ channel sums
@@ -101,8 +105,10 @@ def channel_sums(x: mx.array) -> tuple[mx.array, mx.array]:
 
 _AFFINE_SOURCE = """
     // one block per (group, batch): finish the partial sums, then scale/shift for the group's channels.
-    // With OFFSET, the statistics are those of x + offset[b, c] (a per-channel shift folded in, never added):
+    // With OFFSET, the statistics are those of x + offset (a per-(batch, channel) shift folded in, never
+    // added; stored channel-major, offset[c * B + b]):
     // a chunk of n pixels has sum(x+e) = S1 + n e and sum((x+e)^2) = S2 + 2 e S1 + n e^2.
+    const int B = part_shape[0];
     const int nchunk = part_shape[1];
     const int C = part_shape[3];
     const int g = blockIdx.x;
@@ -116,7 +122,7 @@ _AFFINE_SOURCE = """
         const float p1 = pb[(size_t)k * 2 * C + c];
         const float p2 = pb[(size_t)k * 2 * C + C + c];
         if (OFFSET) {
-            const float e = static_cast<float>(offset[(size_t)b * C + c]);
+            const float e = static_cast<float>(offset[(size_t)c * B + b]);
             const float n = (float)min(CHUNK, NPIX - k * CHUNK);
             s1 += p1 + n * e;
             s2 += p2 + 2.f * e * p1 + n * e * e;
@@ -153,7 +159,7 @@ _AFFINE_SOURCE = """
     for (int j = threadIdx.x; j < cpg; j += blockDim.x) {
         const int c = g * cpg + j;
         const float sc = rstd * static_cast<float>(weight[c]);
-        const float e = OFFSET ? static_cast<float>(offset[(size_t)b * C + c]) : 0.f;
+        const float e = OFFSET ? static_cast<float>(offset[(size_t)c * B + b]) : 0.f;
         scale[(size_t)b * C + c] = sc;
         shift[(size_t)b * C + c] = static_cast<float>(bias[c]) + (e - mean) * sc;
     }
@@ -166,12 +172,12 @@ def _affine_kernel():
                                output_names=["scale", "shift"], source=_AFFINE_SOURCE)
 
 
-def group_norm_affine(gn, x: mx.array, offset: mx.array | None = None) -> tuple[mx.array, mx.array]:
+def group_norm_affine(gn, x: mx.array, offset_t: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift (sd.fast applies them, fused by
     mx.compile into the next element-wise kernel or into the im2col kernel): two kernels (partial sums over
-    pixel chunks, then one block per (group, batch) finishing them). With `offset` [B, C], the same for
-    x + offset (broadcast over pixels), never summed:
-    x*scale + shift == group_norm(x + offset)."""
+    pixel chunks, then one block per (group, batch) finishing them). With `offset_t` [C, B] (an offset
+    [B, C], transposed), the same for x + offset (broadcast over pixels), never summed:
+    x*scale + shift == group_norm(x + offset_t.T)."""
     b, c, g = x.shape[0], x.shape[-1], gn.num_groups
     x3 = x.reshape(b, -1, c)
     chunk = _chunk_for(b, x3.shape[1])
@@ -179,9 +185,9 @@ def group_norm_affine(gn, x: mx.array, offset: mx.array | None = None) -> tuple[
     weight = gn.weight if "weight" in gn else mx.ones((c,), mx.float32)
     bias = gn.bias if "bias" in gn else mx.zeros((c,), mx.float32)
     scale, shift = _affine_kernel()(
-        inputs=[part, weight, bias, offset if offset is not None else mx.zeros((1,), mx.float32)],
+        inputs=[part, weight, bias, offset_t if offset_t is not None else mx.zeros((1,), mx.float32)],
         template=[("G", g), ("NPIX", x3.shape[1]), ("CHUNK", chunk), ("EPS_E9", round(gn.eps * 1e9)),
-                  ("OFFSET", offset is not None)],
+                  ("OFFSET", offset_t is not None)],
         grid=(g * 128, b, 1), threadgroup=(128, 1, 1),
         output_shapes=[(b, c), (b, c)], output_dtypes=[mx.float32, mx.float32])
     return scale, shift
@@ -256,6 +262,122 @@ def im2col3x3(x: mx.array, scale: mx.array | None = None, shift: mx.array | None
         template=[("T", x.dtype), ("VEC", vec), ("AFFINE", affine), ("SILU", bool(silu))],
         grid=(b * h * w * 9 * (c // vec), 1, 1), threadgroup=(_THREADS, 1, 1),
         output_shapes=[(b * h * w, 9 * c)], output_dtypes=[x.dtype])
+    return out
+
+
+# ------------------------------------------------------------------------------------- attention
+_ATTN_SOURCE = """
+    // One block: QB queries of one (batch, head). K/V pass through shared memory in tiles of KB keys;
+    // softmax by flash attention's online recurrence, all in fp32 on CUDA cores (heads this kernel serves
+    // are short: SD's 160-wide heads see 64-256 queries and keys).
+    constexpr int QB = 32, KB = 16, NT = 256, DPT = D / 8;
+    __shared__ float qs[QB][D + 1];
+    __shared__ float ks[KB][D + 1];
+    __shared__ float vs[KB][D];
+    __shared__ float S[QB][KB + 1];
+    __shared__ float m_s[QB], l_s[QB], a_s[QB];
+    const int Lq = q_shape[1];
+    const int Lk = k_shape[1];
+    const int b = blockIdx.y / H;
+    const int h = blockIdx.y % H;
+    const int q0 = blockIdx.x * QB;
+    const int t = threadIdx.x;
+    const float sc = scale[0];
+    const T* qb = q + b * q_strides[0] + h * D;
+    const T* kb = k + b * k_strides[0] + h * D;
+    const T* vb = v + b * v_strides[0] + h * D;
+    for (int i = t; i < QB * D; i += NT) {
+        const int r = i / D, d = i % D;
+        qs[r][d] = q0 + r < Lq ? static_cast<float>(qb[(size_t)(q0 + r) * q_strides[1] + d]) * sc : 0.f;
+    }
+    if (t < QB) { m_s[t] = -INFINITY; l_s[t] = 0.f; }
+    const int ro = t >> 3;        // this thread's output row and its dims (t & 7) + 8 j
+    float acc[DPT];
+    #pragma unroll
+    for (int j = 0; j < DPT; ++j) acc[j] = 0.f;
+    for (int k0 = 0; k0 < Lk; k0 += KB) {
+        __syncthreads();
+        for (int i = t; i < KB * D; i += NT) {
+            const int c = i / D, d = i % D;
+            const bool in = k0 + c < Lk;
+            ks[c][d] = in ? static_cast<float>(kb[(size_t)(k0 + c) * k_strides[1] + d]) : 0.f;
+            vs[c][d] = in ? static_cast<float>(vb[(size_t)(k0 + c) * v_strides[1] + d]) : 0.f;
+        }
+        __syncthreads();
+        #pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+            const int c = (t & 7) + 8 * cc;
+            float s = 0.f;
+            #pragma unroll 8
+            for (int d = 0; d < D; ++d) s += qs[ro][d] * ks[c][d];
+            S[ro][c] = k0 + c < Lk ? s : -INFINITY;
+        }
+        __syncthreads();
+        {
+            const int w = t >> 5, lane = t & 31;
+            for (int rr = 0; rr < QB / 8; ++rr) {
+                const int r = w * (QB / 8) + rr;
+                const float s = lane < KB ? S[r][lane] : -INFINITY;
+                float mx = s;
+                for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+                const float m_old = m_s[r];
+                const float m_new = fmaxf(m_old, mx);
+                const float p = s == -INFINITY ? 0.f : __expf(s - m_new);
+                float sum = p;
+                for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
+                if (lane < KB) S[r][lane] = p;
+                if (lane == 0) {
+                    const float a = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
+                    a_s[r] = a;
+                    l_s[r] = l_s[r] * a + sum;
+                    m_s[r] = m_new;
+                }
+            }
+        }
+        __syncthreads();
+        const float a = a_s[ro];
+        #pragma unroll
+        for (int j = 0; j < DPT; ++j) acc[j] *= a;
+        for (int c = 0; c < KB; ++c) {
+            const float p = S[ro][c];
+            #pragma unroll
+            for (int j = 0; j < DPT; ++j) acc[j] += p * vs[c][(t & 7) + 8 * j];
+        }
+    }
+    const int qi = q0 + ro;
+    if (qi < Lq) {
+        const float inv = 1.f / l_s[ro];
+        T* o = out + ((size_t)b * Lq + qi) * (H * D) + h * D;
+        #pragma unroll
+        for (int j = 0; j < DPT; ++j) o[(t & 7) + 8 * j] = static_cast<T>(acc[j] * inv);
+    }
+"""
+
+
+@cache
+def _attention_kernel():
+    return mx.fast.cuda_kernel(name="sdgraph_attention", input_names=["q", "k", "v", "scale"],
+                               output_names=["out"], source=_ATTN_SOURCE, ensure_row_contiguous=False)
+
+
+def attention_supported(q: mx.array, k: mx.array, heads: int) -> bool:
+    """Heads cuDNN's fused attention does not take (wider than 128) and this kernel does: a multiple of 8 up
+    to 256 wide."""
+    d = q.shape[-1] // heads
+    return 128 < d <= 256 and d % 8 == 0 and q.ndim == 3 and k.ndim == 3
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float) -> mx.array:
+    """softmax(scale q k^T) v per head, q [B, Lq, heads*D], k/v [B, Lk, heads*D] read in place (strided views
+    of a fused projection too: slices along the last axis of a contiguous array, whose channel stride is
+    1) -> [B, Lq, heads*D]."""
+    b, lq, inner = q.shape
+    d = inner // heads
+    (out,) = _attention_kernel()(
+        inputs=[q, k, v, mx.array([scale], mx.float32)],
+        template=[("T", q.dtype), ("D", d), ("H", heads)],
+        grid=(-(-lq // 32) * 256, b * heads, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(b, lq, inner)], output_dtypes=[q.dtype])
     return out
 
 

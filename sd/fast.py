@@ -43,6 +43,9 @@ class FastOptions:
     cpu_kernels: bool = False     # CPU, fp32: attention, GEGLU, GroupNorm(+SiLU) and large 3x3 convs as
                                   # sd/cpu_kernels.py's C kernels (they evaluate their inputs, so
                                   # FastUNet/FastVAEDecoder then do not mx.compile)
+    shared_projections: bool = False  # (with fused_qkv) one GEMM per step for all ResBlocks' time-embedding
+                                      # projections and one for all cross-attentions' k|v: each set reads
+                                      # the same input (22 + 16 small GEMMs -> 2 in SD1.5)
 
     def with_(self, **changes) -> FastOptions:
         return replace(self, **changes)
@@ -132,15 +135,16 @@ def group_norm(gn: nn.GroupNorm, x: mx.array, opts: FastOptions) -> mx.array:
 
 
 def norm_silu_conv(gn: nn.GroupNorm, conv: nn.Conv2d, x: mx.array, opts: FastOptions,
-                   offset: mx.array | None = None) -> mx.array:
-    """conv(silu(group_norm(x + offset))) (offset [B, C], e.g. a ResBlock's time embedding, broadcast over the
-    pixels): the ResBlock / UNet-output / VAE pattern, in one place so a backend's fused kernel can take all
-    of it."""
+                   offset_t: mx.array | None = None) -> mx.array:
+    """conv(silu(group_norm(x + offset))) with offset_t = offset transposed, [C, B] (e.g. a ResBlock's time
+    embedding, broadcast over the pixels; channel-major so that one channel range of a shared projection is
+    a contiguous slice): the ResBlock / UNet-output / VAE pattern, in one place so a backend's fused kernel
+    can take all of it."""
     if _cuda_im2col(conv, x, opts):
-        scale, shift = cuda_kernels.group_norm_affine(gn, x, offset)
+        scale, shift = cuda_kernels.group_norm_affine(gn, x, offset_t)
         return cuda_kernels.conv3x3(conv, x, scale, shift, silu=True)
-    if offset is not None:
-        x = x + offset.reshape(offset.shape[0], *(1,) * (x.ndim - 2), offset.shape[-1])
+    if offset_t is not None:
+        x = x + offset_t.T.reshape(offset_t.shape[1], *(1,) * (x.ndim - 2), offset_t.shape[0])
     kernels = _cpu_kernels(opts, x)
     if kernels and gn.pytorch_compatible:
         y = kernels.group_norm(x, gn.num_groups, gn.get("weight"), gn.get("bias"), gn.eps, silu=True)
@@ -188,11 +192,14 @@ def _heads(t: mx.array, heads: int) -> mx.array:
 
 
 def attention(attn, x: mx.array, context: mx.array | None, opts: FastOptions,
-              fused: mx.array | None = None) -> mx.array:
+              fused: mx.array | None = None, kv: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """sd.unet_blocks.Attention's computation (no q/k/v bias). `fused`: the module's q|k|v (self-attention) or
-    k|v (cross-attention) weights already concatenated (see FusedProjections)."""
+    k|v (cross-attention) weights already concatenated (see FusedProjections); `kv`: cross-attention's k and v
+    already projected (by a shared GEMM)."""
     heads = attn.heads
-    if opts.fused_qkv and context is None:
+    if kv is not None:
+        q, (k, v) = x @ attn.to_q.weight.T, kv
+    elif opts.fused_qkv and context is None:
         w = fused if fused is not None else fuse_projections(attn, cross=False)
         q, k, v = mx.split(x @ w.T, 3, axis=-1)
     elif opts.fused_qkv:
@@ -204,10 +211,14 @@ def attention(attn, x: mx.array, context: mx.array | None, opts: FastOptions,
         q, k, v = x @ attn.to_q.weight.T, ctx @ attn.to_k.weight.T, ctx @ attn.to_v.weight.T
     kernels = _cpu_kernels(opts, x)
     if kernels:  # reads q/k/v in place (also strided thirds of the fused buffer), no head transposes
-        return attn.to_out[0](kernels.attention(q, k, v, heads, attn.scale))
-    out = _attention_core(_heads(q, heads), _heads(k, heads), _heads(v, heads), attn.scale, opts)
-    b, _, n, _ = out.shape
-    return attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        out = kernels.attention(q, k, v, heads, attn.scale)
+    elif opts.cuda_kernels and cuda_kernels.attention_supported(q, k, heads):  # heads cuDNN lacks (160 wide)
+        out = cuda_kernels.attention(q, k, v, heads, attn.scale)
+    else:
+        out = _attention_core(_heads(q, heads), _heads(k, heads), _heads(v, heads), attn.scale, opts)
+        b, _, n, _ = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(b, n, -1)
+    return attn.to_out[0](out)
 
 
 def fuse_projections(attn, cross: bool) -> mx.array:
@@ -217,22 +228,64 @@ def fuse_projections(attn, cross: bool) -> mx.array:
 
 
 class FusedProjections:
-    """The fused projection weights of a UNet's attention modules, concatenated once and again only when one
-    of their arrays is replaced (a LoRA patch, new weights): concatenating inside every step cost one copy
-    kernel per weight per step (80 of a step's ~1000 kernels on the H100)."""
+    """The fused projection weights of a UNet, concatenated once and again only when one of their arrays is
+    replaced (a LoRA patch, new weights): concatenating inside every step cost one copy kernel per weight per
+    step (80 of a step's ~1000 kernels on the H100). Per attention module: q|k|v (self) or k|v (cross). With
+    `shared`: every cross-attention's k|v stacked into one weight (they all read the text context) and every
+    ResBlock's time-embedding projection stacked into another (they all read the time embedding), so each set
+    is one GEMM per step; `layout` maps id(module) to its row range in the stacked weight."""
 
-    def __init__(self, unet):
-        self.modules = [(blk.attn1, False) for blk in _transformer_blocks(unet)]
-        self.modules += [(blk.attn2, True) for blk in _transformer_blocks(unet)]
+    def __init__(self, unet, shared: bool = False):
+        blocks = _transformer_blocks(unet)
+        self.modules = [(blk.attn1, False) for blk in blocks] + [(blk.attn2, True) for blk in blocks]
+        self.shared = shared
+        self.res_blocks = [m for _, m in unet.named_modules() if isinstance(m, ResBlock)] if shared else []
+        self.layout: dict[str, dict[int, tuple[int, int]]] = {"context_kv": {}, "emb": {}}
+        if shared:
+            self.layout["context_kv"] = _row_ranges((id(m), 2 * m.to_k.weight.shape[0])
+                                                    for m, cross in self.modules if cross)
+            self.layout["emb"] = _row_ranges((id(rb), rb.emb_layers[1].weight.shape[0])
+                                             for rb in self.res_blocks)
         self._key: tuple = ()
-        self._weights: dict[int, mx.array] = {}
+        self._weights: dict = {}
 
-    def weights(self) -> dict[int, mx.array]:
-        key = tuple(id(p.weight) for m, _ in self.modules for p in (m.to_q, m.to_k, m.to_v))
+    def _sources(self) -> list[mx.array]:
+        arrays = [p.weight for m, _ in self.modules for p in (m.to_q, m.to_k, m.to_v)]
+        for rb in self.res_blocks:
+            lin = rb.emb_layers[1]
+            arrays += [lin.weight] + ([lin.bias] if "bias" in lin else [])
+        return arrays
+
+    def weights(self) -> dict:
+        key = tuple(id(a) for a in self._sources())
         if key != self._key:
-            self._weights = {id(m): fuse_projections(m, cross) for m, cross in self.modules}
+            self._weights = self._build()
             self._key = key
         return self._weights
+
+    def _build(self) -> dict:
+        shared_cross = self.shared and any(cross for _, cross in self.modules)
+        w: dict = {id(m): fuse_projections(m, cross) for m, cross in self.modules
+                   if not (cross and shared_cross)}
+        if shared_cross:
+            w["context_kv"] = mx.concatenate([fuse_projections(m, True)
+                                              for m, cross in self.modules if cross])
+        if self.res_blocks:
+            lins = [rb.emb_layers[1] for rb in self.res_blocks]
+            w["emb"] = mx.concatenate([lin.weight for lin in lins])
+            w["emb_bias"] = mx.concatenate([lin.bias if "bias" in lin else mx.zeros((lin.weight.shape[0],),
+                                                                                    lin.weight.dtype)
+                                            for lin in lins])
+        mx.eval(w)
+        return w
+
+
+def _row_ranges(sizes) -> dict[int, tuple[int, int]]:
+    out, start = {}, 0
+    for key, n in sizes:
+        out[key] = (start, start + n)
+        start += n
+    return out
 
 
 def _transformer_blocks(unet) -> list:
@@ -240,21 +293,49 @@ def _transformer_blocks(unet) -> list:
             for blk in m.transformer_blocks]
 
 
+class _Shared:
+    """What one UNet step computes once for many blocks: the fused weights (by module id), cross-attention k/v
+    and ResBlock time-embedding offsets from the shared GEMMs (by module id)."""
+
+    def __init__(self, fused: dict, layout: dict | None, context: mx.array, emb: mx.array):
+        self.fused = fused
+        self.kv: dict[int, tuple[mx.array, mx.array]] = {}
+        self.offsets: dict[int, mx.array] = {}
+        if layout and "context_kv" in fused:
+            kv = context @ fused["context_kv"].T                        # [B, L, sum of 2C]
+            for key, (a, b) in layout["context_kv"].items():
+                self.kv[key] = tuple(mx.split(kv[..., a:b], 2, axis=-1))
+        if layout and "emb" in fused:
+            e_t = fused["emb"] @ nn.silu(emb).T + fused["emb_bias"][:, None]   # [sum of C, B]
+            self.offsets = {key: e_t[a:b] for key, (a, b) in layout["emb"].items()}
+
+
 # --------------------------------------------------------------------------------------------- UNet
-def _res_block(blk: ResBlock, x: mx.array, emb: mx.array, opts: FastOptions) -> mx.array:
+def _emb_offset_t(blk: ResBlock, emb: mx.array) -> mx.array:
+    """The ResBlock's time-embedding projection, transposed: [C, B]."""
+    lin = blk.emb_layers[1]
+    y = lin.weight @ nn.silu(emb).T
+    return y + lin.bias[:, None] if "bias" in lin else y
+
+
+def _res_block(blk: ResBlock, x: mx.array, emb: mx.array, opts: FastOptions,
+               offset_t: mx.array | None = None) -> mx.array:
+    """offset_t: the block's time-embedding projection [C, B] when computed by a shared GEMM."""
     h = norm_silu_conv(blk.in_layers[0], blk.in_layers[2], x, opts)
-    h = norm_silu_conv(blk.out_layers[0], blk.out_layers[3], h, opts, offset=blk.emb_layers[1](nn.silu(emb)))
+    offset_t = _emb_offset_t(blk, emb) if offset_t is None else offset_t
+    h = norm_silu_conv(blk.out_layers[0], blk.out_layers[3], h, opts, offset_t=offset_t)
     skip = conv2d(blk.skip_connection, x, opts, padding=0) if "skip_connection" in blk else x
     return skip + h
 
 
 def _transformer(st: SpatialTransformer, x: mx.array, context: mx.array, opts: FastOptions,
-                 fused: dict) -> mx.array:
+                 shared: _Shared) -> mx.array:
     b, hh, ww, c = x.shape
     h = conv2d(st.proj_in, group_norm(st.norm, x, opts), opts, padding=0).reshape(b, hh * ww, c)
     for blk in st.transformer_blocks:
-        h = h + attention(blk.attn1, blk.norm1(h), None, opts, fused.get(id(blk.attn1)))
-        h = h + attention(blk.attn2, blk.norm2(h), context, opts, fused.get(id(blk.attn2)))
+        a1, a2 = blk.attn1, blk.attn2
+        h = h + attention(a1, blk.norm1(h), None, opts, shared.fused.get(id(a1)))
+        h = h + attention(a2, blk.norm2(h), context, opts, shared.fused.get(id(a2)), shared.kv.get(id(a2)))
         h = h + blk.ff.net[2](_geglu(blk.ff.net[0].proj(blk.norm3(h)), opts))
     return x + conv2d(st.proj_out, h.reshape(b, hh, ww, c), opts, padding=0)
 
@@ -273,12 +354,12 @@ def _upsample2x(x: mx.array) -> mx.array:
     return mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, h * 2, w * 2, c)
 
 
-def _layer(layer, h: mx.array, emb: mx.array, context: mx.array, opts: FastOptions,
-           output_hw: tuple[int, int] | None = None, fused: dict | None = None) -> mx.array:
+def _layer(layer, h: mx.array, emb: mx.array, context: mx.array, opts: FastOptions, shared: _Shared,
+           output_hw: tuple[int, int] | None = None) -> mx.array:
     if isinstance(layer, ResBlock):
-        return _res_block(layer, h, emb, opts)
+        return _res_block(layer, h, emb, opts, shared.offsets.get(id(layer)))
     if isinstance(layer, SpatialTransformer):
-        return _transformer(layer, h, context, opts, fused or {})
+        return _transformer(layer, h, context, opts, shared)
     if isinstance(layer, Downsample):
         return conv2d(layer.op, h, opts, stride=2, padding=1)
     if isinstance(layer, Upsample):
@@ -290,27 +371,28 @@ def _layer(layer, h: mx.array, emb: mx.array, context: mx.array, opts: FastOptio
 
 
 def unet_forward(unet, x: mx.array, timesteps: mx.array, context: mx.array, opts: FastOptions,
-                 fused: dict | None = None) -> mx.array:
-    """The computation of UNetModel.__call__, with the optimised ops. `fused`: id(attention module) -> its
-    concatenated projection weights (FusedProjections.weights), else they are concatenated here."""
-    fused = fused or {}
+                 fused: dict | None = None, layout: dict | None = None) -> mx.array:
+    """The computation of UNetModel.__call__, with the optimised ops. `fused`: FusedProjections.weights()
+    (by attention module id, and the shared stacks), else projections are concatenated here; `layout`: its
+    FusedProjections.layout (where each module's rows are in the shared stacks)."""
     dtype = unet.time_embed[0].weight.dtype
     t_emb = timestep_embedding(timesteps, unet.config.model_channels).astype(dtype)
     emb = unet.time_embed[2](nn.silu(unet.time_embed[0](t_emb)))
     context = context.astype(dtype)
+    shared = _Shared(fused or {}, layout, context, emb)
     h = conv2d(unet.input_blocks[0][0], x.astype(dtype), opts)
     skips = [h]
     for block in unet.input_blocks[1:]:
         for layer in block:
-            h = _layer(layer, h, emb, context, opts, fused=fused)
+            h = _layer(layer, h, emb, context, opts, shared)
         skips.append(h)
     for layer in unet.middle_block:
-        h = _layer(layer, h, emb, context, opts, fused=fused)
+        h = _layer(layer, h, emb, context, opts, shared)
     for block in unet.output_blocks:
         h = mx.concatenate([h, skips.pop()], axis=-1)
         for layer in block:
             hw = tuple(skips[-1].shape[1:3]) if isinstance(layer, Upsample) else None
-            h = _layer(layer, h, emb, context, opts, hw, fused)
+            h = _layer(layer, h, emb, context, opts, shared, hw)
     h = norm_silu_conv(unet.out[0], unet.out[2], h, opts)
     return h.astype(x.dtype)
 
@@ -327,9 +409,11 @@ class FastUNet:
     def __init__(self, unet, opts: FastOptions | None = None):
         self.unet = unet
         self.opts = opts or default_options("unet")
-        self.fused = FusedProjections(unet) if self.opts.fused_qkv else None
+        self.fused = (FusedProjections(unet, shared=self.opts.shared_projections) if self.opts.fused_qkv
+                      else None)
+        layout = self.fused.layout if self.fused else None
         # the fused weights are arguments (not captured constants), so new ones reach the compiled graph
-        fn = lambda x, t, c, fused: unet_forward(self.unet, x, t, c, self.opts, fused)  # noqa: E731
+        fn = lambda x, t, c, fused: unet_forward(self.unet, x, t, c, self.opts, fused, layout)  # noqa: E731
         self._fn = mx.compile(fn, inputs=unet.state) if _compiles(self.opts) else fn
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
@@ -430,20 +514,23 @@ class FastVAEDecoder(_FastVAEPath):
 def default_options(component: str = "unet") -> FastOptions:
     """The levers that paid, per backend and component (measured by bench/levers.py, see BENCHMARKS.md).
 
-    GPU UNet: im2col 3x3 convs + fused QKV under one mx.compile; on MLX's CUDA backend the GroupNorm
-    statistics and the (GroupNorm-apply + SiLU +) im2col are sd/cuda_kernels.py's kernels, elsewhere
-    column-sum GroupNorm and a concatenated im2col. GPU VAE: mx.compile + the GroupNorm kernels / column-sum
-    GroupNorm, cuDNN convs (im2col's 9x-wide copies of 128/256-channel 512x512 activations cost more than
-    they save, and memory). CPU: the C kernels of sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU,
-    convs) with fused QKV, uncompiled, where they build; else mx.compile + attention's queries split over one
-    CPU stream per core (2 cores: UNet CFG step 28.4 -> 23.5 s; chunking queries alone did not pay).
+    GPU UNet: im2col 3x3 convs + fused QKV + shared projections (one GEMM for all time-embedding
+    projections, one for all cross-attention k|v) under one mx.compile; on MLX's CUDA backend the GroupNorm
+    statistics, the (GroupNorm-apply + SiLU +) im2col and attention for 160-wide heads are
+    sd/cuda_kernels.py's kernels, elsewhere column-sum GroupNorm and a concatenated im2col. GPU VAE:
+    mx.compile + the GroupNorm kernels / column-sum GroupNorm, cuDNN convs (im2col's 9x-wide copies of
+    128/256-channel 512x512 activations cost more than they save, and memory). CPU: the C kernels of
+    sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU, convs) with fused QKV, uncompiled, where they
+    build; else mx.compile + attention's queries split over one CPU stream per core (2 cores: UNet CFG step
+    28.4 -> 23.5 s; chunking queries alone did not pay).
     """
     from sd.precision import on_gpu
 
     if on_gpu():
         kernels = cuda_kernels.available()
         if component == "unet":
-            return FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, cuda_kernels=kernels)
+            return FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, shared_projections=True,
+                               cuda_kernels=kernels)
         return FastOptions(groupnorm="colsum", cuda_kernels=kernels)
     import os
 

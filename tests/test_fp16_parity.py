@@ -100,6 +100,8 @@ UNET_LEVERS = {
     "auto attention": FastOptions(attention="auto"),
     "chunked attention": FastOptions(attn_chunk=64),
     "GPU default": FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True),
+    "shared projections": FastOptions(fused_qkv=True, shared_projections=True),
+    "shared projections, uncompiled": FastOptions(compile=False, fused_qkv=True, shared_projections=True),
     "attention over 2 CPU streams": FastOptions(streams=2),
     "batch over 2 CPU streams": FastOptions(batch_streams=2, streams=2),
 }
@@ -160,10 +162,14 @@ def test_fused_projections_follow_replaced_weights(path, unet_args, compile_):
     """FastUNet keeps q|k|v concatenated across calls; replacing a weight array (what a LoRA patch or a reload
     does) must reach the next call, compiled or not."""
     unet = load_checkpoint(path, dtype="float32").unet
-    fast = FastUNet(unet, FastOptions(compile=compile_, fused_qkv=True))
+    fast = FastUNet(unet, FastOptions(compile=compile_, fused_qkv=True, shared_projections=True))
     assert rel_err(fast(*unet_args), unet(*unet_args)) <= FAST_TOLERANCE
     for m, _ in fast.fused.modules:
         m.to_k.weight = m.to_k.weight * 1.5
         m.to_v.weight = -m.to_v.weight
+    for rb in fast.fused.res_blocks:  # the time-embedding projections are stacked too
+        rb.emb_layers[1].weight = rb.emb_layers[1].weight * 3.0
+        rb.emb_layers[1].bias = rb.emb_layers[1].bias - 1.0
+    assert fast.fused.res_blocks
     ref = unet(*unet_args)
     assert rel_err(fast(*unet_args), ref) <= FAST_TOLERANCE
