@@ -207,6 +207,7 @@ def main(argv=None):
                 f"weights {mx.get_active_memory() / 2**20:.0f} MiB active")
         if "trace" not in skip:
             RESULTS["trace"] = trace(lambda: mx.eval(fast(x, t, c)), out)
+
     finally:
         (out / "gpu-anatomy.json").write_text(json.dumps(RESULTS, indent=1))
 

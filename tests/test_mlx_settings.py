@@ -11,17 +11,17 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX's C
 
 @linux
 def test_defaults_fill_only_unset_variables(monkeypatch):
-    monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
     monkeypatch.setattr(mlx_settings, "_applied", {})
     mlx_settings.apply_defaults()
-    assert mlx_settings.os.environ["MLX_USE_CUDA_GRAPHS"] == "0"
-    assert "MLX_USE_CUDA_GRAPHS=0 (sdgraph default)" in mlx_settings.describe()
+    assert mlx_settings.os.environ["MLX_MAX_MB_PER_BUFFER"] == "32"
+    assert "MLX_MAX_MB_PER_BUFFER=32 (sdgraph default)" in mlx_settings.describe()
 
 
 @linux
 def test_a_user_setting_is_kept_and_reported(monkeypatch):
-    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "1")
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "16")
     monkeypatch.setattr(mlx_settings, "_applied", {})
     mlx_settings.apply_defaults()
-    assert mlx_settings.os.environ["MLX_USE_CUDA_GRAPHS"] == "1"
-    assert "MLX_USE_CUDA_GRAPHS=1 (set by you)" in mlx_settings.describe()
+    assert mlx_settings.os.environ["MLX_MAX_MB_PER_BUFFER"] == "16"
+    assert "MLX_MAX_MB_PER_BUFFER=16 (set by you)" in mlx_settings.describe()

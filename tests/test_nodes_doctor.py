@@ -16,4 +16,6 @@ def test_doctor_reports_and_runs(tmp_path, monkeypatch):
         assert label in text
     assert "unet float" in text and "0 nodes ran" in text
     assert text.rstrip().endswith("OK")
-    assert not (tmp_path / "cache").exists()
+    # no results cached (the CPU kernels' build may land in <cache>/kernels when this test runs first)
+    cache = tmp_path / "cache"
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.relative_to(cache).parts[0] != "kernels"]
