@@ -56,6 +56,21 @@ def interleaved(impls: dict, rounds: int, per_round: int = 1, warmup: int = 1,
     return times
 
 
+def mlx_unet_loop(fast, x, t, c, steps: int = 20) -> None:
+    """`steps` UNet calls as a sampler makes them: each fed the previous one's output, pipelined by
+    sd.samplers_common.report (step i evaluates while step i+1's graph is built)."""
+    import mlx.core as mx
+
+    from sd.samplers_common import report
+
+    xx = x
+    for i in range(steps):
+        d = fast(xx, t, c)
+        xx = xx - 1e-3 * d
+        report(None, i, xx, d)
+    mx.eval(xx)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

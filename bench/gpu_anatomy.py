@@ -21,7 +21,7 @@ import torch  # noqa: F401  (before MLX: its CUDA wheel's cuDNN must not be load
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import OUT_DIR, ensure_checkpoint  # noqa: E402
+from bench.common import OUT_DIR, ensure_checkpoint, mlx_unet_loop  # noqa: E402
 from sd.checkpoint import load_component  # noqa: E402
 from sd.fast import FastUNet, default_options  # noqa: E402
 
@@ -126,15 +126,8 @@ def split_times(fast, x, t, c, repeats: int = 15) -> dict:
 def loop_ms(fast, x, t, c, steps: int = 20, repeats: int = 5) -> float:
     """ms per step of a 20-step loop, each step fed the previous one's output and pipelined the way the
     samplers are (sd.samplers_common.report: step i evaluates while step i+1's graph is built)."""
-    from sd.samplers_common import report
-
     def run():
-        xx = x
-        for i in range(steps):
-            d = fast(xx, t, c)
-            xx = xx - 1e-3 * d
-            report(None, i, xx, d)
-        mx.eval(xx)
+        mlx_unet_loop(fast, x, t, c, steps)
 
     run()
     times = []

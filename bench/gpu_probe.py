@@ -22,7 +22,7 @@ import torch  # noqa: F401  (before MLX: its CUDA wheel's cuDNN must not be load
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import OUT_DIR, ensure_checkpoint, interleaved, median_time  # noqa: E402
+from bench.common import OUT_DIR, ensure_checkpoint, interleaved, median_time, mlx_unet_loop  # noqa: E402
 from sd import cuda_kernels as K  # noqa: E402
 from sd.checkpoint import load_component  # noqa: E402
 from sd.fast import FastOptions, FastUNet, FastVAEDecoder, default_options, group_norm  # noqa: E402
@@ -308,15 +308,8 @@ def round_robin(path, args):
     # the same UNet inside a 20-step loop (each step feeds the next, as a sampler does): MLX pipelined by
     # sd.samplers_common.report (step i computes while step i+1's graph is built), torch launching
     # asynchronously and synchronising once at the end; ms per step
-    from sd.samplers_common import report
-
     def mlx_loop():
-        xx = x
-        for i in range(LOOP_STEPS):
-            d = fast(xx, t, c)
-            xx = xx - 1e-3 * d
-            report(None, i, xx, d)
-        mx.eval(xx)
+        mlx_unet_loop(fast, x, t, c, LOOP_STEPS)
 
     def torch_loop(m):
         def run():
