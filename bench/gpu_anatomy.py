@@ -22,6 +22,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import OUT_DIR, ensure_checkpoint, mlx_unet_loop  # noqa: E402
+from bench.sections import mlx_working_memory  # noqa: E402
 from sd.checkpoint import load_component  # noqa: E402
 from sd.fast import FastUNet, default_options  # noqa: E402
 
@@ -162,16 +163,6 @@ def trace(fn, out: Path, steps: int = 3) -> dict:
     return {"kernels": per, "span_ms": span, "kernel_ms": busy}
 
 
-def working_memory(fn) -> float:
-    mx.eval(fn())
-    mx.synchronize()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(fn())
-    mx.synchronize()
-    return (mx.get_peak_memory() - base) / 2**20
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(OUT_DIR))
@@ -195,7 +186,7 @@ def main(argv=None):
         if "loop" not in skip:
             RESULTS["loop_ms_per_step"] = loop_ms(fast, x, t, c)
         if "memory" not in skip:
-            RESULTS["unet_working_mib"] = working_memory(lambda: fast(x, t, c))
+            RESULTS["unet_working_mib"] = mlx_working_memory(lambda: fast(x, t, c))
             log(f"[memory] UNet step working memory {RESULTS['unet_working_mib']:.0f} MiB, "
                 f"weights {mx.get_active_memory() / 2**20:.0f} MiB active")
         if "trace" not in skip:

@@ -23,6 +23,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import OUT_DIR, ensure_checkpoint, interleaved, median_time, mlx_unet_loop  # noqa: E402
+from bench.gpu_anatomy import split_times  # noqa: E402
 from sd import cuda_kernels as K  # noqa: E402
 from sd.checkpoint import load_component  # noqa: E402
 from sd.fast import FastOptions, FastUNet, FastVAEDecoder, default_options, group_norm  # noqa: E402
@@ -127,16 +128,8 @@ def unet_variants(unet, args):
     if args.variants:
         return x, t, c
     # CPU-side cost of building and dispatching one step (GPU work overlaps it)
-    fast = FastUNet(unet, default_options("unet"))
-    mx.eval(fast(x, t, c))
-    disp = []
-    for _ in range(5):
-        s = time.perf_counter()
-        y = fast(x, t, c)
-        mx.async_eval(y)
-        disp.append(time.perf_counter() - s)
-        mx.eval(y)
-    RESULTS["unet_dispatch_ms"] = statistics.median(disp) * 1e3
+    split = split_times(FastUNet(unet, default_options("unet")), x, t, c)
+    RESULTS["unet_dispatch_ms"] = split["call_ms"] + split["dispatch_ms"]
     log(f"[unet] dispatch (graph build + async_eval) {RESULTS['unet_dispatch_ms']:.2f} ms")
     return x, t, c
 

@@ -7,8 +7,10 @@ heads wider than 128 (SD's 1280-channel levels: 8 heads of 160) has no fused ker
 ~7 kernels with head-transposing copies. Kernels through `mx.fast.cuda_kernel` (JIT-compiled by MLX with
 NVRTC, cached per shape/dtype) replace them:
 
-- `channel_sums`: per-(batch, channel) sums of x and x^2 over the pixels, read once in the input dtype, in
-  fp32 partial sums over pixel chunks (no atomics; deterministic), finished by a tiny MLX sum.
+- GroupNorm (`group_norm_affine`): per-(batch, channel) sums of x and x^2 over pixel chunks, read once in the
+  input dtype, in fp32 (no atomics; deterministic), then one block per (group, batch) finishing them into a
+  per-channel scale/shift, with a ResBlock's time-embedding offset folded into the statistics.
+  (`channel_sums` finishes the same partial sums with an MLX sum: what bench/gpu_probe.py checks.)
 - `im2col3x3`: the [pixels, 9*C] im2col matrix of a zero-padded 3x3 window, written in one pass; optionally
   applying a per-(batch, channel) affine map and SiLU to the input first, so GroupNorm-apply + SiLU + im2col
   is one kernel feeding one GEMM.
