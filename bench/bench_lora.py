@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
-from sd.checkpoint import load_checkpoint
+from sd.loading.checkpoint import load_checkpoint
 from sd.lora import apply_loras, load_lora
 from sd.lora.keymap import unet_diffusers_names, weight_modules
 from sd.synthetic import make_checkpoint

@@ -58,10 +58,10 @@ def interleaved(impls: dict, rounds: int, per_round: int = 1, warmup: int = 1,
 
 def mlx_unet_loop(fast, x, t, c, steps: int = 20) -> None:
     """`steps` UNet calls as a sampler makes them: each fed the previous one's output, pipelined by
-    sd.samplers_common.report (step i evaluates while step i+1's graph is built)."""
+    sd.sampling.common.report (step i evaluates while step i+1's graph is built)."""
     import mlx.core as mx
 
-    from sd.samplers_common import report
+    from sd.sampling.common import report
 
     xx = x
     for i in range(steps):
@@ -151,7 +151,7 @@ def machine_info(device: str) -> dict:
     except ImportError:
         pass
     if device == "cpu":
-        from sd.blas import blas_in_use
+        from sd.runtime.blas import blas_in_use
 
         info["mlx_cpu_blas"] = blas_in_use()
     info["load_avg"] = os.getloadavg()[0]

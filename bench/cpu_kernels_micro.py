@@ -1,4 +1,4 @@
-"""Each C kernel of sd/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's full-size shapes.
+"""Each C kernel of sd/accel/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's full-size shapes.
 
     python -m bench.cpu_kernels_micro [--repeats 5] [--blocks 32,64,128,256]
 
@@ -26,8 +26,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import interleaved, median_time  # noqa: E402
-from sd import cpu_kernels as ck  # noqa: E402
-from sd.fast import FastOptions, _attention_core, _heads  # noqa: E402
+from sd.accel import cpu_kernels as ck  # noqa: E402
+from sd.accel.fast import FastOptions, _attention_core, _heads  # noqa: E402
 
 # (what, batch, tokens, context tokens (None: self-attention), heads, head dim)
 ATTENTION = (

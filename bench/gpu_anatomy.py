@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 
 from bench.common import OUT_DIR, ensure_checkpoint, mlx_unet_loop  # noqa: E402
 from bench.sections import mlx_working_memory  # noqa: E402
-from sd.checkpoint import load_component  # noqa: E402
-from sd.fast import FastUNet, default_options  # noqa: E402
+from sd.loading.checkpoint import load_component  # noqa: E402
+from sd.accel.fast import FastUNet, default_options  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -126,7 +126,7 @@ def split_times(fast, x, t, c, repeats: int = 15) -> dict:
 
 def loop_ms(fast, x, t, c, steps: int = 20, repeats: int = 5) -> float:
     """ms per step of a 20-step loop, each step fed the previous one's output and pipelined the way the
-    samplers are (sd.samplers_common.report: step i evaluates while step i+1's graph is built)."""
+    samplers are (sd.sampling.common.report: step i evaluates while step i+1's graph is built)."""
     def run():
         mlx_unet_loop(fast, x, t, c, steps)
 

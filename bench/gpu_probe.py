@@ -1,5 +1,5 @@
 # isort: skip_file
-"""GPU probe: checks sd/cuda_kernels.py against MLX ops, times UNet/VAE variants of sd.fast, and profiles
+"""GPU probe: checks sd/accel/cuda_kernels.py against MLX ops, times UNet/VAE variants of sd.accel.fast, and profiles
 which CUDA kernels one UNet step spends its time in (through torch.profiler's CUPTI tracing, which records
 every kernel of the process, MLX's included).
 
@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 
 from bench.common import OUT_DIR, ensure_checkpoint, interleaved, median_time, mlx_unet_loop  # noqa: E402
 from bench.gpu_anatomy import split_times  # noqa: E402
-from sd import cuda_kernels as K  # noqa: E402
-from sd.checkpoint import load_component  # noqa: E402
-from sd.fast import FastOptions, FastUNet, FastVAEDecoder, default_options, group_norm  # noqa: E402
+from sd.accel import cuda_kernels as K  # noqa: E402
+from sd.loading.checkpoint import load_component  # noqa: E402
+from sd.accel.fast import FastOptions, FastUNet, FastVAEDecoder, default_options, group_norm  # noqa: E402
 
 RESULTS: dict = {}
 LOOP_STEPS = 20
@@ -199,7 +199,7 @@ def vae_variants(vae, args):
 
 def torch_unet(path, args):
     from bench.reference import diffusers_unet, read_state
-    from sd.checkpoint import load_checkpoint
+    from sd.loading.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path, parts=("unet",))
     state = read_state(path)
@@ -261,7 +261,7 @@ def round_robin(path, args):
     interleaved: each round times `--steps` CFG steps of each, so a host whose speed drifts (the MLX side is
     bound by its CPU-side dispatch) weighs on all alike. Then the VAE decode the same way."""
     from bench.reference import diffusers_unet, diffusers_vae, read_state
-    from sd.checkpoint import load_checkpoint
+    from sd.loading.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)
     state = read_state(path)
@@ -299,7 +299,7 @@ def round_robin(path, args):
     RESULTS["rr_unet_ms"] = {"median": med, "all": times, "mlx_vs_diffusers_rel_diff": diff}
 
     # the same UNet inside a 20-step loop (each step feeds the next, as a sampler does): MLX pipelined by
-    # sd.samplers_common.report (step i computes while step i+1's graph is built), torch launching
+    # sd.sampling.common.report (step i computes while step i+1's graph is built), torch launching
     # asynchronously and synchronising once at the end; ms per step
     def mlx_loop():
         mlx_unet_loop(fast, x, t, c, LOOP_STEPS)

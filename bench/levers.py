@@ -1,7 +1,7 @@
-"""Each optimisation lever of sd/fast.py measured on its own: UNet CFG step and VAE decode, MLX only.
+"""Each optimisation lever of sd/accel/fast.py measured on its own: UNet CFG step and VAE decode, MLX only.
 
 Every variant runs on the same loaded weights and inputs; the table lists median ms per variant and its
-ratio to the plain modules (`sd.unet.UNetModel.__call__`, eager). Also: the VAE decode in fp32/fp16/bf16
+ratio to the plain modules (`sd.models.unet.UNetModel.__call__`, eager). Also: the VAE decode in fp32/fp16/bf16
 with the largest activation magnitude seen (fp16 overflows past 65504).
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from sd.fast import FastOptions, FastUNet, FastVAEDecoder
+from sd.accel.fast import FastOptions, FastUNet, FastVAEDecoder
 
 UNET_VARIANTS = [
-    ("default sd.fast (im2col + colsum GN, compiled)", FastOptions(conv="im2col", groupnorm="colsum")),
+    ("default sd.accel.fast (im2col + colsum GN, compiled)", FastOptions(conv="im2col", groupnorm="colsum")),
     ("default without mx.compile", FastOptions(compile=False, conv="im2col", groupnorm="colsum")),
     ("default + fused QKV", FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True)),
-    ("eager, sd.fast ops (no compile)", FastOptions(compile=False)),
+    ("eager, sd.accel.fast ops (no compile)", FastOptions(compile=False)),
     ("mx.compile whole UNet", FastOptions()),
     ("compile + fused QKV", FastOptions(fused_qkv=True)),
     ("compile + attention auto (manual for head dim 160 / cross)", FastOptions(attention="auto")),
@@ -85,7 +85,7 @@ def vae_levers(ctx) -> list[tuple[str, float]]:
 
 
 def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
-    """Where the UNet CFG step's time goes: sd.fast's path uncompiled, each op evaluated on its own.
+    """Where the UNet CFG step's time goes: sd.accel.fast's path uncompiled, each op evaluated on its own.
 
     Synchronising after every op adds a little latency per op, so the sum exceeds the compiled step time;
     the split between op kinds is what this is for.
@@ -95,7 +95,7 @@ def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
 
     import mlx.nn as nn
 
-    import sd.fast as fast_mod
+    import sd.accel.fast as fast_mod
     from bench.sections import unet_inputs
 
     unet, cfg = ctx.mlx("unet", dtype or ctx.args.unet_dtype)

@@ -1,7 +1,7 @@
 """Checkpoint load time (cold and warm page cache) and peak RSS, each load in a fresh process.
 
 Run as a module by the bench: `python -m bench.load IMPL PATH` prints one JSON line. IMPL is `mlx`
-(sd.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of the
+(sd.loading.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of the
 file, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load does
 without the hub).
 """
@@ -20,7 +20,7 @@ from bench.common import drop_file_cache
 
 
 def _load_mlx(path: str, dtype: str | None) -> None:
-    from sd.checkpoint import load_checkpoint
+    from sd.loading.checkpoint import load_checkpoint
 
     load_checkpoint(path, dtype=dtype)
 
@@ -29,10 +29,10 @@ def _load_diffusers(path: str, dtype: str | None) -> None:
     import torch
 
     from bench import reference
-    from sd.checkpoint import split_components
-    from sd.clip import clip_config_from_weights
-    from sd.detect import detect_unet_config
-    from sd.vae import vae_config_from_weights
+    from sd.loading.checkpoint import split_components
+    from sd.loading.detect import detect_unet_config
+    from sd.models.clip import clip_config_from_weights
+    from sd.models.vae import vae_config_from_weights
 
     state = reference.read_state(path)
     parts = split_components({k: tuple(v.shape) for k, v in state.items()})
@@ -49,10 +49,10 @@ def _load_diffusers(path: str, dtype: str | None) -> None:
 
 def child(impl: str, path: str, dtype: str | None) -> None:
     import sd  # noqa: F401  (fast BLAS before mlx)
-    import sd.checkpoint  # noqa: F401  imports are not part of the load time
-    import sd.clip  # noqa: F401
-    import sd.unet  # noqa: F401
-    import sd.vae  # noqa: F401
+    import sd.loading.checkpoint  # noqa: F401  imports are not part of the load time
+    import sd.models.clip  # noqa: F401
+    import sd.models.unet  # noqa: F401
+    import sd.models.vae  # noqa: F401
 
     if impl != "mlx":
         from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401

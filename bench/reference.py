@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from sd.clip import CLIPTextConfig
-from sd.unet import UNetConfig
-from sd.vae import VAEConfig
+from sd.models.clip import CLIPTextConfig
+from sd.models.unet import UNetConfig
+from sd.models.vae import VAEConfig
 
 
 def read_state(path) -> dict[str, torch.Tensor]:

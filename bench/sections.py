@@ -1,4 +1,4 @@
-"""The measured sections: MLX (plain modules and sd.fast) against diffusers on the same machine and file."""
+"""The measured sections: MLX (plain modules and sd.accel.fast) against diffusers on the same machine and file."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Context:
 
     # ---- models
     def mlx(self, part: str, dtype=None):
-        from sd.checkpoint import load_checkpoint
+        from sd.loading.checkpoint import load_checkpoint
 
         key = (part, str(dtype))
         if key not in self._mlx:
@@ -149,7 +149,7 @@ def unet_inputs(ctx: Context, latent: int, context_dim: int):
 
 
 def section_unet(ctx: Context):
-    from sd.fast import FastUNet
+    from sd.accel.fast import FastUNet
 
     torch = ctx.torch
     latent = ctx.args.latent
@@ -206,7 +206,7 @@ def section_unet_rr(ctx: Context):
     machine whose load changes during the run (a shared CPU) weighs on all three alike."""
     import statistics
 
-    from sd.fast import FastUNet
+    from sd.accel.fast import FastUNet
 
     torch = ctx.torch
     latent = ctx.args.latent
@@ -240,7 +240,7 @@ def section_unet_rr(ctx: Context):
 
 # ------------------------------------------------------------------------------------------- VAE
 def section_vae(ctx: Context):
-    from sd.fast import FastVAEDecoder, FastVAEEncoder
+    from sd.accel.fast import FastVAEDecoder, FastVAEEncoder
 
     torch = ctx.torch
     size = ctx.args.image
@@ -276,8 +276,8 @@ def section_vae(ctx: Context):
 
 # ------------------------------------------------------------------------------------------ CLIP
 def section_clip(ctx: Context):
-    from sd.clip import encode_tokens
-    from sd.tokenizer import default_tokenizer
+    from sd.models.clip import encode_tokens
+    from sd.text.tokenizer import default_tokenizer
 
     torch = ctx.torch
     clip, _ = ctx.mlx("clip", None)
@@ -295,8 +295,8 @@ def section_clip(ctx: Context):
 
 # --------------------------------------------------------------------------------------- txt2img
 def _mlx_txt2img(ctx, steps, unet_fn, clip, decode):
-    from sd.ksampler import sample
-    from sd.text_encode import encode_prompt
+    from sd.sampling.ksampler import sample
+    from sd.text.encode import encode_prompt
 
     size = ctx.args.image
 
@@ -313,7 +313,7 @@ def _mlx_txt2img(ctx, steps, unet_fn, clip, decode):
 
 def _torch_txt2img(ctx, steps, unet, clip, vae):
     from bench.reference import euler_scheduler
-    from sd.tokenizer import default_tokenizer
+    from sd.text.tokenizer import default_tokenizer
 
     torch = ctx.torch
     size = ctx.args.image
@@ -339,7 +339,7 @@ def _torch_txt2img(ctx, steps, unet, clip, vae):
 
 
 def section_txt2img(ctx: Context):
-    from sd.fast import FastUNet, FastVAEDecoder
+    from sd.accel.fast import FastUNet, FastVAEDecoder
 
     torch = ctx.torch
     steps = ctx.args.steps

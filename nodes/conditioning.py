@@ -14,7 +14,7 @@ from nodes.values import ClipRecipe, Conditioning
 @node(category="conditioning", outputs=(CONDITIONING,))
 def CLIPEncode(clip: CLIP, text: String(multiline=True), ctx=None):
     """Encode a prompt with the text encoder (ComfyUI's CLIPTextEncode; `(word:1.2)` weights work)."""
-    from sd.text_encode import encode_prompt
+    from sd.text.encode import encode_prompt
 
     recipe: ClipRecipe = clip
     cond, pooled = encode_prompt(models.clip_for(recipe, ctx.log), text, clip_skip=recipe.stop_at_layer)

@@ -30,8 +30,8 @@ def write_kohya_lora(path: Path, checkpoint: Path, seed: int, rank: int = 4, sca
     """A random kohya-format LoRA (lora_unet_* / lora_te_*, LDM-style names) for `checkpoint`'s layers."""
     from safetensors.numpy import save_file
 
-    from sd.checkpoint import PREFIXES
-    from sd.checkpoint_io import open_tensors
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.checkpoint import PREFIXES
 
     tensors = open_tensors(checkpoint)
     rng = np.random.default_rng(seed)

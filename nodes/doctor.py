@@ -31,8 +31,8 @@ def _environment(out: TextIO) -> None:
     import mlx.core as mx
 
     from graph.disk_cache import DiskCache, default_cache_dir, human_size
-    from sd.blas import blas_in_use
-    from sd.precision import COMPONENTS, default_dtype, on_gpu
+    from sd.accel.precision import COMPONENTS, default_dtype, on_gpu
+    from sd.runtime.blas import blas_in_use
 
     print(f"python:        {sys.version.split()[0]} ({platform.platform()})", file=out)
     print(f"mlx:           {getattr(mx, '__version__', 'unknown')}", file=out)
@@ -40,11 +40,11 @@ def _environment(out: TextIO) -> None:
     print(f"device:        {device} ({'GPU' if on_gpu() else 'CPU'})", file=out)
     print(f"blas (cpu):    {blas_in_use()}", file=out)
     if not on_gpu():
-        from sd import cpu_kernels
+        from sd.accel import cpu_kernels
 
         print(f"cpu kernels:   {cpu_kernels.describe()}", file=out)
     else:
-        from sd import cuda_kernels, mlx_settings
+        from sd.accel import cuda_kernels, mlx_settings
 
         print(f"cuda kernels:  {cuda_kernels.describe()}", file=out)
         print(f"mlx settings:  {mlx_settings.describe()}", file=out)

@@ -16,8 +16,8 @@ def LoadCheckpoint(ckpt_name: String(), ctx=None):
 
     The outputs are recipes: each part's weights are read when a node first needs them, so a run
     whose encodings are all cached never loads the text encoder."""
-    from sd.checkpoint_io import open_tensors
-    from sd.detect import check_family
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.detect import check_family
 
     ref = FileRef.of(resolve_checkpoint(ckpt_name, ctx.folders))
     check_family(ref.path, open_tensors(ref.path).keys())  # header only: a wrong file fails here

@@ -2,7 +2,7 @@
 
 Only the node that needs weights asks for them (KSampler the UNet, CLIPEncode the text encoder,
 VAEDecode/VAEEncode the VAE), so when those nodes are cache hits nothing is loaded. Each component
-is read alone (`sd.checkpoint.load_component`), base weights are shared by every patch set, and
+is read alone (`sd.loading.checkpoint.load_component`), base weights are shared by every patch set, and
 LoRA patches are applied by `sd.lora.apply_loras`, which never modifies the base.
 
 LOAD_COUNTS counts reads from disk per kind ("unet", "clip", "vae", "lora"): tests and
@@ -60,7 +60,7 @@ def clear() -> None:
 def _base(part: str, ref: FileRef, log: Log) -> Any:
     model = _BASES.get((part, ref))
     if model is None:
-        from sd.checkpoint import load_component
+        from sd.loading.checkpoint import load_component
 
         start = time.perf_counter()
         model = load_component(ref.path, part)
@@ -115,7 +115,7 @@ def vae_for(recipe: VaeRecipe, log: Log = lambda msg: None) -> Any:
 
 
 def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
-    """sd.fast's compiled path for a (possibly LoRA-patched) module, built once and kept on the module.
+    """sd.accel.fast's compiled path for a (possibly LoRA-patched) module, built once and kept on the module.
     SDGRAPH_FAST=0 runs the plain modules instead (same results within fp rounding; for debugging)."""
     if os.environ.get("SDGRAPH_FAST", "1") == "0":
         return None
@@ -130,21 +130,21 @@ def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
 
 def fast_unet(unet: Any) -> Any:
     """A callable like the UNet, with the levers measured in BENCHMARKS.md (compiled, fused)."""
-    from sd.fast import FastUNet
+    from sd.accel.fast import FastUNet
 
     return _fast(unet, "_sdgraph_fast_unet", FastUNet) or unet
 
 
 def vae_decoder(vae: Any) -> Callable[[Any], Any]:
     """The VAE's decode, compiled where that pays."""
-    from sd.fast import FastVAEDecoder
+    from sd.accel.fast import FastVAEDecoder
 
     return _fast(vae, "_sdgraph_fast_decoder", FastVAEDecoder) or vae.decode
 
 
 def vae_encoder(vae: Any) -> Callable[[Any], Any]:
     """The VAE's encode, compiled where that pays."""
-    from sd.fast import FastVAEEncoder
+    from sd.accel.fast import FastVAEEncoder
 
     return _fast(vae, "_sdgraph_fast_encoder", FastVAEEncoder) or vae.encode
 
@@ -155,8 +155,8 @@ def skeleton(part: str, ref: FileRef) -> Any:
     model = _SKELETONS.get((part, ref))
     if model is not None:
         return model
-    from sd.checkpoint import PREFIXES, split_components
-    from sd.checkpoint_io import open_tensors
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.checkpoint import PREFIXES, split_components
 
     tensors = open_tensors(ref.path)
     keys = split_components(tensors.keys())[part]
@@ -167,12 +167,12 @@ def skeleton(part: str, ref: FileRef) -> Any:
                                     f"('{PREFIXES[part]}*' keys)")
     shapes = {name: tuple(tensors.shape(key)) for name, key in keys.items()}
     if part == "unet":
-        from sd.detect import detect_unet_config
-        from sd.unet import UNetModel
+        from sd.loading.detect import detect_unet_config
+        from sd.models.unet import UNetModel
 
         model = UNetModel(detect_unet_config(ref.path, shapes))
     else:
-        from sd.clip import CLIPTextModel, clip_config_from_weights
+        from sd.models.clip import CLIPTextModel, clip_config_from_weights
 
         model = CLIPTextModel(clip_config_from_weights(shapes, ref.path))
     return _SKELETONS.put((part, ref), model)

@@ -1,11 +1,11 @@
-"""KSampler and KSamplerAdvanced: ComfyUI's sampling nodes over sd.ksampler.sample."""
+"""KSampler and KSamplerAdvanced: ComfyUI's sampling nodes over sd.sampling.ksampler.sample."""
 
 from __future__ import annotations
 
 from graph import CONDITIONING, LATENT, MODEL, Choice, Float, Int, node
 from nodes import models
 from nodes.values import Conditioning, Latent, ModelRecipe
-from sd.ksampler import SAMPLERS, SCHEDULERS
+from sd.sampling.ksampler import SAMPLERS, SCHEDULERS
 
 MAX_SEED = 2**64 - 1
 ON_OFF = ("enable", "disable")
@@ -13,7 +13,7 @@ ON_OFF = ("enable", "disable")
 
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
-    from sd.ksampler import sample
+    from sd.sampling.ksampler import sample
 
     if latent.noise_mask is not None:
         raise ValueError("latents with a noise mask (inpainting) are not supported yet")

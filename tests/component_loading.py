@@ -1,5 +1,5 @@
 """Test helper: write synthetic component weights as a user would have them (a real-layout .safetensors or a
-torch.save'd .ckpt with a 'state_dict' wrapper), and load them through sd.checkpoint like users do
+torch.save'd .ckpt with a 'state_dict' wrapper), and load them through sd.loading.checkpoint like users do
 (bench.reference.read_state reads the same file back as torch tensors for the reference models)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from sd.checkpoint import load_component as sd_load_component
+from sd.loading.checkpoint import load_component as sd_load_component
 
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."

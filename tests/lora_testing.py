@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from bench.reference import diffusers_unet_config as reference_unet_config
-from sd.checkpoint import load_checkpoint
+from sd.loading.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
 
 UNET_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."

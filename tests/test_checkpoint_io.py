@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd.checkpoint_io import TensorFile, open_tensors
 from sd.errors import CheckpointError
+from sd.io.checkpoint_io import TensorFile, open_tensors
 
 
 def _reference(t: torch.Tensor) -> np.ndarray:

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from sd.checkpoint import load_checkpoint, load_component, split_components
 from sd.errors import ArchitectureError, CheckpointError, MissingComponentError
+from sd.loading.checkpoint import load_checkpoint, load_component, split_components
+from sd.models.unet import UNetModel
 from sd.synthetic import make_checkpoint
 from sd.synthetic.clip import TINY_CLIP
 from sd.synthetic.unet import TINY_UNET
 from sd.synthetic.vae import TINY_VAE
-from sd.unet import UNetModel
 
 U = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."

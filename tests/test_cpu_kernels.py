@@ -1,4 +1,4 @@
-"""sd/cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and sd.fast with them.
+"""sd/cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and sd.accel.fast with them.
 
 They must build wherever the tests run on Linux (CI installs gcc and OpenBLAS): a missing compiler fails
 these tests instead of skipping them. Also: the fallback to MLX's ops with SDGRAPH_CPU_KERNELS=0 and with a
@@ -18,9 +18,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from sd import cpu_kernels
-from sd.checkpoint import load_checkpoint
-from sd.fast import FastOptions, FastUNet, FastVAEDecoder, default_options
+from sd.accel import cpu_kernels
+from sd.accel.fast import FastOptions, FastUNet, FastVAEDecoder, default_options
+from sd.loading.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="kernels for MLX's Linux CPU backend only")
@@ -176,7 +176,7 @@ def test_attention_from_threads_at_once():
     the BLAS's own thread count is back to what it was afterwards (MLX's matmuls use it)."""
     import ctypes
 
-    from sd import blas
+    from sd.runtime import blas
 
     openblas = ctypes.CDLL(blas.load_fast_blas())
     before = openblas.openblas_get_num_threads()
@@ -190,7 +190,7 @@ def test_attention_from_threads_at_once():
     assert openblas.openblas_get_num_threads() == before
 
 
-# ------------------------------------------------------------------------------------- sd.fast with them
+# ------------------------------------------------------------------------------------- sd.accel.fast with them
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors", seed=11),
@@ -199,7 +199,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernels sd.fast calls (the conv kernel also on the tiny model's small images)."""
+    """Counts the kernels sd.accel.fast calls (the conv kernel also on the tiny model's small images)."""
     monkeypatch.setattr(cpu_kernels, "CONV_MIN_PIXELS", 1)
     monkeypatch.setattr(cpu_kernels, "CONV_MIN_CHANNELS", 1)
     calls = {"attention": 0, "geglu": 0, "group_norm": 0, "conv3x3": 0}
@@ -270,8 +270,8 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_broken_compiler_falls_back_with_one_warning(tmp_path):
     code = ("import sd, mlx.core as mx\n"
-            "from sd import cpu_kernels\n"
-            "from sd.fast import FastUNet, default_options\n"
+            "from sd.accel import cpu_kernels\n"
+            "from sd.accel.fast import FastUNet, default_options\n"
             "print(cpu_kernels.available(), cpu_kernels.available(), default_options().cpu_kernels)\n")
     proc = _python(code, CC="/bin/false", SDGRAPH_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -283,7 +283,7 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path):
 
 def test_ranks_building_at_once_share_one_library(tmp_path):
     """Distributed ranks start together: each compiles to a private file and renames it into place."""
-    code = "import sd\nfrom sd import cpu_kernels\nprint(cpu_kernels.available(), cpu_kernels.build())\n"
+    code = "import sd\nfrom sd.accel import cpu_kernels\nprint(cpu_kernels.available(), cpu_kernels.build())\n"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=os.environ | {"SDGRAPH_CACHE_DIR": str(tmp_path)})
              for _ in range(3)]

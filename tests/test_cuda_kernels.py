@@ -1,4 +1,4 @@
-"""sd/cuda_kernels.py: the CUDA kernels against MLX's own ops (run where MLX's CUDA backend is: the lent GPU,
+"""sd/accel/cuda_kernels.py: the CUDA kernels against MLX's own ops (run where MLX's CUDA backend is: the lent GPU,
 `python3 -m pytest tests/test_cuda_kernels.py`), and the switch that keeps them off everywhere else."""
 
 import mlx.core as mx
@@ -6,8 +6,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from sd import cuda_kernels
-from sd.fast import FastOptions, default_options, group_norm
+from sd.accel import cuda_kernels
+from sd.accel.fast import FastOptions, default_options, group_norm
 
 on_cuda = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend (the lent GPU)")
 
@@ -93,7 +93,7 @@ def test_attention_kernel_reads_strided_views_and_matches_mlx(dtype, tol, lq, lk
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from sd.checkpoint import load_checkpoint
+    from sd.loading.checkpoint import load_checkpoint
     from sd.synthetic import make_checkpoint
 
     path = make_checkpoint(tmp_path_factory.mktemp("cuda") / "tiny.safetensors", seed=11)
@@ -104,7 +104,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("levers", [{}, {"shared_projections": True}],
                          ids=["kernels", "kernels + shared projections"])
 def test_fast_unet_and_vae_with_kernels_match_plain_modules(tiny, levers):
-    from sd.fast import FastUNet, FastVAEDecoder
+    from sd.accel.fast import FastUNet, FastVAEDecoder
 
     rng = np.random.default_rng(3)
     dim = tiny["float32"].unet_config.context_dim

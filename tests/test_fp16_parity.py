@@ -1,8 +1,8 @@
-"""Half precision and the optimised paths (sd/fast.py) against the plain fp32 modules, on tiny models (CPU).
+"""Half precision and the optimised paths (sd/accel/fast.py) against the plain fp32 modules, on tiny models (CPU).
 
 - fp16 (the GPU default for UNet and CLIP; also the VAE) stays within 1e-2 relative (max abs error / max abs
   reference) of fp32; bf16 (the GPU default for the VAE) within 3e-2;
-- every lever of sd.fast (mx.compile, im2col convs, column-sum / two-stage GroupNorm, fused QKV, manual and
+- every lever of sd.accel.fast (mx.compile, im2col convs, column-sum / two-stage GroupNorm, fused QKV, manual and
   chunked attention) computes what the plain modules compute, to fp32 rounding.
 """
 
@@ -12,9 +12,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sd.checkpoint import load_checkpoint
-from sd.clip import encode_tokens
-from sd.fast import FastOptions, FastUNet, FastVAEDecoder, FastVAEEncoder, default_options
+from sd.accel.fast import FastOptions, FastUNet, FastVAEDecoder, FastVAEEncoder, default_options
+from sd.loading.checkpoint import load_checkpoint
+from sd.models.clip import encode_tokens
 from sd.synthetic import make_checkpoint
 
 HALF_TOLERANCE = 1e-2

@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd.checkpoint_io import open_tensors
 from sd.errors import CheckpointError
+from sd.io.checkpoint_io import open_tensors
 
 # ---- hand-written pickle opcodes (protocol 2, no memo) ----
 
@@ -421,7 +421,7 @@ def test_zip_bomb_sizes_are_refused_before_allocating(tmp_path):
 
 
 def test_zip_with_too_many_members_is_refused_before_parsing(tmp_path, monkeypatch):
-    monkeypatch.setattr("sd.torch_zip.MAX_MEMBERS", 3)
+    monkeypatch.setattr("sd.io.torch_zip.MAX_MEMBERS", 3)
     torch.save({"a": torch.ones(1), "b": torch.ones(2)}, tmp_path / "many.ckpt")
     with pytest.raises(CheckpointError, match=r"many\.ckpt: the zip claims \d+ members"):
         open_tensors(tmp_path / "many.ckpt")

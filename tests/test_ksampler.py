@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sd.errors import Cancelled
-from sd.ksampler import SAMPLERS, SCHEDULERS, sample
+from sd.sampling.ksampler import SAMPLERS, SCHEDULERS, sample
 
 SCALE = 0.18215
 
@@ -228,8 +228,8 @@ def test_every_sampler_runs_through_ksampler(name):
 
 @pytest.fixture(scope="module")
 def tiny_unet():
+    from sd.models.unet import UNetModel
     from sd.synthetic.unet import TINY_UNET
-    from sd.unet import UNetModel
 
     mx.random.seed(0)
     model = UNetModel(TINY_UNET)

@@ -13,8 +13,8 @@ from sd15_keys import CHECKPOINT_KEYS, KOHYA_KEYS, read_tsv
 from sd.lora.deltas import delta_shape, fits
 from sd.lora.keymap import build_index, unet_diffusers_names, weight_modules
 from sd.lora.reader import parse_lora
+from sd.models.unet import UNetConfig
 from sd.synthetic.unet import TINY_UNET, unet_shapes
-from sd.unet import UNetConfig
 
 
 def mlx_shapes(shapes: dict, prefix: str) -> dict[str, tuple[int, ...]]:

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 
 from bench.reference import read_state, transformers_clip
-from sd.checkpoint import load_checkpoint
+from sd.loading.checkpoint import load_checkpoint
 from sd.lora import apply_loras, load_lora
 from sd.synthetic import make_checkpoint
 from sd.synthetic.clip import TINY_CLIP

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from lora_testing import kohya_pair, make_tiny, params, save
 
-from sd.checkpoint import load_checkpoint
+from sd.loading.checkpoint import load_checkpoint
 from sd.lora import apply_lora_stack, apply_loras, load_lora
 
 UNET_LAYERS = {  # kohya name -> our parameter (its shape is read off the tiny model)

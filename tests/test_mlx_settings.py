@@ -1,10 +1,10 @@
-"""sd/mlx_settings.py: sdgraph's defaults for MLX's CUDA backend never override what the user set."""
+"""sd/runtime/mlx_settings.py: sdgraph's defaults for MLX's CUDA backend never override what the user set."""
 
 import sys
 
 import pytest
 
-from sd import mlx_settings
+from sd.runtime import mlx_settings
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX's CUDA backend is Linux-only")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd.noise import BrownianNoiseSampler, TorchCPUGenerator, step_noise_sampler, torch_randn
+from sd.sampling.noise import BrownianNoiseSampler, TorchCPUGenerator, step_noise_sampler, torch_randn
 
 SEEDS = [0, 1, 42, 2**32 - 1, 2**32, 2**63 + 5, 2**64 - 1]
 SHAPES = [(1,), (7,), (15,), (16,), (17,), (33,), (1, 4, 64, 64), (2, 4, 9, 11), (3, 4, 8, 8)]

@@ -13,9 +13,9 @@ from component_loading import CLIP_PREFIX, load_component, write_component
 from test_clip_parity import reference_clip
 from test_tokenizer import build_reference_tokenizer
 
-from sd.prompt_weights import PromptError, parse_prompt_weights, tokenize_weighted
 from sd.synthetic.clip import TINY_CLIP, random_clip_weights
-from sd.text_encode import chunk_token_groups, encode_prompt
+from sd.text.encode import chunk_token_groups, encode_prompt
+from sd.text.prompt_weights import PromptError, parse_prompt_weights, tokenize_weighted
 
 START, END = 49406, 49407
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from sd.errors import Cancelled
-from sd.model_sampling import SD1_MODEL_SAMPLING
-from sd.samplers import SAMPLERS, get_sampler, linear_multistep_coeff
-from sd.schedulers import ksampler_sigmas
+from sd.sampling.model_sampling import SD1_MODEL_SAMPLING
+from sd.sampling.samplers import SAMPLERS, get_sampler, linear_multistep_coeff
+from sd.sampling.schedulers import ksampler_sigmas
 
 MU, S = 0.3, 0.5
 SIGMA_END = 0.05

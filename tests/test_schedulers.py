@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd.model_sampling import ModelSamplingDiscrete
-from sd.schedulers import SCHEDULERS, beta_ppf, ksampler_sigmas, regularized_incomplete_beta
+from sd.sampling.model_sampling import ModelSamplingDiscrete
+from sd.sampling.schedulers import SCHEDULERS, beta_ppf, ksampler_sigmas, regularized_incomplete_beta
 
 
 class TorchModelSampling:

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sd.checkpoint import load_checkpoint
+from sd.loading.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
 from sd.vae_tiling import TILE_THRESHOLD, _starts, decode, decode_tiled, needs_tiling
 

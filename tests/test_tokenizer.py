@@ -10,7 +10,7 @@ from importlib import resources
 import pytest
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from sd.tokenizer import END_ID, START_ID, default_tokenizer
+from sd.text.tokenizer import END_ID, START_ID, default_tokenizer
 
 
 def _byte_table() -> dict[int, str]:
@@ -21,7 +21,7 @@ def _byte_table() -> dict[int, str]:
 
 
 def build_reference_tokenizer(folder) -> HFCLIPTokenizer:
-    raw = resources.files("sd").joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    raw = resources.files("sd.text").joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     byte_chars = list(_byte_table().values())

@@ -14,9 +14,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file
 
 from bench.reference import diffusers_unet, read_state
-from sd.checkpoint import load_checkpoint
+from sd.loading.checkpoint import load_checkpoint
+from sd.models.unet import timestep_embedding
 from sd.synthetic import make_checkpoint
-from sd.unet import timestep_embedding
 
 MAX_REL_ERR = 1e-4
 

@@ -119,7 +119,7 @@ class ParsedLoRA:
 def read_tensors(path: str | Path) -> Mapping[str, np.ndarray]:
     """All tensors of a LoRA file as numpy arrays in torch layout (via the project's safe reader, so
     `.ckpt`/`.pt` pickles are never executed); any failure -> LoRAError naming the file."""
-    from sd.checkpoint_io import open_tensors
+    from sd.io.checkpoint_io import open_tensors
 
     try:
         tensors = open_tensors(path)

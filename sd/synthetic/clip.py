@@ -1,13 +1,13 @@
 """Random CLIP text-encoder weights in the real key layout (``text_model.…``, PyTorch layout), for tests.
 
-Keys are written out here, not read off our MLX module, so loading them also checks sd/clip.py's names.
+Keys are written out here, not read off our MLX module, so loading them also checks sd/models/clip.py's names.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from sd.clip import CLIPTextConfig
+from sd.models.clip import CLIPTextConfig
 
 # Tiny width and depth, but the full vocabulary and 77 positions so the real tokenizer's ids fit.
 # Width 64 = one 64-wide head; B's tiny UNet uses context_dim 64 to match.

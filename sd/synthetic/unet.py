@@ -1,6 +1,6 @@
 """Random SD1.x UNet weights in the LDM checkpoint layout (keys without `model.diffusion_model.`).
 
-Deliberately written apart from sd/unet.py: it spells out the LDM key list from the config the way
+Deliberately written apart from sd/models/unet.py: it spells out the LDM key list from the config the way
 `openaimodel.UNetModel` numbers its blocks, so a naming slip in either is caught by the other.
 Shapes are PyTorch's (convs OIHW).
 """
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from sd.unet import UNetConfig
+from sd.models.unet import UNetConfig
 
 SD15_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
                        num_res_blocks=2, attention_levels=(0, 1, 2), transformer_depth=1, context_dim=768)

@@ -1,14 +1,14 @@
 """Random VAE weights in the real LDM key layout (PyTorch layout, convs OIHW), for tests and benchmarks.
 
 Keys are written out from the LDM structure here, not read off our MLX module, so a test that loads them
-also checks that sd/vae.py names its parameters like real checkpoints do.
+also checks that sd/models/vae.py names its parameters like real checkpoints do.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from sd.vae import VAEConfig
+from sd.models.vae import VAEConfig
 
 # SD1.5's structure and channel multipliers (so exactly its key set), a quarter of its widths.
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2)

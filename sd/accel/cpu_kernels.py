@@ -3,7 +3,7 @@
 MLX's Linux CPU backend runs transcendental element-wise ops (exp, erf, sigmoid) scalar on one thread, and
 its attention is matmul + single-threaded softmax + matmul; those were half of a UNet step on 2 cores (see
 BENCHMARKS.md). `cpu_kernels.c` does them vectorised and OpenMP-parallel, with attention's GEMMs in the BLAS
-that `sd.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer. It is compiled
+that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer. It is compiled
 with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``, keyed by the
 source, compiler, flags and CPU, and loaded through ctypes.
 
@@ -68,7 +68,7 @@ def disabled() -> bool:
 
 def available() -> bool:
     """Whether the kernels can be used here (compiling them on the first call). Linux only: elsewhere MLX's
-    CPU backend has Accelerate, and sd.blas loads no BLAS for the attention kernel."""
+    CPU backend has Accelerate, and sd.runtime.blas loads no BLAS for the attention kernel."""
     return sys.platform.startswith("linux") and not disabled() and _load() is not None
 
 
@@ -180,8 +180,8 @@ def build() -> Path:
 
 
 def _blas_functions() -> tuple[int, int, int]:
-    """Addresses of cblas_sgemm and (0 if absent) openblas_set/get_num_threads of sd.blas's library."""
-    from sd import blas
+    """Addresses of cblas_sgemm and (0 if absent) openblas_set/get_num_threads of sd.runtime.blas's library."""
+    from sd.runtime import blas
 
     name = blas.load_fast_blas()
     if name is None:

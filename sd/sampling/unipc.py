@@ -17,8 +17,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from sd.noise import NoiseSampler
-from sd.samplers_common import CancelCheck, Denoiser, Sigmas, StepCallback, report, sigma_list, step_indices
+from sd.sampling.common import CancelCheck, Denoiser, Sigmas, StepCallback, report, sigma_list, step_indices
+from sd.sampling.noise import NoiseSampler
 
 _FINAL_SIGMA = 0.001  # ComfyUI's stand-in for sigma = 0, where lambda would be infinite
 

@@ -4,7 +4,7 @@
   current weight by 1.1, so ``((text))`` is 1.1 * 1.1.
 - ``\\(`` and ``\\)`` are literal parentheses; ``[text]`` is literal text (ComfyUI does not down-weight it).
 - A parenthesis that does not close runs to the end of the text; a stray ``)`` just closes nothing.
-- Each weighted segment is tokenized as a whole and becomes one token *group*; chunking (sd/text_encode.py)
+- Each weighted segment is tokenized as a whole and becomes one token *group*; chunking (sd/text/encode.py)
   keeps groups shorter than 8 tokens inside one chunk.
 - ``embedding:name`` (textual inversion) is not supported yet and is refused with a clear message.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from sd.errors import SDGraphError
-from sd.tokenizer import CLIPTokenizer, default_tokenizer
+from sd.text.tokenizer import CLIPTokenizer, default_tokenizer
 
 EMBEDDING_PREFIX = "embedding:"
 # Control characters cannot come from a typed prompt, so they stand in for escaped parentheses while parsing.

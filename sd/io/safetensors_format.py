@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sd.errors import CheckpointError
-from sd.tensor_dtypes import itemsize, result_dtype, storage_dtype, to_result
+from sd.io.tensor_dtypes import itemsize, result_dtype, storage_dtype, to_result
 
 # The reference implementation allows 100 MB; SD-family headers are ~0.2 MB, and a 100 MB JSON header
 # would cost gigabytes of Python objects, so we stop far lower.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 from sd.errors import ArchitectureError, CheckpointError
-from sd.unet import UNetConfig, unet_config_from_weights
+from sd.models.unet import UNetConfig, unet_config_from_weights
 
 UNET_PREFIX = "model.diffusion_model."
 ONLY_SD1 = "only Stable Diffusion 1.x checkpoints are supported"

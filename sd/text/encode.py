@@ -1,6 +1,6 @@
 """Prompt text -> conditioning, as ComfyUI's CLIPTextEncode does it for SD1.x.
 
-Weighted token groups (sd/prompt_weights.py) are packed into chunks of 75 tokens plus start/end, padded with
+Weighted token groups (sd/text/prompt_weights.py) are packed into chunks of 75 tokens plus start/end, padded with
 the end token; every chunk is encoded at the chosen CLIP layer; where any weight differs from 1, each weighted
 token is pushed away from the empty prompt's encoding: z = (z - z_empty) * w + z_empty. Chunks are joined
 along the token axis: [1, 77*k, C]. The pooled output comes from the first chunk.
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from sd.clip import CLIPTextModel, encode_tokens
-from sd.prompt_weights import tokenize_weighted
-from sd.tokenizer import END_ID, START_ID, CLIPTokenizer
+from sd.models.clip import CLIPTextModel, encode_tokens
+from sd.text.prompt_weights import tokenize_weighted
+from sd.text.tokenizer import END_ID, START_ID, CLIPTokenizer
 
 CHUNK_LENGTH = 77  # CLIP's context: start + 75 tokens + end
 # ComfyUI keeps a group shorter than this whole by moving it to the next chunk; longer groups are split.

@@ -1,7 +1,7 @@
 """Open a weights file (.safetensors, or a PyTorch .ckpt/.pt/.pth/.bin) as a read-only mapping.
 
 The format is decided by the file's first bytes, not its extension, so a misnamed file still loads.
-Nothing from the file is executed (see sd/safe_pickle.py), tensor data is memory-mapped where the
+Nothing from the file is executed (see sd/io/safe_pickle.py), tensor data is memory-mapped where the
 format allows, and every way a file can be wrong ends in ``CheckpointError`` naming the file.
 """
 
@@ -15,10 +15,10 @@ from typing import Protocol
 import numpy as np
 
 from sd.errors import CheckpointError
-from sd.safe_pickle import TensorRef
-from sd.safetensors_format import read_safetensors
-from sd.torch_legacy import read_torch_legacy
-from sd.torch_zip import read_torch_zip
+from sd.io.safe_pickle import TensorRef
+from sd.io.safetensors_format import read_safetensors
+from sd.io.torch_legacy import read_torch_legacy
+from sd.io.torch_zip import read_torch_zip
 
 # torch.save before 1.6 wrote a bare pickle starting with this number as a protocol-2 LONG1.
 _LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")

@@ -5,7 +5,7 @@
 ``('storage', type, key, location, numel, view)``, 5. the sorted list of storage keys. Then, for each
 key in that order: numel as a little-endian int64, followed by numel elements, little-endian.
 
-Every pickle goes through ``sd.safe_pickle``; storage positions are found by walking the 8-byte size
+Every pickle goes through ``sd.io.safe_pickle``; storage positions are found by walking the 8-byte size
 headers (checked against the pickle's numel and the file size) and the data is memory-mapped.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from sd.errors import CheckpointError
-from sd.safe_pickle import StorageRef, load_restricted
-from sd.safetensors_format import FileMap
-from sd.tensor_dtypes import itemsize
+from sd.io.safe_pickle import StorageRef, load_restricted
+from sd.io.safetensors_format import FileMap
+from sd.io.tensor_dtypes import itemsize
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001

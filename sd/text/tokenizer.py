@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer, reading the vocabulary shipped in sd/data (OpenAI CLIP, MIT licensed).
+"""CLIP's byte-level BPE tokenizer, reading the vocabulary shipped in sd/text/data (OpenAI CLIP, MIT licensed).
 
 Text cleaning follows transformers' ``CLIPTokenizer`` (the one ComfyUI calls, without ftfy): special tokens
 are split off the raw text first, then Unicode NFC, runs of whitespace become one space, lower case, CLIP's
@@ -68,7 +68,7 @@ class CLIPTokenizer:
 
     @classmethod
     def from_package(cls) -> CLIPTokenizer:
-        data = resources.files("sd").joinpath("data", VOCAB_FILE).read_bytes()
+        data = resources.files("sd.text").joinpath("data", VOCAB_FILE).read_bytes()
         lines = gzip.decompress(data).decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
         return cls(merges)

@@ -1,7 +1,7 @@
 """The sampler registry: ComfyUI's sampler names mapped to our implementations.
 
-The samplers themselves live in sd/samplers_ode.py (deterministic), sd/samplers_sde.py
-(ancestral/SDE) and sd/samplers_unipc.py; their shared contract is in sd/samplers_common.py.
+The samplers themselves live in sd/sampling/ode.py (deterministic), sd/sampling/sde.py
+(ancestral/SDE) and sd/sampling/unipc.py; their shared contract is in sd/sampling/common.py.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from sd.samplers_common import get_ancestral_step
-from sd.samplers_ode import (
+from sd.sampling.common import get_ancestral_step
+from sd.sampling.ode import (
     linear_multistep_coeff,
     sample_dpm_2,
     sample_dpmpp_2m,
@@ -19,7 +19,7 @@ from sd.samplers_ode import (
     sample_heun,
     sample_lms,
 )
-from sd.samplers_sde import (
+from sd.sampling.sde import (
     sample_dpm_2_ancestral,
     sample_dpmpp_2m_sde,
     sample_dpmpp_2s_ancestral,
@@ -28,7 +28,7 @@ from sd.samplers_sde import (
     sample_euler_ancestral,
     sample_lcm,
 )
-from sd.samplers_unipc import sample_uni_pc, sample_uni_pc_bh2
+from sd.sampling.unipc import sample_uni_pc, sample_uni_pc_bh2
 
 __all__ = ["SAMPLERS", "get_sampler", "get_ancestral_step", "linear_multistep_coeff"]
 

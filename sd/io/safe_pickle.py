@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from sd.errors import CheckpointError
-from sd.tensor_dtypes import KNOWN_DTYPES, itemsize, result_dtype, storage_dtype, to_result
+from sd.io.tensor_dtypes import KNOWN_DTYPES, itemsize, result_dtype, storage_dtype, to_result
 
 MAX_DIMS = 64
 # Opcodes PyTorch never writes and that only widen what a file can do.

@@ -3,7 +3,7 @@
 Latents come in and go out *unscaled* (VAE space, NHWC); the 0.18215 scale is applied here,
 exactly where ComfyUI's ``process_latent_in`` / ``process_latent_out`` apply it (the noise is
 not scaled). The initial noise is ComfyUI's ``prepare_noise``: one ``torch.randn`` of the
-whole NCHW batch from ``seed`` on the CPU generator (sd/noise.py), so a batch of B images uses
+whole NCHW batch from ``seed`` on the CPU generator (sd/sampling/noise.py), so a batch of B images uses
 the same numbers as ComfyUI's batch of B.
 
 CFG works on the denoised prediction: ``uncond + (cond - uncond) * cfg``. Positive and
@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from sd.model_sampling import LATENT_SCALE_FACTOR, SD1_MODEL_SAMPLING, ModelSamplingDiscrete
-from sd.noise import torch_randn
-from sd.samplers import SAMPLERS, get_sampler
-from sd.schedulers import SCHEDULERS, ksampler_sigmas
+from sd.sampling.model_sampling import LATENT_SCALE_FACTOR, SD1_MODEL_SAMPLING, ModelSamplingDiscrete
+from sd.sampling.noise import torch_randn
+from sd.sampling.samplers import SAMPLERS, get_sampler
+from sd.sampling.schedulers import SCHEDULERS, ksampler_sigmas
 
 __all__ = ["SAMPLERS", "SCHEDULERS", "sample", "prepare_noise", "select_sigmas"]
 

@@ -1,6 +1,6 @@
 """PyTorch's zip checkpoint layout (torch >= 1.6): ``<dir>/data.pkl`` plus one member per storage.
 
-The pickle is run by ``sd.safe_pickle``; each storage it mentions, ``('storage', type, key, location,
+The pickle is run by ``sd.io.safe_pickle``; each storage it mentions, ``('storage', type, key, location,
 numel)``, is the member ``<dir>/data/<key>`` holding ``numel`` elements in the byte order named by
 ``<dir>/byteorder`` (little when absent). torch writes members uncompressed and 64-byte aligned, so
 they are memory-mapped in place; compressed members (re-zipped files) are read on access, bounded.
@@ -17,9 +17,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from sd.errors import CheckpointError
-from sd.safe_pickle import StorageRef, load_restricted
-from sd.safetensors_format import FileMap
-from sd.tensor_dtypes import itemsize
+from sd.io.safe_pickle import StorageRef, load_restricted
+from sd.io.safetensors_format import FileMap
+from sd.io.tensor_dtypes import itemsize
 
 MAX_PICKLE_BYTES = 64 << 20  # SD checkpoints' pickles are ~0.2 MB; this bounds time and memory
 MAX_MEMBERS = 100_000  # an SD checkpoint has ~1,200 storages

@@ -1,13 +1,13 @@
 """Optimised inference paths for the UNet and the VAE decoder, over the *same* modules and weights.
 
-`FastUNet(unet)` / `FastVAEDecoder(vae)` run the computation of `sd.unet.UNetModel.__call__` /
-`sd.vae.AutoencoderKL.decode` as one `mx.compile`d graph (GroupNorm + SiLU, residual adds, GEGLU and the
+`FastUNet(unet)` / `FastVAEDecoder(vae)` run the computation of `sd.models.unet.UNetModel.__call__` /
+`sd.models.vae.AutoencoderKL.decode` as one `mx.compile`d graph (GroupNorm + SiLU, residual adds, GEGLU and the
 time-embedding broadcasts fuse into few kernels), reading the modules' parameters at call time, so LoRA
 patches or reloaded weights are picked up (the compiled graph takes the parameters as inputs, not
 constants). `FastOptions` holds the levers measured by `bench/levers.py`; the defaults are the ones that
 paid on the H100 (see BENCHMARKS.md). On the CPU, attention is computed in query chunks (bounded memory), or,
 with `cpu_kernels` (the CPU default where they build), attention, GEGLU, GroupNorm(+SiLU) and large 3x3
-convs run as the C kernels of sd/cpu_kernels.py, evaluated eagerly (not under mx.compile).
+convs run as the C kernels of sd/accel/cpu_kernels.py, evaluated eagerly (not under mx.compile).
 
 Outputs match the plain modules' to float rounding (tests/test_fp16_parity.py).
 """
@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 
-from sd import cuda_kernels
-from sd.unet import timestep_embedding
-from sd.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
+from sd.accel import cuda_kernels
+from sd.models.unet import timestep_embedding
+from sd.models.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,10 @@ class FastOptions:
                                   # MLX's CPU softmax is single-threaded, so this puts the other cores to work
     batch_streams: int = 1        # >1 (CPU): run batch slices (e.g. CFG's cond / uncond) on their own CPU
                                   # streams, so single-threaded element-wise ops run side by side
-    cuda_kernels: bool = False    # MLX CUDA: sd/cuda_kernels.py's GroupNorm statistics kernel; with
+    cuda_kernels: bool = False    # MLX CUDA: sd/accel/cuda_kernels.py's GroupNorm statistics kernel; with
                                   # conv="im2col" also its im2col kernel (GroupNorm-apply + SiLU fused in)
     cpu_kernels: bool = False     # CPU, fp32: attention, GEGLU, GroupNorm(+SiLU) and large 3x3 convs as
-                                  # sd/cpu_kernels.py's C kernels (they evaluate their inputs, so
+                                  # sd/accel/cpu_kernels.py's C kernels (they evaluate their inputs, so
                                   # FastUNet/FastVAEDecoder then do not mx.compile)
     shared_projections: bool = False  # (with fused_qkv) one GEMM per step for all ResBlocks' time-embedding
                                       # projections and one for all cross-attentions' k|v: each set reads
@@ -56,16 +56,16 @@ _SDPA_FUSED_HEAD_DIMS = (64, 80, 128)
 
 
 def _cpu_kernels(opts: FastOptions, x: mx.array):
-    """The sd.cpu_kernels module when opts asks for it and x is fp32 on the CPU; else None (MLX's ops)."""
+    """The sd.accel.cpu_kernels module when opts asks for it and x is fp32 on the CPU; else None (MLX's ops)."""
     if not opts.cpu_kernels or x.dtype != mx.float32 or mx.default_device().type != mx.DeviceType.cpu:
         return None
-    from sd import cpu_kernels
+    from sd.accel import cpu_kernels
 
     return cpu_kernels if cpu_kernels.available() else None
 
 
 def _cuda_im2col(conv: nn.Conv2d, x: mx.array, opts: FastOptions, stride: int = 1, padding: int = 1) -> bool:
-    """Whether a 3x3 stride-1 conv of x runs as sd/cuda_kernels.py's im2col kernel + one GEMM."""
+    """Whether a 3x3 stride-1 conv of x runs as sd/accel/cuda_kernels.py's im2col kernel + one GEMM."""
     return (opts.cuda_kernels and opts.conv == "im2col" and conv.weight.shape[1] == 3 and stride == 1
             and padding == 1 and cuda_kernels.supported(x))
 
@@ -193,7 +193,7 @@ def _heads(t: mx.array, heads: int) -> mx.array:
 
 def attention(attn, x: mx.array, context: mx.array | None, opts: FastOptions,
               fused: mx.array | None = None, kv: tuple[mx.array, mx.array] | None = None) -> mx.array:
-    """sd.unet_blocks.Attention's computation (no q/k/v bias). `fused`: the module's q|k|v (self-attention) or
+    """sd.models.unet_blocks.Attention's computation (no q/k/v bias). `fused`: the module's q|k|v (self-attention) or
     k|v (cross-attention) weights already concatenated (see FusedProjections); `kv`: cross-attention's k and v
     already projected (by a shared GEMM)."""
     heads = attn.heads
@@ -485,7 +485,7 @@ def vae_encode_forward(vae, image: mx.array, opts: FastOptions) -> mx.array:
 
 
 class _FastVAEPath:
-    """One of the VAE's two directions through sd.fast's ops, compiled per input shape when opts.compile."""
+    """One of the VAE's two directions through sd.accel.fast's ops, compiled per input shape when opts.compile."""
 
     def __init__(self, vae, forward, opts: FastOptions | None = None):
         self.vae = vae
@@ -517,14 +517,14 @@ def default_options(component: str = "unet") -> FastOptions:
     GPU UNet: im2col 3x3 convs + fused QKV + shared projections (one GEMM for all time-embedding
     projections, one for all cross-attention k|v) under one mx.compile; on MLX's CUDA backend the GroupNorm
     statistics, the (GroupNorm-apply + SiLU +) im2col and attention for 160-wide heads are
-    sd/cuda_kernels.py's kernels, elsewhere column-sum GroupNorm and a concatenated im2col. GPU VAE:
+    sd/accel/cuda_kernels.py's kernels, elsewhere column-sum GroupNorm and a concatenated im2col. GPU VAE:
     mx.compile + the GroupNorm kernels / column-sum GroupNorm, cuDNN convs (im2col's 9x-wide copies of
     128/256-channel 512x512 activations cost more than they save, and memory). CPU: the C kernels of
-    sd/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU, convs) with fused QKV, uncompiled, where they
+    sd/accel/cpu_kernels.py (attention, GEGLU, GroupNorm+SiLU, convs) with fused QKV, uncompiled, where they
     build; else mx.compile + attention's queries split over one CPU stream per core (2 cores: UNet CFG step
     28.4 -> 23.5 s; chunking queries alone did not pay).
     """
-    from sd.precision import on_gpu
+    from sd.accel.precision import on_gpu
 
     if on_gpu():
         kernels = cuda_kernels.available()
@@ -534,7 +534,7 @@ def default_options(component: str = "unet") -> FastOptions:
         return FastOptions(groupnorm="colsum", cuda_kernels=kernels)
     import os
 
-    from sd import cpu_kernels
+    from sd.accel import cpu_kernels
 
     if cpu_kernels.available():
         return FastOptions(compile=False, cpu_kernels=True, fused_qkv=True)

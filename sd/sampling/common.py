@@ -7,7 +7,7 @@ Sampler contract (every ``sample_x`` in sd/samplers_*.py):
 * ``x`` is the noisy latent at ``sigmas[0]`` (NHWC, float32), ``sigmas`` a decreasing schedule,
 * ``callback(i, x, denoised)`` is called once per step, ``cancel()`` is polled before every
   step and raises :class:`sd.errors.Cancelled` when it returns true,
-* ``seed`` seeds the default per-step noise (see sd/noise.py) when no ``noise_sampler`` is given.
+* ``seed`` seeds the default per-step noise (see sd/sampling/noise.py) when no ``noise_sampler`` is given.
 
 The maths follows k-diffusion's ``sampling.py`` as ComfyUI ships it; step coefficients are
 computed in double precision from the float32 sigmas.
@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from sd.errors import Cancelled
-from sd.noise import BrownianNoiseSampler, NoiseSampler, step_noise_sampler
+from sd.sampling.noise import BrownianNoiseSampler, NoiseSampler, step_noise_sampler
 
 Denoiser = Callable[[mx.array, float], mx.array]
 StepCallback = Callable[[int, mx.array, mx.array], None]

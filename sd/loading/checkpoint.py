@@ -18,15 +18,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from sd.checkpoint_io import open_tensors
-from sd.detect import check_family, detect_unet_config
+from sd.accel.precision import COMPONENTS, default_dtype, parse_dtype
 from sd.errors import CheckpointError, MissingComponentError
-from sd.precision import COMPONENTS, default_dtype, parse_dtype
+from sd.io.checkpoint_io import open_tensors
+from sd.loading.detect import check_family, detect_unet_config
 
 if TYPE_CHECKING:  # the VAE and CLIP modules are imported only when a file has those parts
-    from sd.clip import CLIPTextConfig, CLIPTextModel
-    from sd.unet import UNetConfig, UNetModel
-    from sd.vae import AutoencoderKL, VAEConfig
+    from sd.models.clip import CLIPTextConfig, CLIPTextModel
+    from sd.models.unet import UNetConfig, UNetModel
+    from sd.models.vae import AutoencoderKL, VAEConfig
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -142,14 +142,14 @@ def _to_mlx(array: np.ndarray, dtype: mx.Dtype) -> mx.array:
 def _builders(part: str) -> tuple[Callable[[Path, Mapping[str, tuple]], Any], Callable[[Any], nn.Module]]:
     """(config_from_shapes(path, shapes), model_class) per part; VAE/CLIP imported only when needed."""
     if part == "unet":
-        from sd.unet import UNetModel
+        from sd.models.unet import UNetModel
 
         return detect_unet_config, UNetModel
     if part == "vae":
-        from sd.vae import AutoencoderKL, vae_config_from_weights
+        from sd.models.vae import AutoencoderKL, vae_config_from_weights
 
         return lambda path, shapes: vae_config_from_weights(shapes, path), AutoencoderKL
-    from sd.clip import CLIPTextModel, clip_config_from_weights
+    from sd.models.clip import CLIPTextModel, clip_config_from_weights
 
     return lambda path, shapes: clip_config_from_weights(shapes, path), CLIPTextModel
 
@@ -214,7 +214,7 @@ def _open_and_split(path: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
 
 def load_checkpoint(path: str | Path, dtype: str | mx.Dtype | None = None,
                     parts: Iterable[str] = COMPONENTS) -> Checkpoint:
-    """Load every part the file has (of `parts`). `dtype` None: per-part defaults (sd/precision.py)."""
+    """Load every part the file has (of `parts`). `dtype` None: per-part defaults (sd/accel/precision.py)."""
     path = Path(path)
     dtype = parse_dtype(dtype)
     tensors, split = _open_and_split(path)

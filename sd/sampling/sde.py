@@ -1,8 +1,8 @@
 """Ancestral and SDE samplers (fresh noise every step) with ComfyUI's names.
 
-The sampler contract is in sd/samplers_common.py.
+The sampler contract is in sd/sampling/common.py.
 
-Where their per-step noise comes from, and how it compares with ComfyUI's, is told in sd/noise.py.
+Where their per-step noise comes from, and how it compares with ComfyUI's, is told in sd/sampling/noise.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import math
 
 import mlx.core as mx
 
-from sd.noise import NoiseSampler
-from sd.samplers_common import (
+from sd.sampling.common import (
     CancelCheck,
     Denoiser,
     Sigmas,
@@ -27,7 +26,8 @@ from sd.samplers_common import (
     t_of,
     to_d,
 )
-from sd.samplers_ode import log_midpoint
+from sd.sampling.noise import NoiseSampler
+from sd.sampling.ode import log_midpoint
 
 
 def sample_euler_ancestral(

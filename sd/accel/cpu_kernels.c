@@ -1,11 +1,11 @@
 /* CPU kernels for MLX's Linux CPU backend, where transcendental element-wise ops run scalar on one thread
- * and attention is composed of separate matmul / softmax / matmul ops (see sd/cpu_kernels.py).
+ * and attention is composed of separate matmul / softmax / matmul ops (see sd/accel/cpu_kernels.py).
  *
  * fp32 only. Loops are OpenMP-parallel and written for gcc -O3 auto-vectorisation: exp2 and erf are
  * polynomials in plain arithmetic (no libm in hot loops), reductions use `omp simd reduction` (legal to
  * vectorise without -ffast-math). Coefficients were fitted by Chebyshev interpolation in double precision
  * (numpy + mpmath) on the stated intervals; errors measured in fp32.
- * Attention's GEMMs go to the BLAS that sd/blas.py loaded (cblas_sgemm handed over by sdk_set_blas).
+ * Attention's GEMMs go to the BLAS that sd/runtime/blas.py loaded (cblas_sgemm handed over by sdk_set_blas).
  */
 #include <math.h>
 #include <stdint.h>

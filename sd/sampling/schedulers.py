@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sd.model_sampling import ModelSamplingDiscrete
+from sd.sampling.model_sampling import ModelSamplingDiscrete
 
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
 

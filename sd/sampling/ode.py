@@ -1,6 +1,6 @@
 """Deterministic samplers (probability-flow ODE solvers) with ComfyUI's names.
 
-The sampler contract is in sd/samplers_common.py.
+The sampler contract is in sd/sampling/common.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from sd.noise import NoiseSampler
-from sd.samplers_common import (
+from sd.sampling.common import (
     CancelCheck,
     Denoiser,
     Sigmas,
@@ -24,6 +23,7 @@ from sd.samplers_common import (
     t_of,
     to_d,
 )
+from sd.sampling.noise import NoiseSampler
 
 
 def sample_euler(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from sd.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm
+from sd.models.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm
 
 NORM_GROUPS = 32  # LDM's GroupNorm32
 
@@ -134,7 +134,7 @@ def unet_config_from_weights(shapes: Mapping[str, tuple]) -> UNetConfig:
     """Read an SD1.x-layout UNet's hyper-parameters from its prefix-stripped key -> shape mapping.
 
     Raises KeyError (naming the key) when the layout lacks a key it needs and ValueError when the
-    layout is irregular; `sd.detect` turns both into errors that name the file.
+    layout is irregular; `sd.loading.detect` turns both into errors that name the file.
     """
     model_channels, in_channels = shapes["input_blocks.0.0.weight"][:2]
     out_channels = shapes["out.2.weight"][0]

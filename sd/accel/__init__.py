@@ -1,0 +1,1 @@
+"""What trades clarity for speed: compiled forwards, CPU and CUDA kernels, precision choices."""

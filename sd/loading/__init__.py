@@ -1,0 +1,1 @@
+"""From a checkpoint file to model modules: split into components, detect the architecture, load."""

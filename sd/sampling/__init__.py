@@ -1,0 +1,1 @@
+"""KSampler semantics: model sampling, sigma schedules, noise, and the samplers."""

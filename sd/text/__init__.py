@@ -1,0 +1,1 @@
+"""Prompt text to token ids and weights: the CLIP tokenizer, prompt weighting, the text encode."""
