@@ -1,4 +1,4 @@
-"""Each C kernel of sd/accel/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's full-size shapes.
+"""Each C kernel of sd/accel/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's full sizes.
 
     python -m bench.cpu_kernels_micro [--repeats 5] [--blocks 32,64,128,256]
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import interleaved, median_time  # noqa: E402
 from sd.accel import cpu_kernels as ck  # noqa: E402
-from sd.accel.fast import FastOptions, _attention_core, _heads  # noqa: E402
+from sd.accel.ops import FastOps, FastOptions  # noqa: E402
 
 # (what, batch, tokens, context tokens (None: self-attention), heads, head dim)
 ATTENTION = (
@@ -77,8 +77,7 @@ def bench_attention(repeats: int, blocks: list[str]) -> None:
         scale = d ** -0.5
         tq, tk, tv = (torch.from_numpy(np.array(t)).view(b, -1, heads, d).transpose(1, 2).contiguous()
                       for t in (q, k, v))
-        impls = {"mlx": lambda: mx.eval(_attention_core(_heads(q, heads), _heads(k, heads),  # noqa: B023
-                                                        _heads(v, heads), scale, mlx_opts)),  # noqa: B023
+        impls = {"mlx": lambda: mx.eval(FastOps(mlx_opts).attention(q, k, v, heads, scale)),  # noqa: B023
                  "torch": lambda: F.scaled_dot_product_attention(tq, tk, tv)}  # noqa: B023
         for blk in blocks:
             qb, _, kb = blk.partition("x")

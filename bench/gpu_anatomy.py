@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 from bench.common import OUT_DIR, ensure_checkpoint, mlx_unet_loop  # noqa: E402
 from bench.sections import mlx_working_memory  # noqa: E402
 from sd.loading.checkpoint import load_component  # noqa: E402
-from sd.accel.fast import FastUNet, default_options  # noqa: E402
+from sd.accel.compiled import FastUNet  # noqa: E402
+from sd.accel.ops import options_here  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -180,7 +181,7 @@ def main(argv=None):
         path = ensure_checkpoint(OUT_DIR / "sd15-random-full.safetensors", "full")
         unet = load_component(path, "unet", dtype="float16")
         x, t, c = unet_inputs()
-        fast = FastUNet(unet, default_options("unet"))
+        fast = FastUNet(unet, options_here("unet"))
         if "split" not in skip:
             RESULTS["split"] = split_times(fast, x, t, c)
         if "loop" not in skip:

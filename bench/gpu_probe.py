@@ -1,7 +1,7 @@
 # isort: skip_file
-"""GPU probe: checks sd/accel/cuda_kernels.py against MLX ops, times UNet/VAE variants of sd.accel.fast, and profiles
-which CUDA kernels one UNet step spends its time in (through torch.profiler's CUPTI tracing, which records
-every kernel of the process, MLX's included).
+"""GPU probe: checks sd/accel/cuda_kernels.py against MLX ops, times UNet/VAE variants of
+sd.accel's FastOps, and profiles which CUDA kernels one UNet step spends its time in (through torch.profiler's
+CUPTI tracing, which records every kernel of the process, MLX's included).
 
     python3 -m bench.gpu_probe [--out DIR] [--steps 10] [--no-profile] [--torch]
 
@@ -26,7 +26,8 @@ from bench.common import OUT_DIR, ensure_checkpoint, interleaved, median_time, m
 from bench.gpu_anatomy import split_times  # noqa: E402
 from sd.accel import cuda_kernels as K  # noqa: E402
 from sd.loading.checkpoint import load_component  # noqa: E402
-from sd.accel.fast import FastOptions, FastUNet, FastVAEDecoder, default_options, group_norm  # noqa: E402
+from sd.accel.compiled import FastUNet, FastVAE  # noqa: E402
+from sd.accel.ops import FastOps, FastOptions, options_here  # noqa: E402
 
 RESULTS: dict = {}
 LOOP_STEPS = 20
@@ -68,7 +69,7 @@ def _check_kernels():
             gn = nn.GroupNorm(groups, shape[-1], pytorch_compatible=True)
             gn.weight = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)).astype(dt)
             gn.bias = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)).astype(dt)
-            e_gn = rel(group_norm(gn, x, FastOptions(cuda_kernels=True)), gn(x.astype(mx.float32)))
+            e_gn = rel(FastOps(FastOptions(cuda_kernels=True)).group_norm(gn, x), gn(x.astype(mx.float32)))
             conv = nn.Conv2d(shape[-1], 64, 3, padding=1)
             conv.weight = conv.weight.astype(dt)
             conv.bias = conv.bias.astype(dt)
@@ -95,7 +96,7 @@ def unet_variants(unet, args):
     x = mx.array(rng.standard_normal((2, 64, 64, 4)).astype(np.float32))
     t = mx.array(np.array([500.0, 500.0], np.float32))
     c = mx.array(rng.standard_normal((2, 77, 768)).astype(np.float32))
-    base = default_options("unet").with_(cuda_kernels=True, shared_projections=False)
+    base = options_here("unet").with_(cuda_kernels=True, shared_projections=False)
     variants = {
         "kernels": base,
         "kernels, no attention kernel": base,
@@ -128,7 +129,7 @@ def unet_variants(unet, args):
     if args.variants:
         return x, t, c
     # CPU-side cost of building and dispatching one step (GPU work overlaps it)
-    split = split_times(FastUNet(unet, default_options("unet")), x, t, c)
+    split = split_times(FastUNet(unet, options_here("unet")), x, t, c)
     RESULTS["unet_dispatch_ms"] = split["call_ms"] + split["dispatch_ms"]
     log(f"[unet] dispatch (graph build + async_eval) {RESULTS['unet_dispatch_ms']:.2f} ms")
     return x, t, c
@@ -179,13 +180,13 @@ def profile_kernels(fn, label: str, steps: int = 5):
 def vae_variants(vae, args):
     rng = np.random.default_rng(2)
     z = mx.array(rng.standard_normal((1, 64, 64, 4)).astype(np.float32))
-    base = default_options("vae")
+    base = options_here("vae")
     variants = {"default": base, "default+cuda_kernels": base.with_(cuda_kernels=True),
                 "cuda_kernels + im2col (fused GN-SiLU-im2col)": base.with_(cuda_kernels=True, conv="im2col")}
     times, outs = {}, {}
     for name, opts in variants.items():
         try:
-            dec = FastVAEDecoder(vae, opts)
+            dec = FastVAE(vae, opts).decode
             outs[name] = dec(z)
             mx.eval(outs[name])
             times[name] = median_ms(lambda d=dec: mx.eval(d(z)), repeats=args.steps)
@@ -327,7 +328,7 @@ def round_robin(path, args):
     # VAE decode 512x512: MLX (bf16, defaults) vs diffusers fp16 / fp32 eager
     zn = rng.standard_normal((1, 4, 64, 64)).astype(np.float32)
     z = mx.array(zn.transpose(0, 2, 3, 1))
-    dec = FastVAEDecoder(ck.vae)
+    dec = FastVAE(ck.vae).decode
     vae16 = diffusers_vae(ck.vae_config, state).to("cuda", torch.float16)
     vae32 = diffusers_vae(ck.vae_config, state).to("cuda", torch.float32)
     tz16, tz32 = torch.from_numpy(zn).cuda().half(), torch.from_numpy(zn).cuda()
@@ -372,8 +373,8 @@ def main(argv=None):
             unet = load_component(path, "unet", dtype="float16")
             x, t, c = unet_variants(unet, args)
             if not args.no_profile:
-                for name, opts in (("kernels", default_options("unet").with_(shared_projections=False)),
-                                   ("kernels+shared", default_options("unet"))):
+                for name, opts in (("kernels", options_here("unet").with_(shared_projections=False)),
+                                   ("kernels+shared", options_here("unet"))):
                     f = FastUNet(unet, opts)
                     profile_kernels(lambda f=f: mx.eval(f(x, t, c)), name)
             del unet

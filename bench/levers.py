@@ -1,8 +1,8 @@
-"""Each optimisation lever of sd/accel/fast.py measured on its own: UNet CFG step and VAE decode, MLX only.
+"""Each optimisation lever of sd/accel/ops.py measured on its own: UNet CFG step and VAE decode, MLX only.
 
 Every variant runs on the same loaded weights and inputs; the table lists median ms per variant and its
-ratio to the plain modules (`sd.models.unet.UNetModel.__call__`, eager). Also: the VAE decode in fp32/fp16/bf16
-with the largest activation magnitude seen (fp16 overflows past 65504).
+ratio to the plain modules (`sd.models.unet.UNetModel.__call__`, eager). Also: the VAE decode in
+fp32/fp16/bf16 with the largest activation magnitude seen (fp16 overflows past 65504).
 """
 
 from __future__ import annotations
@@ -10,25 +10,21 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from sd.accel.fast import FastOptions, FastUNet, FastVAEDecoder
+from sd.accel.compiled import FastUNet, FastVAE
+from sd.accel.ops import FastOptions
 
 UNET_VARIANTS = [
-    ("default sd.accel.fast (im2col + colsum GN, compiled)", FastOptions(conv="im2col", groupnorm="colsum")),
+    ("im2col + colsum GN, compiled", FastOptions(conv="im2col", groupnorm="colsum")),
     ("default without mx.compile", FastOptions(compile=False, conv="im2col", groupnorm="colsum")),
     ("default + fused QKV", FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True)),
-    ("eager, sd.accel.fast ops (no compile)", FastOptions(compile=False)),
+    ("eager, FastOps (no compile)", FastOptions(compile=False)),
     ("mx.compile whole UNet", FastOptions()),
     ("compile + fused QKV", FastOptions(fused_qkv=True)),
-    ("compile + attention auto (manual for head dim 160 / cross)", FastOptions(attention="auto")),
-    ("compile + attention manual everywhere", FastOptions(attention="manual")),
     ("compile + im2col 3x3 convs", FastOptions(conv="im2col")),
-    ("compile + two-stage GroupNorm", FastOptions(groupnorm="two_stage")),
     ("compile + column-sum GroupNorm", FastOptions(groupnorm="colsum")),
     ("combo: im2col + colsum GN", FastOptions(conv="im2col", groupnorm="colsum")),
-    ("combo: im2col + colsum GN + fused QKV + auto attention",
-     FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, attention="auto")),
-    ("combo: colsum GN + fused QKV + auto attention",
-     FastOptions(groupnorm="colsum", fused_qkv=True, attention="auto")),
+    ("combo: im2col + colsum GN + fused and shared projections",
+     FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, shared_projections=True)),
 ]
 
 
@@ -69,9 +65,9 @@ def vae_levers(ctx) -> list[tuple[str, float]]:
     for dtype in dtypes:
         vae, _ = ctx.mlx("vae", dtype)
         plain = ctx.time_mlx(lambda: vae.decode(z), heavy=True) * 1e3  # noqa: B023
-        fast = FastVAEDecoder(vae, FastOptions())
+        fast = FastVAE(vae, FastOptions()).decode
         compiled = ctx.time_mlx(lambda: fast(z), heavy=True) * 1e3  # noqa: B023
-        colsum = FastVAEDecoder(vae, FastOptions(groupnorm="colsum"))
+        colsum = FastVAE(vae, FastOptions(groupnorm="colsum")).decode
         results.append((f"VAE decode {dtype}: mx.compile + colsum GroupNorm",
                         ctx.time_mlx(lambda: colsum(z), heavy=True) * 1e3))  # noqa: B023
         out = fast(z).astype(mx.float32)
@@ -85,7 +81,7 @@ def vae_levers(ctx) -> list[tuple[str, float]]:
 
 
 def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
-    """Where the UNet CFG step's time goes: sd.accel.fast's path uncompiled, each op evaluated on its own.
+    """Where the UNet CFG step's time goes: FastOps uncompiled, each op evaluated on its own.
 
     Synchronising after every op adds a little latency per op, so the sum exceeds the compiled step time;
     the split between op kinds is what this is for.
@@ -95,8 +91,8 @@ def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
 
     import mlx.nn as nn
 
-    import sd.accel.fast as fast_mod
     from bench.sections import unet_inputs
+    from sd.accel.ops import FastOps, options_here
 
     unet, cfg = ctx.mlx("unet", dtype or ctx.args.unet_dtype)
     x, t, c = unet_inputs(ctx, ctx.args.latent, cfg.context_dim)
@@ -119,16 +115,17 @@ def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
             return out
         return timed
 
-    saved = (fast_mod.conv2d, fast_mod.group_norm, fast_mod.attention, nn.Linear.__call__)
-    opts = fast_mod.default_options("unet").with_(compile=False)
+    saved = (FastOps.conv2d, FastOps.group_norm, FastOps.projections, FastOps.attention, nn.Linear.__call__)
+    opts = options_here("unet").with_(compile=False)
     try:
-        fast_mod.conv2d = wrap(lambda conv, *_: f"conv {conv.weight.shape[1]}x{conv.weight.shape[2]}",
-                               saved[0])
-        fast_mod.group_norm = wrap(lambda *_: "GroupNorm", saved[1])
-        fast_mod.attention = wrap(lambda attn, x, context, *_: "attention (proj + SDPA), "
-                                  + ("self" if context is None else "cross"), saved[2])
-        nn.Linear.__call__ = wrap(lambda *_: "linear (GEGLU / FF / time emb)", saved[3])
-        fn = lambda: fast_mod.unet_forward(unet, *args, opts)  # noqa: E731
+        FastOps.conv2d = wrap(lambda _, conv, *a: f"conv {conv.weight.shape[1]}x{conv.weight.shape[2]}",
+                              saved[0])
+        FastOps.group_norm = wrap(lambda *_: "GroupNorm", saved[1])
+        FastOps.projections = wrap(lambda _, attn, x, context: "attention projections, "
+                                   + ("self" if context is None else "cross"), saved[2])
+        FastOps.attention = wrap(lambda *_: "attention (SDPA)", saved[3])
+        nn.Linear.__call__ = wrap(lambda *_: "linear (GEGLU / FF / time emb)", saved[4])
+        fn = lambda: unet(*args, ops=FastOps(opts))  # noqa: E731
         mx.eval(fn())
         totals.clear()
         counts.clear()
@@ -136,7 +133,7 @@ def op_profile(ctx, dtype: str | None = None) -> list[tuple[str, float]]:
         mx.eval(fn())
         whole = time.perf_counter() - start
     finally:
-        fast_mod.conv2d, fast_mod.group_norm, fast_mod.attention, nn.Linear.__call__ = saved
+        FastOps.conv2d, FastOps.group_norm, FastOps.projections, FastOps.attention, nn.Linear.__call__ = saved
     ordered = sorted(totals.items(), key=lambda kv: -kv[1])
     rows = [(f"op profile: {k} (n={counts[k]})", v * 1e3) for k, v in ordered]
     rest = (whole - sum(totals.values())) * 1e3

@@ -1,9 +1,9 @@
 """Checkpoint load time (cold and warm page cache) and peak RSS, each load in a fresh process.
 
 Run as a module by the bench: `python -m bench.load IMPL PATH` prints one JSON line. IMPL is `mlx`
-(sd.loading.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of the
-file, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load does
-without the hub).
+(sd.loading.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load
+of the file, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load
+does without the hub).
 """
 
 from __future__ import annotations

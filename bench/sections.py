@@ -1,4 +1,4 @@
-"""The measured sections: MLX (plain modules and sd.accel.fast) against diffusers on the same machine and file."""
+"""The measured sections: MLX (plain and accelerated ops) against diffusers on the same machine and file."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def unet_inputs(ctx: Context, latent: int, context_dim: int):
 
 
 def section_unet(ctx: Context):
-    from sd.accel.fast import FastUNet
+    from sd.accel.compiled import FastUNet
 
     torch = ctx.torch
     latent = ctx.args.latent
@@ -206,7 +206,7 @@ def section_unet_rr(ctx: Context):
     machine whose load changes during the run (a shared CPU) weighs on all three alike."""
     import statistics
 
-    from sd.accel.fast import FastUNet
+    from sd.accel.compiled import FastUNet
 
     torch = ctx.torch
     latent = ctx.args.latent
@@ -240,7 +240,7 @@ def section_unet_rr(ctx: Context):
 
 # ------------------------------------------------------------------------------------------- VAE
 def section_vae(ctx: Context):
-    from sd.accel.fast import FastVAEDecoder, FastVAEEncoder
+    from sd.accel.compiled import FastVAE
 
     torch = ctx.torch
     size = ctx.args.image
@@ -250,10 +250,10 @@ def section_vae(ctx: Context):
     img = np.clip(rng.standard_normal((1, 3, size, size)).astype(np.float32) * 0.5, -1, 1)
     mz, mimg = mx.array(z.transpose(0, 2, 3, 1)), mx.array(img.transpose(0, 2, 3, 1))
     dec = {"mlx": ctx.time_mlx(lambda: vae.decode(mz), heavy=True) * 1e3}
-    fast = FastVAEDecoder(vae)
+    fast = FastVAE(vae).decode
     dec["mlx_fast"] = ctx.time_mlx(lambda: fast(mz), heavy=True) * 1e3
     enc = {"mlx": ctx.time_mlx(lambda: vae.encode(mimg), heavy=True) * 1e3}
-    fast_enc = FastVAEEncoder(vae)
+    fast_enc = FastVAE(vae).encode
     enc["mlx_fast"] = ctx.time_mlx(lambda: fast_enc(mimg), heavy=True) * 1e3
     mem = {"mlx": mlx_working_memory(lambda: vae.decode(mz)),
            "mlx_fast": mlx_working_memory(lambda: fast(mz))}
@@ -339,7 +339,7 @@ def _torch_txt2img(ctx, steps, unet, clip, vae):
 
 
 def section_txt2img(ctx: Context):
-    from sd.accel.fast import FastUNet, FastVAEDecoder
+    from sd.accel.compiled import FastUNet, FastVAE
 
     torch = ctx.torch
     steps = ctx.args.steps
@@ -349,7 +349,7 @@ def section_txt2img(ctx: Context):
     times, mem, work, weights = {}, {}, {}, {}
     fast_unet = FastUNet(unet)
     # the fast path first: the plain modules' far larger peak must not linger into its measurement
-    runs = {"mlx_fast": _mlx_txt2img(ctx, steps, fast_unet, clip, FastVAEDecoder(vae)),
+    runs = {"mlx_fast": _mlx_txt2img(ctx, steps, fast_unet, clip, FastVAE(vae).decode),
             "mlx": _mlx_txt2img(ctx, steps, unet, clip, vae.decode)}
     for name, run in runs.items():
         mx.eval(run())  # warm (compiles)

@@ -7,8 +7,8 @@ import mlx.core as mx
 from graph import IMAGE, LATENT, VAE, Choice, Int, node
 from nodes import models
 from nodes.resize import METHODS, center_crop_to_aspect, resize
-from nodes.values import Latent, VaeRecipe
-from sd import vae_tiling
+from nodes.values import Latent
+from sd.pixels import decode_image, encode_image
 
 MAX_RESOLUTION = 16384
 LATENT_CHANNELS = 4
@@ -68,17 +68,8 @@ def LatentUpscale(samples: LATENT, upscale_method: Choice(UPSCALE_METHODS) = "ne
 @node(category="latent", outputs=(LATENT,))
 def VAEEncode(pixels: IMAGE, vae: VAE, ctx=None):
     """Encode images into latents (for img2img). Sides are cropped to multiples of 8, centred."""
-    recipe: VaeRecipe = vae
-    _, h, w, _ = pixels.shape
-    h8, w8 = h // 8 * 8, w // 8 * 8
-    if h8 == 0 or w8 == 0:
-        raise ValueError(f"image of {w}x{h} pixels is too small to encode (at least 8x8)")
-    dy, dx = (h % 8) // 2, (w % 8) // 2
-    image = pixels[:, dy:dy + h8, dx:dx + w8, :3]
-    model = models.vae_for(recipe, ctx.log)
-    encode = models.vae_encoder(model)
-    latent = encode((image * 2.0 - 1.0).astype(model.encoder.conv_in.weight.dtype))
-    latent = latent.astype(mx.float32)
+    model = models.vae_for(vae, ctx.log)
+    latent = encode_image(model, pixels, encode=models.vae_encoder(model))
     mx.eval(latent)
     return Latent(latent)
 
@@ -86,12 +77,8 @@ def VAEEncode(pixels: IMAGE, vae: VAE, ctx=None):
 @node(category="latent", outputs=(IMAGE,))
 def VAEDecode(samples: LATENT, vae: VAE, ctx=None):
     """Decode latents into images (NHWC, values in [0, 1])."""
-    recipe: VaeRecipe = vae
     latent: Latent = samples
-    model = models.vae_for(recipe, ctx.log)
-    # tiled above ~768x768 px so large images fit in memory; identical to one decode below that
-    image = vae_tiling.decode(model, latent.samples.astype(model.decoder.conv_in.weight.dtype),
-                              decode_fn=models.vae_decoder(model))
-    image = mx.clip((image.astype(mx.float32) + 1.0) / 2.0, 0.0, 1.0)
+    model = models.vae_for(vae, ctx.log)
+    image = decode_image(model, latent.samples, decode=models.vae_decoder(model))
     mx.eval(image)
     return image

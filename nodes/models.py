@@ -115,7 +115,7 @@ def vae_for(recipe: VaeRecipe, log: Log = lambda msg: None) -> Any:
 
 
 def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
-    """sd.accel.fast's compiled path for a (possibly LoRA-patched) module, built once and kept on the module.
+    """sd.accel's accelerated model for a (possibly LoRA-patched) module, built once and kept on the module.
     SDGRAPH_FAST=0 runs the plain modules instead (same results within fp rounding; for debugging)."""
     if os.environ.get("SDGRAPH_FAST", "1") == "0":
         return None
@@ -129,24 +129,26 @@ def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
 
 
 def fast_unet(unet: Any) -> Any:
-    """A callable like the UNet, with the levers measured in BENCHMARKS.md (compiled, fused)."""
-    from sd.accel.fast import FastUNet
+    """A callable like the UNet, accelerated for this device (sd/accel/compiled.py)."""
+    from sd.accel.compiled import FastUNet
 
     return _fast(unet, "_sdgraph_fast_unet", FastUNet) or unet
 
 
-def vae_decoder(vae: Any) -> Callable[[Any], Any]:
-    """The VAE's decode, compiled where that pays."""
-    from sd.accel.fast import FastVAEDecoder
+def _fast_vae(vae: Any) -> Any:
+    from sd.accel.compiled import FastVAE
 
-    return _fast(vae, "_sdgraph_fast_decoder", FastVAEDecoder) or vae.decode
+    return _fast(vae, "_sdgraph_fast_vae", FastVAE) or vae
+
+
+def vae_decoder(vae: Any) -> Callable[[Any], Any]:
+    """The VAE's decode, accelerated for this device."""
+    return _fast_vae(vae).decode
 
 
 def vae_encoder(vae: Any) -> Callable[[Any], Any]:
-    """The VAE's encode, compiled where that pays."""
-    from sd.accel.fast import FastVAEEncoder
-
-    return _fast(vae, "_sdgraph_fast_encoder", FastVAEEncoder) or vae.encode
+    """The VAE's encode, accelerated for this device."""
+    return _fast_vae(vae).encode
 
 
 def skeleton(part: str, ref: FileRef) -> Any:

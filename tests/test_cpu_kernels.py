@@ -1,4 +1,5 @@
-"""sd/cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and sd.accel.fast with them.
+"""sd/accel/cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and FastOps
+with them.
 
 They must build wherever the tests run on Linux (CI installs gcc and OpenBLAS): a missing compiler fails
 these tests instead of skipping them. Also: the fallback to MLX's ops with SDGRAPH_CPU_KERNELS=0 and with a
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 
 from sd.accel import cpu_kernels
-from sd.accel.fast import FastOptions, FastUNet, FastVAEDecoder, default_options
+from sd.accel.compiled import FastUNet, FastVAE
+from sd.accel.ops import FastOptions, options_here
 from sd.loading.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
 
@@ -190,7 +192,7 @@ def test_attention_from_threads_at_once():
     assert openblas.openblas_get_num_threads() == before
 
 
-# ------------------------------------------------------------------------------------- sd.accel.fast with them
+# ------------------------------------------------------------------------------------------ FastOps with them
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors", seed=11),
@@ -199,7 +201,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernels sd.accel.fast calls (the conv kernel also on the tiny model's small images)."""
+    """Counts the kernels FastOps calls (the conv kernel also on the tiny model's small images)."""
     monkeypatch.setattr(cpu_kernels, "CONV_MIN_PIXELS", 1)
     monkeypatch.setattr(cpu_kernels, "CONV_MIN_CHANNELS", 1)
     calls = {"attention": 0, "geglu": 0, "group_norm": 0, "conv3x3": 0}
@@ -221,9 +223,9 @@ def _unet_args(model):
 
 
 def test_cpu_defaults_use_the_kernels_uncompiled():
-    opts = default_options("unet")
+    opts = options_here("unet")
     assert opts.cpu_kernels and not opts.compile
-    assert default_options("vae").cpu_kernels
+    assert options_here("vae").cpu_kernels
 
 
 @pytest.mark.parametrize("fused_qkv", [True, False])
@@ -236,15 +238,15 @@ def test_fast_unet_with_kernels_matches_plain(model, kernel_calls, fused_qkv):
 
 def test_fast_vae_with_kernels_matches_plain(model, kernel_calls):
     latent = mx.array(np.random.default_rng(4).standard_normal((1, 12, 16, 4)).astype(np.float32))
-    fast = FastVAEDecoder(model.vae, default_options("vae"))
-    assert rel_err(fast(latent), model.vae.decode(latent)) <= 2e-5
+    fast = FastVAE(model.vae, options_here("vae"))
+    assert rel_err(fast.decode(latent), model.vae.decode(latent)) <= 2e-5
     assert kernel_calls["attention"] and kernel_calls["group_norm"] and kernel_calls["conv3x3"]
 
 
 def test_half_precision_keeps_mlx_ops(model, kernel_calls, tmp_path):
     unet16 = load_checkpoint(make_checkpoint(tmp_path / "tiny.safetensors", seed=11), dtype="float16").unet
     args = _unet_args(model)
-    out = FastUNet(unet16, default_options("unet"))(*args)
+    out = FastUNet(unet16, options_here("unet"))(*args)
     assert rel_err(out, model.unet(*args)) <= 1e-2
     assert not any(kernel_calls.values())
 
@@ -255,7 +257,7 @@ def test_disabled_by_environment(model, kernel_calls, monkeypatch):
     monkeypatch.setenv("SDGRAPH_CPU_KERNELS", "0")
     assert not cpu_kernels.available()
     assert cpu_kernels.describe() == "off (SDGRAPH_CPU_KERNELS=0)"
-    assert not default_options("unet").cpu_kernels
+    assert not options_here("unet").cpu_kernels
     args = _unet_args(model)
     # asked for explicitly, the kernels still step aside: MLX's ops compute the same
     assert rel_err(FastUNet(model.unet, FastOptions(cpu_kernels=True))(*args), model.unet(*args)) <= 2e-5
@@ -271,8 +273,8 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 def test_broken_compiler_falls_back_with_one_warning(tmp_path):
     code = ("import sd, mlx.core as mx\n"
             "from sd.accel import cpu_kernels\n"
-            "from sd.accel.fast import FastUNet, default_options\n"
-            "print(cpu_kernels.available(), cpu_kernels.available(), default_options().cpu_kernels)\n")
+            "from sd.accel.ops import options_here\n"
+            "print(cpu_kernels.available(), cpu_kernels.available(), options_here('unet').cpu_kernels)\n")
     proc = _python(code, CC="/bin/false", SDGRAPH_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False", "False"]

@@ -1,5 +1,5 @@
-"""sd/accel/cuda_kernels.py: the CUDA kernels against MLX's own ops (run where MLX's CUDA backend is: the lent GPU,
-`python3 -m pytest tests/test_cuda_kernels.py`), and the switch that keeps them off everywhere else."""
+"""sd/accel/cuda_kernels.py: the CUDA kernels against MLX's own ops (run where MLX's CUDA backend is: the lent
+GPU, `python3 -m pytest tests/test_cuda_kernels.py`), and the switch that keeps them off everywhere else."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sd.accel import cuda_kernels
-from sd.accel.fast import FastOptions, default_options, group_norm
+from sd.accel.ops import FastOps, FastOptions, default_options, options_here
 
 on_cuda = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend (the lent GPU)")
 
@@ -15,11 +15,11 @@ on_cuda = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's C
 def test_off_without_cuda_and_by_switch(monkeypatch):
     if not mx.cuda.is_available():
         assert not cuda_kernels.available()
-        assert not default_options("unet").cuda_kernels and not default_options("vae").cuda_kernels
+        assert not options_here("unet").cuda_kernels and not options_here("vae").cuda_kernels
     monkeypatch.setenv("SDGRAPH_CUDA_KERNELS", "0")
     assert not cuda_kernels.available()
     assert "SDGRAPH_CUDA_KERNELS=0" in cuda_kernels.describe()
-    assert not default_options("unet").cuda_kernels
+    assert not options_here("unet").cuda_kernels
 
 
 def test_layout_requirements():
@@ -46,7 +46,7 @@ def test_group_norm_and_fused_conv_match_mlx(dtype, tol, shape):
     gn.weight = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)).astype(dtype)
     gn.bias = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)).astype(dtype)
     ref_gn = gn(x.astype(mx.float32))
-    assert _rel(group_norm(gn, x, FastOptions(cuda_kernels=True)), ref_gn) < tol
+    assert _rel(FastOps(FastOptions(cuda_kernels=True)).group_norm(gn, x), ref_gn) < tol
     # a per-(batch, channel) offset folded into the statistics == GroupNorm of x + offset
     e = mx.array(rng.standard_normal((shape[0], shape[-1])).astype(np.float32) * 4).astype(dtype)
     scale, shift = cuda_kernels.group_norm_affine(gn, x, mx.contiguous(e.T))  # the offset is channel-major
@@ -104,13 +104,13 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("levers", [{}, {"shared_projections": True}],
                          ids=["kernels", "kernels + shared projections"])
 def test_fast_unet_and_vae_with_kernels_match_plain_modules(tiny, levers):
-    from sd.accel.fast import FastUNet, FastVAEDecoder
+    from sd.accel.compiled import FastUNet, FastVAE
 
     rng = np.random.default_rng(3)
     dim = tiny["float32"].unet_config.context_dim
     args = (mx.array(rng.standard_normal((2, 16, 24, 4)).astype(np.float32)), mx.array([10.0, 800.0]),
             mx.array(rng.standard_normal((2, 77, dim)).astype(np.float32)))
-    gpu = FastOptions(conv="im2col", groupnorm="colsum", fused_qkv=True, cuda_kernels=True, **levers)
+    gpu = default_options("unet", gpu=True, cuda=True).with_(shared_projections=False, **levers)
     ref = tiny["float32"].unet(*args)
     # MLX's CUDA matmuls and convs run fp32 as TF32 (10-bit mantissa): the kernels may differ from the plain
     # modules by what the same path without them differs (~1e-3), not more
@@ -119,7 +119,7 @@ def test_fast_unet_and_vae_with_kernels_match_plain_modules(tiny, levers):
     assert _rel(FastUNet(tiny["float16"].unet, gpu)(*args), ref) < 1e-2
     z = mx.array(rng.standard_normal((1, 12, 16, 4)).astype(np.float32))
     ref = tiny["float32"].vae.decode(z)
-    tf32 = _rel(FastVAEDecoder(tiny["float32"].vae, FastOptions(groupnorm="colsum"))(z), ref)
+    tf32 = _rel(FastVAE(tiny["float32"].vae, default_options("vae", gpu=True)).decode(z), ref)
     for dtype, tol in (("float32", max(2e-5, 2 * tf32)), ("bfloat16", 3e-2)):
-        for opts in (FastOptions(groupnorm="colsum", cuda_kernels=True), gpu):
-            assert _rel(FastVAEDecoder(tiny[dtype].vae, opts)(z), ref) < tol, (dtype, opts)
+        for opts in (default_options("vae", gpu=True, cuda=True), gpu):
+            assert _rel(FastVAE(tiny[dtype].vae, opts).decode(z), ref) < tol, (dtype, opts)

@@ -3,9 +3,9 @@
 MLX's Linux CPU backend runs transcendental element-wise ops (exp, erf, sigmoid) scalar on one thread, and
 its attention is matmul + single-threaded softmax + matmul; those were half of a UNet step on 2 cores (see
 BENCHMARKS.md). `cpu_kernels.c` does them vectorised and OpenMP-parallel, with attention's GEMMs in the BLAS
-that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer. It is compiled
-with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``, keyed by the
-source, compiler, flags and CPU, and loaded through ctypes.
+that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer. It is
+compiled with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``, keyed by
+the source, compiler, flags and CPU, and loaded through ctypes.
 
 `available()` says whether they can be used; when not (no compiler, no BLAS, ``SDGRAPH_CPU_KERNELS=0``),
 callers keep MLX's own ops, after at most one one-line warning. The wrappers take and return fp32
@@ -180,7 +180,8 @@ def build() -> Path:
 
 
 def _blas_functions() -> tuple[int, int, int]:
-    """Addresses of cblas_sgemm and (0 if absent) openblas_set/get_num_threads of sd.runtime.blas's library."""
+    """Addresses of cblas_sgemm and (0 if absent) openblas_set/get_num_threads of sd.runtime.blas's library
+    (the one MLX's matmuls use)."""
     from sd.runtime import blas
 
     name = blas.load_fast_blas()

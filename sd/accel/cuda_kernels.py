@@ -17,7 +17,7 @@ NVRTC, cached per shape/dtype) replace them:
 - `attention`: softmax(q k^T) v for 129..256-wide heads, reading q/k/v in place from the projections'
   buffers, flash attention's online softmax in fp32 (`sdgraph_attention`).
 
-Used by `sd/accel/fast.py` only where `available()` (MLX's CUDA backend); everything else keeps the MLX ops.
+Used by `sd/accel/ops.py` only where `available()` (MLX's CUDA backend); everything else keeps the MLX ops.
 `SDGRAPH_CUDA_KERNELS=0` switches them off.
 """
 
@@ -175,7 +175,7 @@ def _affine_kernel():
 
 
 def group_norm_affine(gn, x: mx.array, offset_t: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift (sd.accel.fast applies them, fused by
+    """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift (FastOps applies them, fused by
     mx.compile into the next element-wise kernel or into the im2col kernel): two kernels (partial sums over
     pixel chunks, then one block per (group, batch) finishing them). With `offset_t` [C, B] (an offset
     [B, C], transposed), the same for x + offset (broadcast over pixels), never summed:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from sd.models.ops import PLAIN, PlainOps
 from sd.models.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm
 
 NORM_GROUPS = 32  # LDM's GroupNorm32
@@ -48,7 +49,9 @@ def timestep_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.
 
 
 class UNetModel(nn.Module):
-    """`unet(x [B,h,w,C], timesteps [B], context [B,L,D]) -> eps [B,h,w,C]`, output in x's dtype."""
+    """`unet(x [B,h,w,C], timesteps [B], context [B,L,D], ops=PLAIN) -> eps [B,h,w,C]`, output in x's dtype.
+
+    `ops` computes the convolutions, norms and attention (sd/models/ops.py); sd/accel passes its own."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -95,28 +98,30 @@ class UNetModel(nn.Module):
         self.out = [group_norm(groups, channels, 1e-5), nn.SiLU(),
                     nn.Conv2d(channels, config.out_channels, 3, padding=1)]
 
-    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
+                 ops: PlainOps = PLAIN) -> mx.array:
         dtype = self.time_embed[0].weight.dtype
         t_emb = timestep_embedding(timesteps, self.config.model_channels).astype(dtype)
         emb = self.time_embed[2](nn.silu(self.time_embed[0](t_emb)))
         context = context.astype(dtype)
+        ops = ops.for_step(self, emb, context)  # a backend may project for many blocks at once here
 
-        h = self.input_blocks[0][0](x.astype(dtype))
+        h = ops.conv2d(self.input_blocks[0][0], x.astype(dtype))
         skips = [h]
         for block in self.input_blocks[1:]:
             for layer in block:
-                h = layer(h, emb, context)
+                h = layer(h, emb, context, ops)
             skips.append(h)
         for layer in self.middle_block:
-            h = layer(h, emb, context)
+            h = layer(h, emb, context, ops)
         for block in self.output_blocks:
             h = mx.concatenate([h, skips.pop()], axis=-1)
             for layer in block:
                 if isinstance(layer, Upsample):  # match the next skip, which may have an odd side
-                    h = layer(h, output_hw=tuple(skips[-1].shape[1:3]))
+                    h = layer(h, ops=ops, output_hw=tuple(skips[-1].shape[1:3]))
                 else:
-                    h = layer(h, emb, context)
-        h = self.out[2](nn.silu(self.out[0](h)))
+                    h = layer(h, emb, context, ops)
+        h = ops.norm_silu_conv(self.out[0], self.out[2], h)
         return h.astype(x.dtype)
 
 

@@ -2,14 +2,17 @@
 
 Attribute names and list indices reproduce the checkpoint's key names (`in_layers.2`, `out_layers.3`,
 `ff.net.0.proj`, `to_out.0`, ...): parameter-free layers (SiLU, Dropout) are not stored, so index gaps
-are kept by calling the stored layers by their index. Every block takes `(x, emb, context)` so the UNet
-can run a block's layers in one loop.
+are kept by calling the stored layers by their index. Every block takes `(x, emb, context, ops)` so the UNet
+can run a block's layers in one loop; `ops` (sd/models/ops.py) computes the convolutions, norms, projections
+and attention, plainly or accelerated.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from sd.models.ops import PLAIN, PlainOps, upsample_nearest_2x
 
 # LDM's GroupNorm32 uses 32 groups everywhere; ResBlocks use eps 1e-5, SpatialTransformer's norm 1e-6.
 RESBLOCK_NORM_EPS = 1e-5
@@ -19,12 +22,6 @@ LAYER_NORM_EPS = 1e-5
 
 def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)
-
-
-def pointwise_conv(conv: nn.Conv2d, x: mx.array) -> mx.array:
-    """A 1x1 convolution as one matmul over the channel axis (NHWC makes it a plain GEMM)."""
-    weight = conv.weight.reshape(conv.weight.shape[0], -1)  # (O,1,1,I) -> (O,I): a free reshape
-    return mx.addmm(conv.bias, x, weight.T)
 
 
 class ResBlock(nn.Module):
@@ -41,11 +38,11 @@ class ResBlock(nn.Module):
         if in_channels != out_channels:
             self.skip_connection = nn.Conv2d(in_channels, out_channels, 1)
 
-    def __call__(self, x: mx.array, emb: mx.array, context: mx.array | None = None) -> mx.array:
-        h = self.in_layers[2](nn.silu(self.in_layers[0](x)))
-        h = h + self.emb_layers[1](nn.silu(emb))[:, None, None, :]
-        h = self.out_layers[3](nn.silu(self.out_layers[0](h)))
-        skip = pointwise_conv(self.skip_connection, x) if "skip_connection" in self else x
+    def __call__(self, x: mx.array, emb: mx.array, context: mx.array | None = None,
+                 ops: PlainOps = PLAIN) -> mx.array:
+        h = ops.norm_silu_conv(self.in_layers[0], self.in_layers[2], x)
+        h = ops.norm_silu_conv(self.out_layers[0], self.out_layers[3], h, offset_t=ops.time_offset(self, emb))
+        skip = ops.conv2d(self.skip_connection, x) if "skip_connection" in self else x
         return skip + h
 
 
@@ -62,18 +59,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = [nn.Linear(inner, query_dim)]
 
-    def _split_heads(self, t: mx.array) -> mx.array:
-        batch, length, inner = t.shape
-        return t.reshape(batch, length, self.heads, inner // self.heads).transpose(0, 2, 1, 3)
-
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
-        context = x if context is None else context
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        batch, _, length, _ = out.shape
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+    def __call__(self, x: mx.array, context: mx.array | None = None, ops: PlainOps = PLAIN) -> mx.array:
+        q, k, v = ops.projections(self, x, context)
+        return self.to_out[0](ops.attention(q, k, v, self.heads, self.scale))
 
 
 class GEGLU(nn.Module):
@@ -83,9 +71,8 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, inner_dim * 2)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        value, gate = mx.split(self.proj(x), 2, axis=-1)
-        return value * nn.gelu(gate)
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        return ops.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -94,8 +81,8 @@ class FeedForward(nn.Module):
         # net.1 is Dropout in LDM
         self.net = [GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.net[2](self.net[0](x))
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        return self.net[2](self.net[0](x, ops))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -110,10 +97,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+    def __call__(self, x: mx.array, context: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        x = x + self.attn1(self.norm1(x), None, ops)
+        x = x + self.attn2(self.norm2(x), context, ops)
+        return x + self.ff(self.norm3(x), ops)
 
 
 class SpatialTransformer(nn.Module):
@@ -128,12 +115,13 @@ class SpatialTransformer(nn.Module):
                                    for _ in range(depth)]
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None,
+                 ops: PlainOps = PLAIN) -> mx.array:
         batch, height, width, channels = x.shape
-        h = pointwise_conv(self.proj_in, self.norm(x)).reshape(batch, height * width, channels)
+        h = ops.conv2d(self.proj_in, ops.group_norm(self.norm, x)).reshape(batch, height * width, channels)
         for block in self.transformer_blocks:
-            h = block(h, context)
-        h = pointwise_conv(self.proj_out, h.reshape(batch, height, width, channels))
+            h = block(h, context, ops)
+        h = ops.conv2d(self.proj_out, h.reshape(batch, height, width, channels))
         return x + h
 
 
@@ -144,8 +132,9 @@ class Downsample(nn.Module):
         super().__init__()
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
-    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None) -> mx.array:
-        return self.op(x)
+    def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None,
+                 ops: PlainOps = PLAIN) -> mx.array:
+        return ops.conv2d(self.op, x)
 
 
 class Upsample(nn.Module):
@@ -156,13 +145,11 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None,
-                 output_hw: tuple[int, int] | None = None) -> mx.array:
-        batch, height, width, channels = x.shape
-        # broadcast each pixel to a 2x2 patch: one materialisation, no gather
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-        x = x.reshape(batch, height * 2, width * 2, channels)
+                 ops: PlainOps = PLAIN, output_hw: tuple[int, int] | None = None) -> mx.array:
+        height, width = x.shape[1:3]
+        x = upsample_nearest_2x(x)
         if output_hw is not None and output_hw != (height * 2, width * 2):
             # An odd-sized skip (stride-2 convs round up): nearest resize to 2n-1 picks the same source
             # pixels as cropping the 2x result, which is what ComfyUI/diffusers' interpolate(size=...) does.
             x = x[:, : output_hw[0], : output_hw[1], :]
-        return self.conv(x)
+        return ops.conv2d(self.conv, x)

@@ -3,7 +3,8 @@
 Module and parameter names follow the original checkpoint layout with the ``first_stage_model.`` prefix
 removed (``encoder.down.0.block.1.conv1.weight``, ``decoder.mid.attn_1.q.weight``, ``quant_conv.weight``), so
 loading is a near-identity mapping plus the OIHW -> OHWI conv transpose every 4-D weight needs. The mid-block
-attention's q/k/v/proj_out are 1x1 convs, exactly as stored in the file.
+attention's q/k/v/proj_out are 1x1 convs, exactly as stored in the file. Every forward takes `ops`
+(sd/models/ops.py), which computes the convolutions, norms and attention, plainly or accelerated.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from sd.errors import CheckpointError
+from sd.models.ops import PLAIN, PlainOps, upsample_nearest_2x
 
 # LDM hard-codes these; they cannot be read from tensor shapes.
 NORM_GROUPS = 32
@@ -73,11 +75,11 @@ class ResnetBlock(nn.Module):
         if in_ch != out_ch:
             self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        h = ops.norm_silu_conv(self.norm1, self.conv1, x)
+        h = ops.norm_silu_conv(self.norm2, self.conv2, h)
         if "nin_shortcut" in self:
-            x = self.nin_shortcut(x)
+            x = ops.conv2d(self.nin_shortcut, x)
         return x + h
 
 
@@ -92,13 +94,12 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
         b, h, w, c = x.shape
-        y = self.norm(x)
-        # [B, 1 head, H*W, C] for the fused attention kernel
-        q, k, v = (p(y).reshape(b, 1, h * w, c) for p in (self.q, self.k, self.v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
-        return x + self.proj_out(out.reshape(b, h, w, c))
+        y = ops.group_norm(self.norm, x)
+        q, k, v = (ops.conv2d(p, y).reshape(b, h * w, c) for p in (self.q, self.k, self.v))
+        out = ops.attention(q, k, v, 1, c**-0.5)
+        return x + ops.conv2d(self.proj_out, out.reshape(b, h, w, c))
 
 
 class Downsample(nn.Module):
@@ -106,9 +107,9 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
         # LDM pads right/bottom only, then convolves without padding
-        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+        return ops.conv2d(self.conv, mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
 
 
 class Upsample(nn.Module):
@@ -116,10 +117,8 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, h * 2, w * 2, c)
-        return self.conv(x)
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        return ops.conv2d(self.conv, upsample_nearest_2x(x))
 
 
 class MidBlock(nn.Module):
@@ -129,8 +128,8 @@ class MidBlock(nn.Module):
         self.attn_1 = AttnBlock(channels)
         self.block_2 = ResnetBlock(channels, channels)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        return self.block_2(self.attn_1(self.block_1(x, ops), ops), ops)
 
 
 class Level(nn.Module):
@@ -144,11 +143,11 @@ class Level(nn.Module):
             setattr(self, resample_name, resample(out_ch))
         self._resample_name = resample_name
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
         for block in self.block:
-            x = block(x)
+            x = block(x, ops)
         if self._resample_name in self:
-            x = self[self._resample_name](x)
+            x = self[self._resample_name](x, ops)
         return x
 
 
@@ -167,12 +166,12 @@ class Encoder(nn.Module):
         self.norm_out = _norm(chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = self.conv_in(x)
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        x = ops.conv2d(self.conv_in, x)
         for level in self.down:
-            x = level(x)
-        x = self.mid(x)
-        return self.conv_out(nn.silu(self.norm_out(x)))
+            x = level(x, ops)
+        x = self.mid(x, ops)
+        return ops.norm_silu_conv(self.norm_out, self.conv_out, x)
 
 
 class Decoder(nn.Module):
@@ -190,16 +189,17 @@ class Decoder(nn.Module):
         self.norm_out = _norm(chans[0])
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
-    def __call__(self, z: mx.array) -> mx.array:
-        x = self.mid(self.conv_in(z))
+    def __call__(self, z: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        x = self.mid(ops.conv2d(self.conv_in, z), ops)
         for level in reversed(self.up):
-            x = level(x)
-        return self.conv_out(nn.silu(self.norm_out(x)))
+            x = level(x, ops)
+        return ops.norm_silu_conv(self.norm_out, self.conv_out, x)
 
 
 class AutoencoderKL(nn.Module):
     """``encode``: image [B,H,W,3] in [-1,1] -> unscaled latent [B,H/8,W/8,4] (posterior mode);
-    ``decode``: unscaled latent -> image. The 0.18215 scale belongs to sampling, not here."""
+    ``decode``: unscaled latent -> image. The 0.18215 scale belongs to sampling, not here. Inputs are cast to
+    the weights' dtype (an fp32 input would otherwise promote every half-precision activation to fp32)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -209,9 +209,13 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
-    def encode(self, image: mx.array) -> mx.array:
-        moments = self.quant_conv(self.encoder(image))
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    def encode(self, image: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        moments = ops.conv2d(self.quant_conv, self.encoder(image.astype(self.dtype), ops))
         return moments[..., : self.config.embed_dim]  # the mean is the mode of the diagonal Gaussian
 
-    def decode(self, latent: mx.array) -> mx.array:
-        return self.decoder(self.post_quant_conv(latent))
+    def decode(self, latent: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        return self.decoder(ops.conv2d(self.post_quant_conv, latent.astype(self.dtype)), ops)

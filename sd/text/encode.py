@@ -1,9 +1,9 @@
 """Prompt text -> conditioning, as ComfyUI's CLIPTextEncode does it for SD1.x.
 
-Weighted token groups (sd/text/prompt_weights.py) are packed into chunks of 75 tokens plus start/end, padded with
-the end token; every chunk is encoded at the chosen CLIP layer; where any weight differs from 1, each weighted
-token is pushed away from the empty prompt's encoding: z = (z - z_empty) * w + z_empty. Chunks are joined
-along the token axis: [1, 77*k, C]. The pooled output comes from the first chunk.
+Weighted token groups (sd/text/prompt_weights.py) are packed into chunks of 75 tokens plus start/end,
+padded with the end token; every chunk is encoded at the chosen CLIP layer; where any weight differs from 1,
+each weighted token is pushed away from the empty prompt's encoding: z = (z - z_empty) * w + z_empty. Chunks
+are joined along the token axis: [1, 77*k, C]. The pooled output comes from the first chunk.
 """
 
 from __future__ import annotations

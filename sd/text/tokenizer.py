@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer, reading the vocabulary shipped in sd/text/data (OpenAI CLIP, MIT licensed).
+"""CLIP's byte-level BPE tokenizer, reading the vocabulary in sd/text/data (OpenAI CLIP, MIT licensed).
 
 Text cleaning follows transformers' ``CLIPTokenizer`` (the one ComfyUI calls, without ftfy): special tokens
 are split off the raw text first, then Unicode NFC, runs of whitespace become one space, lower case, CLIP's
