@@ -371,9 +371,7 @@ def cmd_cache(args) -> int:
     info = store.info()
     print(f"cache dir:     {info['cache_dir']}")
     print(f"entries:       {info['entries']}")
-    print(f"derived files: {info['derived_files']}")
-    used = info["bytes"] + info["derived_bytes"]
-    print(f"size:          {human_size(used)} of {human_size(info['max_bytes'])}")
+    print(f"size:          {human_size(info['bytes'])} of {human_size(info['max_bytes'])}")
     return 0
 
 

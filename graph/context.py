@@ -111,7 +111,7 @@ class ExecutionContext:
 
     def fingerprint(self, path: str | os.PathLike) -> str:
         """The file's fingerprint (size, mtime, content hash; the hash is computed once per file
-        version and remembered). A good key for `cache_path` derived from that file."""
+        version and remembered)."""
         if self.fingerprinter is None:
             from graph.fingerprint import FingerprintIndex
 
@@ -120,17 +120,6 @@ class ExecutionContext:
 
     def log(self, msg: str) -> None:
         self.on_log(self.node_id, msg)
-
-    def cache_path(self, kind: str, key: str) -> Path:
-        """A path in the cache folder for a derived file (e.g. converted weights), keyed by `key`
-        (use ctx.fingerprint of the source file). Write it with `atomic_path` so concurrent runs never see
-        half a file. It counts toward the cache's size budget and may be evicted between runs."""
-        folder = self.cache_dir / "derived" / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / key
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path)  # mark as recently used: derived files share the cache's LRU budget
-        return path
 
     def register_file(self, path: str | os.PathLike) -> Path:
         """Record an output file this node wrote: listed in the run summary, removed if the run fails."""

@@ -5,7 +5,6 @@ sha256 of the payload), then the blobs. Writes go to a temp file in the same fol
 into place, so a reader (in this or another process) sees a whole entry or none; two processes writing
 the same key both write a complete file and the last rename wins. Reads verify the checksum.
 Recency is the file's mtime (touched on every hit); the least recent entries go when over budget.
-Derived files (<root>/derived/<kind>/<key>, see ExecutionContext.cache_path) share the budget.
 """
 
 from __future__ import annotations
@@ -125,28 +124,24 @@ class DiskCache:
         return removed
 
     def _files(self):
-        """Entries and derived files (e.g. converted weights): one budget, one LRU order."""
-        for folder in (self.objects, self.root / "derived"):
-            if folder.is_dir():
-                for sub in folder.iterdir():
-                    if sub.is_dir():
-                        yield from (p for p in sub.iterdir() if p.is_file())
+        """The entry files, in their two-hex-digit sub-folders."""
+        if self.objects.is_dir():
+            for sub in self.objects.iterdir():
+                if sub.is_dir():
+                    yield from (p for p in sub.iterdir() if p.is_file())
 
     def info(self) -> dict:
-        """entries/bytes: cached node results; derived_files/derived_bytes: files such as converted
-        weights. max_bytes bounds the two together."""
-        counts = {"entries": 0, "bytes": 0, "derived_files": 0, "derived_bytes": 0}
+        """entries/bytes: cached node results, bounded by max_bytes."""
+        counts = {"entries": 0, "bytes": 0}
         for p in self._files():
-            if p.name.endswith(".tmp"):
-                continue
-            is_entry = p.parent.parent == self.objects
-            counts["entries" if is_entry else "derived_files"] += 1
-            counts["bytes" if is_entry else "derived_bytes"] += p.stat().st_size
+            if not p.name.endswith(".tmp"):
+                counts["entries"] += 1
+                counts["bytes"] += p.stat().st_size
         return {"cache_dir": str(self.root), **counts, "max_bytes": self.max_bytes}
 
     def clear(self) -> None:
-        """Remove every entry and derived file (only folders this store creates)."""
-        for name in ("objects", "derived", "fingerprints.json"):
+        """Remove every entry (only what this store creates)."""
+        for name in ("objects", "fingerprints.json"):
             path = self.root / name
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

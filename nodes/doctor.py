@@ -58,9 +58,8 @@ def _environment(out: TextIO) -> None:
     if info is None:
         print(f"cache:         {root} (empty)", file=out)
     else:
-        sizes = [human_size(info[k]) for k in ("bytes", "derived_bytes", "max_bytes")]
-        print(f"cache:         {root} ({info['entries']} entries, {sizes[0]} + {sizes[1]} derived, "
-              f"budget {sizes[2]})", file=out)
+        sizes = [human_size(info[k]) for k in ("bytes", "max_bytes")]
+        print(f"cache:         {root} ({info['entries']} entries, {sizes[0]}, budget {sizes[1]})", file=out)
 
 
 def _end_to_end(out: TextIO) -> bool:

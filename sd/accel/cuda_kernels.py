@@ -10,7 +10,6 @@ NVRTC, cached per shape/dtype) replace them:
 - GroupNorm (`group_norm_affine`): per-(batch, channel) sums of x and x^2 over pixel chunks, read once in the
   input dtype, in fp32 (no atomics; deterministic), then one block per (group, batch) finishing them into a
   per-channel scale/shift, with a ResBlock's time-embedding offset folded into the statistics.
-  (`channel_sums` finishes the same partial sums with an MLX sum: what bench/gpu_probe.py checks.)
 - `im2col3x3`: the [pixels, 9*C] im2col matrix of a zero-padded 3x3 window, written in one pass; optionally
   applying a per-(batch, channel) affine map and SiLU to the input first, so GroupNorm-apply + SiLU + im2col
   is one kernel feeding one GEMM.
@@ -95,14 +94,6 @@ def _partial_sums(x3: mx.array, chunk: int) -> mx.array:
         grid=(nchunk * _THREADS, b, 1), threadgroup=(_THREADS, 1, 1),
         output_shapes=[(b, nchunk, 2, c)], output_dtypes=[mx.float32])
     return part
-
-
-def channel_sums(x: mx.array) -> tuple[mx.array, mx.array]:
-    """x [B, ..., C] (C even) -> (sum x, sum x^2) over the middle axes, each [B, C] float32."""
-    b, c = x.shape[0], x.shape[-1]
-    x3 = x.reshape(b, -1, c)
-    sums = _partial_sums(x3, _chunk_for(b, x3.shape[1])).sum(axis=1)
-    return sums[:, 0], sums[:, 1]
 
 
 _AFFINE_SOURCE = """
