@@ -6,9 +6,9 @@ import mlx.core as mx
 
 from graph import IMAGE, LATENT, VAE, Choice, Int, node
 from nodes import models
-from nodes.resize import METHODS, center_crop_to_aspect, resize
 from nodes.values import Latent
-from sd.pixels import decode_image, encode_image
+from sd.image.codec import decode_image, encode_image
+from sd.image.resize import METHODS, center_crop_to_aspect, resize
 
 MAX_RESOLUTION = 16384
 LATENT_CHANNELS = 4

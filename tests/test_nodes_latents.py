@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nodes.latents import EmptyLatent, Int8, LatentUpscale
-from nodes.resize import center_crop_to_aspect, resize
 from nodes.values import Latent
+from sd.image.resize import center_crop_to_aspect, resize
 
 TORCH_MODE = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}
 

@@ -1,4 +1,5 @@
-"""Tiled VAE decode (sd/vae_tiling.py): exact where no tiling is needed, seamless blending, bounded memory."""
+"""Tiled VAE decode (sd/image/tiling.py): exact where no tiling is needed, seamless blending, bounded
+memory."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from sd.image.tiling import TILE_THRESHOLD, _starts, decode, decode_tiled, needs_tiling
 from sd.loading.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
-from sd.vae_tiling import TILE_THRESHOLD, _starts, decode, decode_tiled, needs_tiling
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from sd import vae_tiling
+from sd.image import tiling
 
-SCALE = vae_tiling.SCALE  # image pixels per latent pixel
+SCALE = tiling.SCALE  # image pixels per latent pixel
 
 
 def encode_image(vae, pixels: mx.array, encode: Callable[[mx.array], mx.array] | None = None) -> mx.array:
@@ -29,7 +29,7 @@ def encode_image(vae, pixels: mx.array, encode: Callable[[mx.array], mx.array] |
 
 
 def decode_image(vae, latent: mx.array, decode: Callable[[mx.array], mx.array] | None = None) -> mx.array:
-    """latent -> image [B,H,W,3] in [0,1], float32; decoded in tiles above vae_tiling.TILE_THRESHOLD latent
+    """latent -> image [B,H,W,3] in [0,1], float32; decoded in tiles above tiling.TILE_THRESHOLD latent
     pixels so large images fit in memory (identical to one decode below it)."""
-    image = vae_tiling.decode(vae, latent.astype(vae.dtype), decode_fn=decode)
+    image = tiling.decode(vae, latent.astype(vae.dtype), decode_fn=decode)
     return mx.clip((image.astype(mx.float32) + 1.0) / 2.0, 0.0, 1.0)

@@ -1,0 +1,1 @@
+"""Pixels and latents: resizing (ComfyUI's upscale methods), VAE encode/decode of images, tiled decode."""
