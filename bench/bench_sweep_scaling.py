@@ -87,7 +87,9 @@ def main() -> int:
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    import sd  # noqa: F401  (before anything imports mlx: picks the fast CPU BLAS)
+    from sd import runtime
+
+    runtime.setup()  # before anything imports mlx: picks the fast CPU BLAS
     from graph.distributed.launch import default_backend
 
     backend = args.backend or default_backend()

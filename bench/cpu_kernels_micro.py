@@ -1,4 +1,5 @@
-"""Each C kernel of sd/accel/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's full-size shapes.
+"""Each C kernel of sd/accel/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's
+full-size shapes.
 
     python -m bench.cpu_kernels_micro [--repeats 5] [--blocks 32,64,128,256]
 
@@ -14,9 +15,9 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from sd import runtime  # noqa: E402
 
-import sd  # noqa: E402,F401  (before mlx: the fast CPU BLAS)
+runtime.setup()  # before mlx: the fast CPU BLAS, OMP_WAIT_POLICY=PASSIVE
 
 # isort: split
 import mlx.core as mx  # noqa: E402

@@ -1,7 +1,7 @@
 # isort: skip_file
-"""GPU probe: checks sd/accel/cuda_kernels.py against MLX ops, times UNet/VAE variants of sd.accel.fast, and profiles
-which CUDA kernels one UNet step spends its time in (through torch.profiler's CUPTI tracing, which records
-every kernel of the process, MLX's included).
+"""GPU probe: checks sd/accel/cuda_kernels.py against MLX ops, times UNet/VAE variants of sd.accel.fast, and
+profiles which CUDA kernels one UNet step spends its time in (through torch.profiler's CUPTI tracing, which
+records every kernel of the process, MLX's included).
 
     python3 -m bench.gpu_probe [--out DIR] [--steps 10] [--no-profile] [--torch]
 
@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 import torch  # noqa: F401  (before MLX: its CUDA wheel's cuDNN must not be loaded first)
+
+from sd import runtime  # noqa: E402
+
+runtime.setup()  # sdgraph's MLX settings (and CPU BLAS), before mlx is imported
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402

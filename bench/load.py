@@ -1,8 +1,8 @@
 """Checkpoint load time (cold and warm page cache) and peak RSS, each load in a fresh process.
 
 Run as a module by the bench: `python -m bench.load IMPL PATH` prints one JSON line. IMPL is `mlx`
-(sd.loading.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of the
-file, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load does
+(sd.loading.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of
+the file, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load does
 without the hub).
 """
 
@@ -48,7 +48,9 @@ def _load_diffusers(path: str, dtype: str | None) -> None:
 
 
 def child(impl: str, path: str, dtype: str | None) -> None:
-    import sd  # noqa: F401  (fast BLAS before mlx)
+    from sd import runtime
+
+    runtime.setup()  # fast BLAS before mlx
     import sd.loading.checkpoint  # noqa: F401  imports are not part of the load time
     import sd.models.clip  # noqa: F401
     import sd.models.unet  # noqa: F401

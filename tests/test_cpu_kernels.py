@@ -1,4 +1,5 @@
-"""sd/cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and sd.accel.fast with them.
+"""sd.accel.cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and
+sd.accel.fast with them.
 
 They must build wherever the tests run on Linux (CI installs gcc and OpenBLAS): a missing compiler fails
 these tests instead of skipping them. Also: the fallback to MLX's ops with SDGRAPH_CPU_KERNELS=0 and with a
@@ -190,7 +191,7 @@ def test_attention_from_threads_at_once():
     assert openblas.openblas_get_num_threads() == before
 
 
-# ------------------------------------------------------------------------------------- sd.accel.fast with them
+# --------------------------------------------------------------------------------- sd.accel.fast with them
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors", seed=11),
@@ -269,7 +270,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_broken_compiler_falls_back_with_one_warning(tmp_path):
-    code = ("import sd, mlx.core as mx\n"
+    code = ("from sd import runtime; runtime.setup()\nimport mlx.core as mx\n"
             "from sd.accel import cpu_kernels\n"
             "from sd.accel.fast import FastUNet, default_options\n"
             "print(cpu_kernels.available(), cpu_kernels.available(), default_options().cpu_kernels)\n")
@@ -283,7 +284,8 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path):
 
 def test_ranks_building_at_once_share_one_library(tmp_path):
     """Distributed ranks start together: each compiles to a private file and renames it into place."""
-    code = "import sd\nfrom sd.accel import cpu_kernels\nprint(cpu_kernels.available(), cpu_kernels.build())\n"
+    code = ("from sd import runtime; runtime.setup()\nfrom sd.accel import cpu_kernels\n"
+            "print(cpu_kernels.available(), cpu_kernels.build())\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=os.environ | {"SDGRAPH_CACHE_DIR": str(tmp_path)})
              for _ in range(3)]

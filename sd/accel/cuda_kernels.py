@@ -23,16 +23,17 @@ Used by `sd/accel/fast.py` only where `available()` (MLX's CUDA backend); everyt
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import mlx.core as mx
+
+from sd.runtime import switches
 
 _THREADS = 256
 
 
 def disabled() -> bool:
-    return os.environ.get("SDGRAPH_CUDA_KERNELS", "").strip().lower() in ("0", "false", "no", "off")
+    return not switches.flag("SDGRAPH_CUDA_KERNELS")
 
 
 def available() -> bool:
@@ -175,8 +176,8 @@ def _affine_kernel():
 
 
 def group_norm_affine(gn, x: mx.array, offset_t: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift (sd.accel.fast applies them, fused by
-    mx.compile into the next element-wise kernel or into the im2col kernel): two kernels (partial sums over
+    """(scale, shift) [B, C] float32 with group_norm(x) == x*scale + shift (sd.accel.fast applies them, fused
+    by mx.compile into the next element-wise kernel or into the im2col kernel): two kernels (partial sums over
     pixel chunks, then one block per (group, batch) finishing them). With `offset_t` [C, B] (an offset
     [B, C], transposed), the same for x + offset (broadcast over pixels), never summed:
     x*scale + shift == group_norm(x + offset_t.T)."""
