@@ -199,7 +199,9 @@ def cmd_run(args) -> int:
     from graph import distributed
 
     if distributed.handles(args):  # --distributed, under mlx.launch, --only-missing or --manifest
-        return distributed.cmd_run(args, _prepare, _folders)
+        from nodes.distributed import cmd_run as distributed_run
+
+        return distributed_run(args, _prepare, _folders)
     from graph.runner import display_path, open_executor, run_variations
 
     prepared = _prepare(args)  # every variation is validated before anything runs
