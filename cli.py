@@ -25,10 +25,14 @@ examples:
   sdgraph cache info
 
 exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted.
-environment: SDGRAPH_MODELS_DIR, SDGRAPH_INPUT_DIR, SDGRAPH_OUTPUT_DIR, SDGRAPH_CACHE_DIR,
-  SDGRAPH_CACHE_MAX_BYTES, SDGRAPH_MEMORY_CACHE_BYTES, SDGRAPH_EXTRA_NODES (comma-separated modules or
-  .py files with more nodes), SDGRAPH_DEBUG=1 (print a failing node's traceback).
 """
+
+
+def epilog() -> str:
+    """The examples, the exit statuses and every environment variable sdgraph reads (sd.runtime.switches)."""
+    from sd.runtime.switches import help_text
+
+    return EPILOG + "\n" + help_text() + "\n  (on/off switches: 1/0, true/false, yes/no, on/off)\n"
 
 
 def load_node_modules() -> None:
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdgraph",
         description="Run Stable Diffusion 1.5 node-graph workflows on MLX.",
-        epilog=EPILOG,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     def cache_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cache-dir", help="disk cache folder (default $SDGRAPH_CACHE_DIR or user cache dir)")
 
-    run = sub.add_parser("run", help="run a workflow", epilog=EPILOG,
+    run = sub.add_parser("run", help="run a workflow", epilog=epilog(),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("workflow", help="workflow file (.yaml, .json, or an importable format)")
     overrides(run)
@@ -120,6 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from graph.disk_cache import default_cache_dir
+    from sd import runtime
+    from sd.runtime import switches
+
+    # before anything imports mlx: the BLAS, MLX's settings, the CPU kernels' folder
+    runtime.setup(getattr(args, "cache_dir", None) or default_cache_dir())
+    problems = switches.check()
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     from graph.errors import Cancelled, NodeFailed, ValidationFailed
 
     try:
@@ -132,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_problems(e, getattr(args, "json", False))
         return 2
     except NodeFailed as e:
-        if os.environ.get("SDGRAPH_DEBUG"):
+        if switches.flag("SDGRAPH_DEBUG"):
             import traceback
 
             traceback.print_exception(e.cause, file=sys.stderr)
@@ -184,32 +199,30 @@ def cmd_run(args) -> int:
     from graph import distributed
 
     if distributed.handles(args):  # --distributed, under mlx.launch, --only-missing or --manifest
-        return distributed.cmd_run(args, _prepare, _folders)
-    from graph.executor import Executor, open_caches
-    from graph.runner import display_path, run_variation
+        from nodes.distributed import cmd_run as distributed_run
+
+        return distributed_run(args, _prepare, _folders)
+    from graph.runner import display_path, open_executor, run_variations
 
     prepared = _prepare(args)  # every variation is validated before anything runs
-    caches, _tmp = open_caches(args.cache_dir, args.no_cache)  # _tmp: --no-cache's folder, kept until return
     printer = _RunPrinter(quiet=args.quiet, announce=not args.json)
-    executor = Executor(caches, _folders(args), printer)
     summary: dict[str, Any] = {"status": "ok", "workflow": str(args.workflow), "variations": [], "files": []}
     try:
-        for pv in prepared:
-            if len(prepared) > 1:
-                printer.variation(pv, len(prepared))
-            result = run_variation(executor, pv)
-            printer.close_bars()
-            item = pv.variation.to_data() | {
-                "nodes": [r.to_data() for r in result.nodes],
-                "files": [display_path(f) for f in result.files],
-            }
-            summary["variations"].append(item)
-            summary["files"] += item["files"]
-            if not (args.quiet or args.json):
-                _print_table(result)
-            elif args.quiet:
-                for f in item["files"]:
-                    print(f)
+        with open_executor(args.cache_dir, args.no_cache, _folders(args), printer) as executor:
+            for outcome in run_variations(executor, prepared, before=printer.variation):
+                printer.close_bars()
+                result = outcome.result
+                item = outcome.pv.variation.to_data() | {
+                    "nodes": [r.to_data() for r in result.nodes],
+                    "files": [display_path(f) for f in result.files],
+                }
+                summary["variations"].append(item)
+                summary["files"] += item["files"]
+                if not (args.quiet or args.json):
+                    _print_table(result)
+                elif args.quiet:
+                    for f in item["files"]:
+                        print(f)
     except BaseException as e:
         printer.close_bars()
         if args.json:
@@ -270,7 +283,7 @@ class _RunPrinter:
         print(f"warning: {message}", file=sys.stderr)
 
     def variation(self, pv, count: int) -> None:
-        if self.announce:
+        if self.announce and count > 1:
             sets = " ".join(f"{k}={v}" for k, v in pv.variation.overrides.items())
             print(f"variation {pv.variation.index + 1}/{count} [{pv.variation.id}] {sets}")
 

@@ -210,8 +210,9 @@ def main() -> int:
         for name in series:  # subprocess first: this process holds no model while the children run
             if name != "subprocess":
                 import cli  # (imports nothing heavy itself)
-                import sd  # noqa: F401  (before mlx: picks the fast CPU BLAS)
+                from sd import runtime
 
+                runtime.setup()  # before mlx: picks the fast CPU BLAS
                 cli.load_node_modules()  # imports are not part of the in-process timings
             work = Path(tmp) / name
             work.mkdir()

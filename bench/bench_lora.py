@@ -17,17 +17,19 @@ import time
 from pathlib import Path
 
 # isort: off
-import sd  # noqa: F401  (must precede mlx: loads an optimised BLAS for MLX's CPU backend)
-# isort: on
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
-from safetensors.numpy import save_file
+from sd import runtime
 
-from sd.loading.checkpoint import load_checkpoint
-from sd.lora import apply_loras, load_lora
-from sd.lora.keymap import unet_diffusers_names, weight_modules
-from sd.synthetic import make_checkpoint
+runtime.setup()  # must precede mlx: loads an optimised BLAS for MLX's CPU backend
+# isort: on
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from sd.loading.checkpoint import load_checkpoint  # noqa: E402
+from sd.lora import apply_loras, load_lora  # noqa: E402
+from sd.lora.keymap import unet_diffusers_names, weight_modules  # noqa: E402
+from sd.synthetic import make_checkpoint  # noqa: E402
 
 _UNET_LAYERS = (".attn1.to_", ".attn2.to_", ".ff.net.", ".proj_in", ".proj_out")
 _CLIP_LAYERS = (".self_attn.", ".mlp.fc")

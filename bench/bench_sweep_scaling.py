@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_sweep_scaling.py --ranks 2 --backend nccl --size full --width 512 \\
         --height 512 --steps 20 --variations 32                                  # 2 GPUs of one host
 
-Both runs go through the same path (`python -m graph.distributed run ... --distributed -n R`,
+Both runs go through the same path (`python -m cli run ... --distributed -n R`,
 `--no-cache`, fresh output folders), so both pay the launcher, the imports, the ring/NCCL set-up and
 one model load per rank. The 1-rank baseline uses the ring backend (a world of one never talks; with
 several GPUs the rank is pinned to GPU 0). Reported per run:
@@ -43,7 +43,7 @@ def make_model(work: Path, size: str) -> Path:
 def run_sweep(ranks: int, backend: str, ckpt: Path, args, work: Path) -> dict:
     out = work / f"out-{ranks}-{backend}-{time.time_ns()}"
     seeds = ",".join(str(s) for s in range(1, args.variations + 1))
-    cmd = [sys.executable, "-m", "graph.distributed", "run", str(WORKFLOW), "--distributed", "-n", str(ranks),
+    cmd = [sys.executable, "-m", "cli", "run", str(WORKFLOW), "--distributed", "-n", str(ranks),
            "--backend", backend, "--json", "--quiet", "--no-cache", "--output-dir", str(out),
            "--set", f"ckpt={ckpt}", "--set", f"width={args.width}", "--set", f"height={args.height}",
            "--set", f"steps={args.steps}", "--set", f"sampler={args.sampler}", "--sweep", f"seed={seeds}"]
@@ -87,8 +87,10 @@ def main() -> int:
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    import sd  # noqa: F401  (before anything imports mlx: picks the fast CPU BLAS)
-    from graph.distributed.launch import default_backend
+    from sd import runtime
+
+    runtime.setup()  # before anything imports mlx: picks the fast CPU BLAS
+    from nodes.distributed.launch import default_backend
 
     backend = args.backend or default_backend()
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from sd import runtime  # noqa: E402
 
-import sd  # noqa: E402,F401  (before mlx: the fast CPU BLAS)
+runtime.setup()  # before mlx: the fast CPU BLAS, OMP_WAIT_POLICY=PASSIVE
 
 # isort: split
 import mlx.core as mx  # noqa: E402

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import torch  # noqa: F401  (before MLX: its CUDA wheel's cuDNN must not be loaded first)
 
+from sd import runtime  # noqa: E402
+
+runtime.setup()  # sdgraph's MLX settings (and CPU BLAS), before mlx is imported
+
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 

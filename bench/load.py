@@ -48,7 +48,9 @@ def _load_diffusers(path: str, dtype: str | None) -> None:
 
 
 def child(impl: str, path: str, dtype: str | None) -> None:
-    import sd  # noqa: F401  (fast BLAS before mlx)
+    from sd import runtime
+
+    runtime.setup()  # fast BLAS before mlx
     import sd.loading.checkpoint  # noqa: F401  imports are not part of the load time
     import sd.models.clip  # noqa: F401
     import sd.models.unet  # noqa: F401

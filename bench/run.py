@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-import sd  # noqa: F401  (loads OpenBLAS for MLX's CPU backend before mlx.core is imported)
 from bench.common import OUT_DIR, Row, ensure_checkpoint, machine_info
+from sd import runtime
 
 ALL_SECTIONS = ("unet", "unet_rr", "vae", "clip", "txt2img", "load", "levers")
 
@@ -58,9 +58,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Idle OpenMP threads of torch spin by default; in one process with MLX (and OpenBLAS's threads) on a
+    # OpenBLAS for MLX's CPU backend (before mlx.core is imported), MLX's settings, OMP_WAIT_POLICY=PASSIVE:
+    # idle OpenMP threads of torch spin by default; in one process with MLX (and OpenBLAS's threads) on a
     # small CPU they starve the other side: a tiny diffusers UNet went from 40 ms to 4.6 s. Passive waiting.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    runtime.setup()
     try:  # torch first: it must load its own cuDNN before MLX's CUDA build loads another one
         import torch  # noqa: F401
     except ImportError:

@@ -1,5 +1,6 @@
 """sdgraph's Stable Diffusion nodes. Importing this package registers them, the disk serializers of
-their socket types, and the ComfyUI / PNG workflow importers.
+their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing else: a program calls
+`sd.runtime.setup()` before importing it (the CLI does), or MLX keeps its slow reference BLAS on Linux.
 
     values.py        socket values (recipes for MODEL/CLIP/VAE; arrays) and their serializers
     models.py        weights built from recipes on first use, kept for reuse
@@ -13,9 +14,7 @@ their socket types, and the ComfyUI / PNG workflow importers.
     doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
 """
 
-import sd  # noqa: F401, I001  (first: loads an optimised BLAS before anything imports mlx)
-
-from nodes import values  # noqa: F401  (registers the serializers before the nodes are declared)
+from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
 from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
 from nodes import comfy_import, png_workflow
 

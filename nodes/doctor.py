@@ -44,7 +44,8 @@ def _environment(out: TextIO) -> None:
 
         print(f"cpu kernels:   {cpu_kernels.describe()}", file=out)
     else:
-        from sd.accel import cuda_kernels, mlx_settings
+        from sd.accel import cuda_kernels
+        from sd.runtime import mlx_settings
 
         print(f"cuda kernels:  {cuda_kernels.describe()}", file=out)
         print(f"mlx settings:  {mlx_settings.describe()}", file=out)
@@ -60,6 +61,21 @@ def _environment(out: TextIO) -> None:
     else:
         sizes = [human_size(info[k]) for k in ("bytes", "max_bytes")]
         print(f"cache:         {root} ({info['entries']} entries, {sizes[0]}, budget {sizes[1]})", file=out)
+    _switches(out)
+
+
+def _switches(out: TextIO) -> None:
+    """Every environment variable sdgraph reads: its value, and whether that is the default."""
+    from sd.runtime.switches import current
+
+    print("environment:", file=out)
+    rows = current()
+    width = max(len(s.name) for s, _, _ in rows)
+    for s, value, is_default in rows:
+        shown = "unset" if value is None else repr(value) if not value.strip() else value
+        note = f"default: {s.default_text()}" if value is None or not value.strip() else (
+            "the default" if is_default else f"set; default: {s.default_text()}")
+        print(f"  {s.name.ljust(width)}  {shown} ({note})", file=out)
 
 
 def _end_to_end(out: TextIO) -> bool:
@@ -67,8 +83,7 @@ def _end_to_end(out: TextIO) -> bool:
     from graph.disk_cache import DiskCache
     from graph.executor import Caches, Executor
     from graph.importers import load_workflow
-    from graph.plan import make_plan
-    from graph.validate import validate
+    from graph.runner import prepare, run_variations
     from sd.synthetic import make_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="sdgraph-doctor-") as tmp:
@@ -83,9 +98,8 @@ def _end_to_end(out: TextIO) -> bool:
         executor = Executor(Caches(root / "cache", DiskCache(root / "cache")), folders)
         for attempt in ("first run", "identical re-run"):
             start = time.perf_counter()
-            plan = make_plan(validate(load_workflow(wf_path), folders), executor.caches.fingerprints)
-            result = executor.run(plan, {})
-            ran = sum(r.status == "ran" for r in result.nodes)
+            (outcome,) = run_variations(executor, prepare(load_workflow(wf_path), [], [], folders))
+            ran = sum(r.status == "ran" for r in outcome.result.nodes)
             print(f"{attempt + ':':18}{time.perf_counter() - start:6.2f} s, {ran} nodes ran", file=out)
         images = list((root / "output").glob("doctor_*.png"))
         return len(images) == 1 and ran == 0

@@ -11,7 +11,6 @@ LOAD_COUNTS counts reads from disk per kind ("unet", "clip", "vae", "lora"): tes
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections import Counter, OrderedDict
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nodes.values import ClipRecipe, FileRef, LoRAPatch, ModelRecipe, VaeRecipe
+from sd.runtime import switches
 
 Log = Callable[[str], None]
 LOAD_COUNTS: Counter[str] = Counter()
@@ -117,7 +117,7 @@ def vae_for(recipe: VaeRecipe, log: Log = lambda msg: None) -> Any:
 def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
     """sd.accel's accelerated model for a (possibly LoRA-patched) module, built once and kept on the module.
     SDGRAPH_FAST=0 runs the plain modules instead (same results within fp rounding; for debugging)."""
-    if os.environ.get("SDGRAPH_FAST", "1") == "0":
+    if not switches.flag("SDGRAPH_FAST"):
         return None
     kept = getattr(module, attr, None)
     # (owner, fast): a LoRA-patched copy (sd.lora's _copy_tree) inherits its base's attributes, and the

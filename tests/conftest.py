@@ -1,3 +1,5 @@
-"""Shared test set-up. Importing `sd` first loads an optimised BLAS before anything imports mlx."""
+"""Shared test set-up: sdgraph's one runtime set-up, before anything imports mlx (the optimised BLAS)."""
 
-import sd  # noqa: F401  (must precede every mlx import)
+from sd import runtime
+
+runtime.setup()

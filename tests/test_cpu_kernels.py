@@ -271,7 +271,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_broken_compiler_falls_back_with_one_warning(tmp_path):
-    code = ("import sd, mlx.core as mx\n"
+    code = ("from sd import runtime; runtime.setup()\nimport mlx.core as mx\n"
             "from sd.accel import cpu_kernels\n"
             "from sd.accel.ops import options_here\n"
             "print(cpu_kernels.available(), cpu_kernels.available(), options_here('unet').cpu_kernels)\n")
@@ -285,7 +285,8 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path):
 
 def test_ranks_building_at_once_share_one_library(tmp_path):
     """Distributed ranks start together: each compiles to a private file and renames it into place."""
-    code = "import sd\nfrom sd.accel import cpu_kernels\nprint(cpu_kernels.available(), cpu_kernels.build())\n"
+    code = ("from sd import runtime; runtime.setup()\nfrom sd.accel import cpu_kernels\n"
+            "print(cpu_kernels.available(), cpu_kernels.build())\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=os.environ | {"SDGRAPH_CACHE_DIR": str(tmp_path)})
              for _ in range(3)]

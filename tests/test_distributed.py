@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from graph.distributed import launch as dlaunch
 from graph.distributed import runner as drunner
 from graph.distributed import world as dworld
+from nodes.distributed import launch as dlaunch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def under_mlx_launch(tmp: Path, env: dict, ranks: int, *args: str) -> subprocess
     """`mlx.launch -n R -- sdgraph run ...` started by hand (ring on 127.0.0.1)."""
     cmd = [*dlaunch.launcher_command(), "--hosts", "127.0.0.1", "-n", str(ranks), "--backend", "ring",
            "--starting-port", str(dlaunch.free_port_range(ranks)), "--",
-           sys.executable, "-m", "graph.distributed", "run", *args]
+           sys.executable, "-m", "cli", "run", *args]
     stdin, keep_open = os.pipe()  # mlx.launch polls its stdin: give it one that stays empty, not EOF
     try:
         proc = run_group(cmd, stdin=stdin, cwd=tmp, env=env)

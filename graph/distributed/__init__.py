@@ -1,32 +1,31 @@
-"""Distributed sweeps on mlx.distributed: a sweep's variations split over ranks, one report.
+"""Distributed sweeps: a sweep's variations split over ranks, one report (the engine's side; no MLX).
 
 Two ways in:
 - `mlx.launch -n 2 -- sdgraph run wf.yaml --sweep ...` (or any launcher MLX supports): each rank
   sees the launcher's environment (`world.launched()`), joins the group and runs its share.
 - `sdgraph run wf.yaml --sweep ... --distributed -n 2 [--backend ring|nccl|mpi]`: validates, then
-  starts `mlx.launch` on 127.0.0.1 itself (launch.py) and reports even when a rank dies.
+  starts `mlx.launch` on 127.0.0.1 itself and reports even when a rank dies.
 
 `--only-missing` (distributed or not) skips variations that a previous run finished. In these runs a
 sink names its files by variation id (`tagged_stem`), so names do not depend on the rank count.
-See runner.py for the split, the naming, the done markers and the manifest.
+Here, pure Python: the launcher's environment and the World (world.py), the split, the naming, the done
+markers and the manifest (runner.py, naming.py), and the `sdgraph run` flags. The part that needs MLX and
+the CLI (joining an mx.distributed group, starting `mlx.launch`, the rank's command) is nodes/distributed/.
 
-The CLI calls `add_run_arguments(run_parser)` and, in `run`, `cmd_run(args, prepare, folders)` when
-`handles(args)`; `python -m graph.distributed run ...` is the same command with these flags.
+The CLI calls `add_run_arguments(run_parser)` and, in `run`, `nodes.distributed.cmd_run(args, prepare,
+folders)` when `handles(args)`.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from pathlib import Path
 
 from .naming import FILE_TAG, tagged_stem
 from .world import World, launched, pin_local_gpu
 
 # Only light modules are imported here (the CLI builds its parser with add_run_arguments on every
-# start, and sinks import tagged_stem); runner.py and launch.py load when a distributed run starts.
-__all__ = ["FILE_TAG", "World", "add_run_arguments", "cmd_run", "handles", "launched", "pin_local_gpu",
-           "tagged_stem"]
+# start, and sinks import tagged_stem); runner.py loads when a distributed run starts.
+__all__ = ["FILE_TAG", "World", "add_run_arguments", "handles", "launched", "pin_local_gpu", "tagged_stem"]
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
@@ -61,34 +60,3 @@ def handles(args: argparse.Namespace) -> bool:
     """Whether `sdgraph run` goes through the distributed runner."""
     return bool(getattr(args, "distributed", False) or getattr(args, "only_missing", False)
                 or getattr(args, "manifest", None) or launched())
-
-
-def cmd_run(args: argparse.Namespace, prepare: Callable, folders: Callable) -> int:
-    """`sdgraph run` for a rank (or for the --distributed parent). `prepare(args)` validates every
-    variation (raising ValidationFailed), `folders(args)` gives the Folders."""
-    prepared = prepare(args)  # everything is validated before anything is launched or run
-    if getattr(args, "distributed", False) and not launched():
-        from .launch import launch
-
-        return launch(args, prepared, args.ranks, args.backend)
-    from graph.executor import Executor
-
-    from .runner import RankEvents, SweepOptions, run_sweep
-
-    world = World.detect()
-    caches, keep = _caches(args)
-    try:
-        opts = SweepOptions(str(args.workflow), quiet=args.quiet, as_json=args.json,
-                            only_missing=getattr(args, "only_missing", False),
-                            manifest=Path(args.manifest) if getattr(args, "manifest", None) else None)
-        executor = Executor(caches, folders(args), RankEvents(world, args.quiet))
-        return run_sweep(prepared, executor, world, opts)
-    finally:
-        if keep is not None:
-            keep.cleanup()
-
-
-def _caches(args):
-    from graph.executor import open_caches
-
-    return open_caches(getattr(args, "cache_dir", None), getattr(args, "no_cache", False))

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from graph.context import atomic_path
-from graph.errors import Cancelled, GraphError, NodeFailed
 from graph.executor import Executor, RunEvents
-from graph.runner import PreparedVariation, display_path, run_variation
+from graph.runner import PreparedVariation, display_path, run_variations
 
 from .naming import FILE_TAG, tagged_stem  # noqa: F401  (tagged_stem: re-exported)
 from .world import RankLost, World
@@ -161,8 +160,12 @@ def run_sweep(prepared: list[PreparedVariation], executor: Executor, world: Worl
 
     records = []
     with _sigterm_as_interrupt(world.is_launched):
-        for i, pv in enumerate(mine):
-            record = _run_one(executor, pv, world, markers)
+        outcomes = run_variations(executor, [tagged(pv) for pv in mine], keep_going=True)
+        for i, outcome in enumerate(outcomes):
+            pv = outcome.pv
+            record = outcome.record(rank=world.rank)
+            if outcome.ok:
+                markers.mark(pv, outcome.result.files)
             records.append(record)
             status.write(event="finished", id=record["id"], status=record["status"], record=record)
             sets = " ".join(f"{k}={v}" for k, v in pv.variation.overrides.items())
@@ -213,26 +216,6 @@ def _sigterm_as_interrupt(enabled: bool):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _run_one(executor: Executor, pv: PreparedVariation, world: World, markers: DoneMarkers) -> dict:
-    base = pv.variation.to_data() | {"rank": world.rank}
-    t0 = time.perf_counter()
-    try:
-        result = run_variation(executor, tagged(pv))
-    except (KeyboardInterrupt, Cancelled):
-        raise
-    except Exception as e:  # one bad variation must not cost the rest of the sweep
-        node = e.node_id if isinstance(e, NodeFailed) else None
-        error = str(e) if isinstance(e, GraphError) else f"{type(e).__name__}: {e}"
-        return base | {"status": "failed", "seconds": round(time.perf_counter() - t0, 4), "files": [],
-                       "error": error, "failed_node": node}
-    markers.mark(pv, result.files)
-    return base | {
-        "status": "ok", "seconds": round(time.perf_counter() - t0, 4),
-        "files": [display_path(f) for f in result.files],
-        "nodes": [r.to_data() for r in result.nodes],
-    }
 
 
 def build_manifest(prepared: list[PreparedVariation], gathered: list[dict], done: dict[str, list[str]],

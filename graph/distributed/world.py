@@ -1,8 +1,10 @@
-"""Who am I among the launched processes, and the few collectives a sweep needs.
+"""Who am I among the launched processes (read from the launcher's environment), and the World a sweep
+runs in: rank, size and the few collectives it needs, through a `Collectives` object that the caller
+provides (nodes/distributed/mlx_world.py joins mlx.distributed; nothing here imports MLX).
 
 A process counts as launched when the environment of a distributed launcher is present: `MLX_RANK`
 (set by `mlx.launch` for the ring, NCCL and JACCL backends, or by hand), or the rank variables of
-`mpirun` (Open MPI, MPICH/PMI). Only then is `mx.distributed.init()` called; a plain `sdgraph run`
+`mpirun` (Open MPI, MPICH/PMI). Only then does nodes.distributed join a group; a plain `sdgraph run`
 never touches the distributed layer.
 
 Collectives are used for control data only (which variations are done, what each rank produced):
@@ -16,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _MPI_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
@@ -105,12 +107,15 @@ def pin_local_gpu() -> int | None:
     return index
 
 
-MAX_GATHER_BYTES = 1 << 30
-
-
 class RankLost(RuntimeError):
     """A collective failed or returned garbage: another rank has gone (the ring backend hands back
     whatever it had rather than raising when a peer's socket closes)."""
+
+
+class Collectives(Protocol):
+    """What a World needs from its communication layer (nodes.distributed.mlx_world has mlx.distributed's)."""
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]: ...
 
 
 @dataclass
@@ -118,29 +123,8 @@ class World:
     rank: int = 0
     size: int = 1
     backend: str = "none"
-    group: Any = None           # mx.distributed.Group, or None for a lone process
+    group: Collectives | None = None  # None for a lone process
     is_launched: bool = False   # started by a launcher (a world of one still names files by variation)
-
-    @classmethod
-    def detect(cls) -> World:
-        if not launched():
-            return cls()
-        import mlx.core as mx
-
-        backend = backend_from_env()
-        if expected_size() == 1:  # e.g. `mlx.launch -n 1`: its ring description is empty; nobody to join
-            return cls(0, 1, backend, None, True)
-        requested = backend if backend in ("ring", "mpi", "nccl", "jaccl") else "any"
-        try:
-            group = mx.distributed.init(strict=False, backend=requested)
-        except RuntimeError:
-            group = mx.distributed.init(strict=False)
-        world = cls(group.rank(), group.size(), backend, group, True)
-        expected = expected_size()
-        if expected is not None and expected != world.size:
-            raise RuntimeError(f"the launcher started {expected} ranks but the {backend} backend joined "
-                               f"{world.size}; check the backend's environment variables")
-        return world
 
     @property
     def is_root(self) -> bool:
@@ -150,19 +134,7 @@ class World:
         """Every rank's `data`, in rank order, on every rank."""
         if self.size == 1 or self.group is None:
             return [data]
-        import mlx.core as mx
-        import numpy as np
-
-        lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=self.group)
-        lengths = [int(n) for n in np.array(lengths).reshape(-1)]
-        if len(lengths) != self.size or any(n < 0 or n > MAX_GATHER_BYTES for n in lengths):
-            raise RankLost(f"rank {self.rank}: the gather returned nonsense lengths {lengths[:8]}")
-        words = max(1, -(-max(lengths) // 4))  # int32 words: every backend reduces and gathers int32
-        padded = np.zeros(words * 4, dtype=np.uint8)
-        padded[:len(data)] = np.frombuffer(data, dtype=np.uint8)
-        gathered = mx.distributed.all_gather(mx.array(padded.view(np.int32)), group=self.group)
-        rows = np.array(gathered).reshape(self.size, words).view(np.uint8)
-        return [rows[r, :lengths[r]].tobytes() for r in range(self.size)]
+        return self.group.all_gather_bytes(data)
 
     def all_gather_json(self, value: Any) -> list[Any]:
         parts = self.all_gather_bytes(json.dumps(value).encode())

@@ -4,16 +4,18 @@ MLX's Linux CPU backend runs transcendental element-wise ops (exp, erf, sigmoid)
 its attention is matmul + single-threaded softmax + matmul; those were half of a UNet step on 2 cores (see
 BENCHMARKS.md). `cpu_kernels.c` does them vectorised and OpenMP-parallel, with attention's GEMMs in the BLAS
 that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer. It is
-compiled with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``, keyed by
-the source, compiler, flags and CPU, and loaded through ctypes.
+compiled with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``
+(`sd.runtime.kernel_cache_dir()`), keyed by the source, compiler, flags and CPU, and loaded through ctypes.
 
 `available()` says whether they can be used; when not (no compiler, no BLAS, ``SDGRAPH_CPU_KERNELS=0``),
 callers keep MLX's own ops, after at most one one-line warning. The wrappers take and return fp32
 `mx.array`s; inputs are evaluated and read in place through numpy views (no copies).
 
-Loading them also calls `keep_freed_memory()`: MLX's CPU backend has no buffer cache, and glibc returns
+`sd.runtime.setup()` prepares the process for them: ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads would
+spin and starve MLX's own threads on a small machine), the folder they build into, and glibc's
+`keep_freed_memory()`, applied when they load: MLX's CPU backend has no buffer cache, and glibc returns
 large blocks (mmap'ed, above 32 MB) to the kernel on free, so every large activation was page-faulted in
-again, 4 KB at a time (a 42 MB add: 21 ms; with the pages kept: 1.8 ms).
+again, 4 KB at a time (a 42 MB add: 21 ms; with the pages kept: 1.8 ms). Loading them sets nothing else.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from sd import runtime
+from sd.runtime import switches
+
+keep_freed_memory = runtime.keep_freed_memory  # it lives in sd.runtime (setup() decides when it applies)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # Tried in order until one compiles: without -march=native the kernels still vectorise (SSE2), without
@@ -63,7 +70,7 @@ _warned = False
 
 
 def disabled() -> bool:
-    return os.environ.get("SDGRAPH_CPU_KERNELS", "").strip().lower() in ("0", "false", "no", "off")
+    return not switches.flag("SDGRAPH_CPU_KERNELS")
 
 
 def available() -> bool:
@@ -81,20 +88,6 @@ def describe() -> str:
     if not available():
         return f"unavailable: {_failure}"
     return f"{_library().sdk_threads()} threads, {_lib._name}"
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed large blocks in the heap for reuse (no mmap per allocation, no trim
-    below 1 GB), so MLX's big CPU buffers are not page-faulted in anew each time. Process-wide: the heap
-    stays at its peak until exit. Returns whether it applied (glibc only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def _warn(reason: str) -> None:
@@ -135,9 +128,7 @@ def _compiler_version(cc: list[str]) -> str:
 
 
 def _cache_dir() -> Path:
-    from graph.disk_cache import default_cache_dir
-
-    return default_cache_dir() / "kernels"
+    return runtime.kernel_cache_dir()
 
 
 def build() -> Path:
@@ -202,17 +193,14 @@ def _load() -> ctypes.CDLL | None:
     try:
         sgemm, set_threads, get_threads = _blas_functions()
         path = build()
-        # OpenMP threads that spin after a kernel would starve MLX's own threads on a small machine;
-        # libgomp reads this when it is loaded
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(path))  # libgomp reads OMP_WAIT_POLICY now (sd.runtime.setup sets it)
     except (RuntimeError, OSError) as e:
         _failure = str(e)
         _warn(_failure)
         return None
     _declare(lib)
     lib.sdk_set_blas(sgemm, set_threads or None, get_threads or None)
-    keep_freed_memory()
+    runtime.cpu_kernels_loaded()  # glibc keeps freed memory, if setup() asked for it
     _lib = lib
     return lib
 

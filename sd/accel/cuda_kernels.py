@@ -22,16 +22,17 @@ Used by `sd/accel/ops.py` only where `available()` (MLX's CUDA backend); everyth
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import mlx.core as mx
+
+from sd.runtime import switches
 
 _THREADS = 256
 
 
 def disabled() -> bool:
-    return os.environ.get("SDGRAPH_CUDA_KERNELS", "").strip().lower() in ("0", "false", "no", "off")
+    return not switches.flag("SDGRAPH_CUDA_KERNELS")
 
 
 def available() -> bool:

@@ -1,7 +1,7 @@
 """`sdgraph run --distributed -n N`: start N local ranks with `mlx.launch` and report for them.
 
 The ranks run the same `sdgraph run` command (rebuilt from the parsed arguments, without the launch
-flags) through `python -m graph.distributed`, which pins each rank's GPU before MLX starts. Ranks
+flags) through `python -m cli`, which pins each rank's GPU before MLX starts. Ranks
 listen on 127.0.0.1 only. `mlx.launch` forwards the ranks' output but not their exit status, so the
 ranks write progress lines and rank 0's exit status to a private folder (SDGRAPH_DIST_STATUS_DIR):
 when no rank 0 result arrives (a rank crashed and the launcher stopped the others), this parent
@@ -21,10 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from graph.distributed.runner import STATUS_DIR_ENV, SweepOptions, build_manifest, failed_records, report
+from graph.distributed.world import World
 from graph.runner import PreparedVariation
-
-from .runner import STATUS_DIR_ENV, SweepOptions, build_manifest, failed_records, report
-from .world import World
 
 LAUNCH_FLAGS = ("distributed", "ranks", "backend")
 
@@ -99,7 +98,7 @@ def launch(args: argparse.Namespace, prepared: list[PreparedVariation], ranks: i
     if ranks < 1:
         raise ValueError("--ranks must be at least 1")
     backend = backend or default_backend()
-    child = [sys.executable, "-m", "graph.distributed", "run", *argv_from_args(args._run_parser, args)]
+    child = [sys.executable, "-m", "cli", "run", *argv_from_args(args._run_parser, args)]
     cmd = [*launcher_command(), "--hosts", "127.0.0.1", "-n", str(ranks), "--backend", backend]
     if backend == "ring":
         cmd += ["--starting-port", str(free_port_range(ranks))]
