@@ -122,10 +122,22 @@ class ModelStore:
     """Built values by key, bounded by the bytes of the arrays they hold (shared arrays counted once)."""
 
     def __init__(self, budget: int | None = None):
-        self.budget = default_budget() if budget is None else int(budget)
+        self._budget = None if budget is None else int(budget)  # None: default_budget(), read on first use
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._keys_by_value: dict[int, Hashable] = {}
         self._lock = threading.RLock()  # held while building: one build at a time, never the same one twice
+
+    @property
+    def budget(self) -> int:
+        if self._budget is None:
+            self._budget = default_budget()
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: int | None) -> None:
+        with self._lock:
+            self._budget = None if value is None else int(value)
+            self._fit()
 
     def get(self, key: Hashable, build: Callable[[], Any] | None = None, *, parent: Hashable | None = None,
             weigh: bool = True) -> Any:
@@ -149,15 +161,21 @@ class ModelStore:
             self.discard(key)
             if parent is not None and parent not in self._entries:
                 return
-            entry = _Entry(value, parent, weigh)
+            entry = _Entry(value, parent, weigh, arrays_in(value) if weigh else {})
+            if sum(entry.arrays.values()) > self.budget:
+                return  # keeping it would evict everything else, and then it too
             self._entries[key] = entry
             self._keys_by_value[id(value)] = key
             for e in self._entries.values():  # re-measure: values may have grown since they were added
-                e.arrays = arrays_in(e.value) if e.weigh else {}
+                if e is not entry and e.weigh:
+                    e.arrays = arrays_in(e.value)
             if parent is not None:
                 self._touch(key)
-            while self._entries and self.total_bytes > self.budget:
-                self.discard(next(iter(self._entries)))
+            self._fit()
+
+    def _fit(self) -> None:
+        while self._entries and self.total_bytes > self.budget:
+            self.discard(next(iter(self._entries)))
 
     def discard(self, key: Hashable) -> None:
         """Drop `key` and every entry that depends on it."""
@@ -180,7 +198,8 @@ class ModelStore:
         """The key `value` (the very object) is stored under, or None."""
         with self._lock:
             key = self._keys_by_value.get(id(value))
-            return key if key is not None and self._entries[key].value is value else None
+            entry = self._entries.get(key) if key is not None else None
+            return key if entry is not None and entry.value is value else None
 
     @property
     def total_bytes(self) -> int:
