@@ -11,6 +11,8 @@ held pass a byte budget, arrays shared between entries counted once), keyed by i
     ("unet" | "clip" | "vae", checkpoint identity)                  a component's weights
     ("unet" | "clip", checkpoint identity, patches)                 the same, LoRA-patched
     ("lora", LoRA identity)                                         a parsed LoRA file
+    ("deltas", LoRA identity, component, allow_partial, <base key>) its fp32 deltas for that base (~1 GB full
+                                                                    size; a strength change reuses them)
     ("skeleton", "unet" | "clip", checkpoint identity)              shapes only (unevaluated: weighs nothing)
     ("fast" | "fast-decoder" | "fast-encoder", <a model's key>)     sd.accel.fast's wrapper of that model
 
@@ -78,6 +80,14 @@ def _patched(part: str, component: str, ref: FileRef, patches: tuple[LoRAPatch, 
     if not patches:
         return base
 
+    allow_partial = any(p.allow_partial for p in patches)
+
+    def deltas(lora: Any) -> dict:
+        # computing them costs ~1-7 s of numpy on the CPU for a full-size LoRA (a GPU's whole sampling or
+        # more): kept, so a strength sweep computes them once
+        key = ("deltas", lora.fingerprint, component, allow_partial, (part, ref.identity))
+        return STORE.get(key, lambda: lora.deltas(component, base, allow_partial))
+
     def build() -> Any:
         from sd.lora import apply_loras
 
@@ -86,7 +96,7 @@ def _patched(part: str, component: str, ref: FileRef, patches: tuple[LoRAPatch, 
         # strict LoRAs were checked in full by LoadLoRA, which also logged any partial ones
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = apply_loras(base, loras, component, allow_partial=any(p.allow_partial for p in patches))
+            model = apply_loras(base, loras, component, allow_partial=allow_partial, deltas=deltas)
         names = ", ".join(f"{p.lora.name}@{p.strength:g}" for p in patches)
         log(f"applied LoRA {names} to the {_LABELS[part]} ({time.perf_counter() - start:.2f} s)")
         return model

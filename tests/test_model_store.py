@@ -178,6 +178,11 @@ def test_the_store_keys_weights_by_file_identity_and_counts_shared_arrays_once(c
     assert key == ("unet", ref.identity)
     assert patched_key == ("unet", ref.identity, ((lora.identity, 0.5, False),))
     assert store.nbytes(key) < store.total_bytes < store.nbytes(key) + store.nbytes(patched_key)
+    # a strength change reuses the LoRA's deltas (a store entry, counted), not the patched weights
+    [deltas_key] = [k for k in store.keys() if k[0] == "deltas"]
+    assert deltas_key[1:] == (lora.identity, "unet", False, key) and store.nbytes(deltas_key) > 0
+    other = models.unet_for(ModelRecipe(ref).with_lora(lora, -1.0))
+    assert other is not patched and [k for k in store.keys() if k[0] == "deltas"] == [deltas_key]
     fast = models.fast_unet(patched)
     assert store.key_of(fast) == ("fast", patched_key) and not hasattr(patched, "_sdgraph_fast_unet")
 

@@ -1,9 +1,9 @@
 """An immutable, parsed LoRA file: matches its layers to a model and computes their deltas.
 
-Deltas are computed on each use, not kept: a full-size rank-32 LoRA's UNet deltas take ~1.4 GB in fp32 and
-~1-2 s of CPU to compute, against minutes of sampling (measured: mid-size UNet 0.8 s vs 11.7 s per CFG step),
-so keeping them would cost memory nothing bounds for little time. The patched module is what is kept (by the
-caller: sdgraph's model store)."""
+Deltas are computed on each call and kept by no one here: a full-size rank-32 LoRA's deltas take ~1-1.4 GB in
+fp32, which only a store with a byte budget should hold. sdgraph's model store (nodes/models.py) keeps them as
+entries it accounts for, since computing them (numpy, on the CPU: measured 0.8 s for a mid-size UNet, 2-7 s
+full size) is cheap next to CPU sampling but not next to a GPU's."""
 
 from __future__ import annotations
 

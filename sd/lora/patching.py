@@ -2,15 +2,15 @@
 unpatched array with the base. MLX arrays are immutable, so sharing is safe; the containers (modules, lists)
 are shallow-copied, which costs no array memory, and only the patched weights are new arrays.
 
-Nothing is cached here (sd/ holds no state in modules): whoever keeps patched modules keeps them, e.g.
-sdgraph's model store (nodes/models.py), keyed by recipe. Removing a LoRA (an empty or all-zero patch set)
-returns the base module itself.
+Nothing is cached here (sd/ holds no state in modules): whoever keeps patched modules or deltas keeps them,
+e.g. sdgraph's model store (nodes/models.py), keyed by recipe; `apply_loras(..., deltas=)` takes the kept
+ones. Removing a LoRA (an empty or all-zero patch set) returns the base module itself.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,7 +51,8 @@ def _set_parameter(module: nn.Module, name: str, value: mx.array) -> None:
     node[int(leaf) if isinstance(node, list) else leaf] = value
 
 
-def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partial: bool = False) -> nn.Module:
+def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partial: bool = False,
+                deltas: Callable[[LoRA], dict[str, mx.array]] | None = None) -> nn.Module:
     """A new module equal to `module` with W' = W + sum(strength_i * delta_i) for every patched weight.
 
     `component` is "unet" (alias "model") or "text_encoder" (alias "clip"); strengths may be negative; zero
@@ -59,12 +60,17 @@ def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partia
     Unmatched LoRA keys raise LoRAError unless `allow_partial` (then they are skipped with a warning).
     Every delta is relative to `module`'s weights, so chained LoRAs add up (a DoRA layer's delta is its
     re-normalised weight minus the base weight, scaled by its strength, as ComfyUI does).
+    `deltas(lora)` gives a LoRA's deltas at strength 1 for `module` (default: computed now, by
+    `lora.deltas(component, module, allow_partial)`): a caller that keeps deltas across strengths passes them.
     """
     component = canonical_component(component)
     active = [(lora, float(s)) for lora, s in loras if s != 0]
     if not active:
         return module
-    per_lora = [(lora.deltas(component, module, allow_partial), strength) for lora, strength in active]
+    if deltas is None:
+        def deltas(lora: LoRA) -> dict[str, mx.array]:
+            return lora.deltas(component, module, allow_partial)
+    per_lora = [(deltas(lora), strength) for lora, strength in active]
     names = sorted({name for deltas, _ in per_lora for name in deltas})
     if not names:  # e.g. a text-encoder-only LoRA applied to the UNet
         return module
