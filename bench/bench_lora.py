@@ -102,9 +102,9 @@ def main() -> None:
             return unet, clip
 
         _, first_s = timed("first apply at 1.0 (deltas computed + patched)", lambda: apply(1.0))
-        _, switch_s = timed("switch strength to 0.6 (cached deltas)", lambda: apply(0.6))
+        _, switch_s = timed("switch strength to 0.6 (deltas recomputed)", lambda: apply(0.6))
         _, again_s = timed("switch strength to 0.3", lambda: apply(0.3))
-        _, hit_s = timed("same patch set again (materialised, cache hit)", lambda: apply(0.3))
+        _, hit_s = timed("same patch set again (sd.lora caches nothing: recomputed)", lambda: apply(0.3))
         _, off_s = timed("remove the LoRA (strength 0: the base itself)", lambda: apply(0.0))
         print(f"\nstrength switch {min(switch_s, again_s):.3f} s vs reload {reload_s:.3f} s "
               f"({reload_s / max(min(switch_s, again_s), 1e-9):.1f}x faster); first apply {first_s:.3f} s")

@@ -58,16 +58,16 @@ def interleaved(impls: dict, rounds: int, per_round: int = 1, warmup: int = 1,
 
 def mlx_unet_loop(fast, x, t, c, steps: int = 20) -> None:
     """`steps` UNet calls as a sampler makes them: each fed the previous one's output, pipelined by
-    sd.sampling.common.report (step i evaluates while step i+1's graph is built)."""
+    sd.sampling.ksampler.StepPipeline (step i evaluates while step i+1's graph is built)."""
     import mlx.core as mx
 
-    from sd.sampling.common import report
+    from sd.sampling.ksampler import StepPipeline
 
-    xx = x
+    xx, pipeline = x, StepPipeline()
     for i in range(steps):
         d = fast(xx, t, c)
         xx = xx - 1e-3 * d
-        report(None, i, xx, d)
+        pipeline(i, xx, d)
     mx.eval(xx)
 
 

@@ -131,7 +131,7 @@ def split_times(fast, x, t, c, repeats: int = 15) -> dict:
 
 def loop_ms(fast, x, t, c, steps: int = 20, repeats: int = 5) -> float:
     """ms per step of a 20-step loop, each step fed the previous one's output and pipelined the way the
-    samplers are (sd.sampling.common.report: step i evaluates while step i+1's graph is built)."""
+    samplers are (sd.sampling.ksampler.StepPipeline: step i evaluates while step i+1's graph is built)."""
     def run():
         mlx_unet_loop(fast, x, t, c, steps)
 

@@ -312,7 +312,7 @@ def round_robin(path, args):
     RESULTS["rr_unet_ms"] = {"median": med, "all": times, "mlx_vs_diffusers_rel_diff": diff}
 
     # the same UNet inside a 20-step loop (each step feeds the next, as a sampler does): MLX pipelined by
-    # sd.sampling.common.report (step i computes while step i+1's graph is built), torch launching
+    # sd.sampling.ksampler.StepPipeline (step i computes while step i+1's graph is built), torch launching
     # asynchronously and synchronising once at the end; ms per step
     def mlx_loop():
         mlx_unet_loop(fast, x, t, c, LOOP_STEPS)

@@ -19,7 +19,7 @@ def LoadCheckpoint(ckpt_name: String(), ctx=None):
     from sd.io.checkpoint_io import open_tensors
     from sd.loading.detect import check_family
 
-    ref = FileRef.of(resolve_checkpoint(ckpt_name, ctx.folders))
+    ref = FileRef.of(resolve_checkpoint(ckpt_name, ctx.folders), ctx.fingerprint)
     check_family(ref.path, open_tensors(ref.path).keys())  # header only: a wrong file fails here
     return ModelRecipe(ref), ClipRecipe(ref), VaeRecipe(ref)
 
@@ -34,7 +34,7 @@ def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
     share the base weights, and changing a strength never reloads the checkpoint. The coverage
     (LoRA layers matched per component) is checked against the checkpoint's shapes and logged.
     A LoRA with layers that match nothing (one for SDXL or SD2) fails here, unless allow_partial."""
-    ref = FileRef.of(resolve_lora(lora_name, ctx.folders))
+    ref = FileRef.of(resolve_lora(lora_name, ctx.folders), ctx.fingerprint)
     lora = models.load_lora_file(ref)
     parts = []
     for part, component, strength, recipe in (("unet", "unet", strength_model, model),

@@ -1,9 +1,23 @@
-"""Build model weights from recipes (nodes/values.py) on first use, and keep them for reuse.
+"""Build model weights from recipes (nodes/values.py) on first use, and keep them for reuse in one store.
 
 Only the node that needs weights asks for them (KSampler the UNet, CLIPEncode the text encoder,
 VAEDecode/VAEEncode the VAE), so when those nodes are cache hits nothing is loaded. Each component
 is read alone (`sd.loading.checkpoint.load_component`), base weights are shared by every patch set, and
 LoRA patches are applied by `sd.lora.apply_loras`, which never modifies the base.
+
+Everything built is an entry of STORE (`sd.loading.store.ModelStore`: least recently used out once the arrays
+held pass a byte budget, arrays shared between entries counted once), keyed by its recipe:
+
+    ("unet" | "clip" | "vae", checkpoint identity)                  a component's weights
+    ("unet" | "clip", checkpoint identity, patches)                 the same, LoRA-patched
+    ("lora", LoRA identity)                                         a parsed LoRA file
+    ("deltas", LoRA identity, component, allow_partial, <base key>) its fp32 deltas for that base (~1 GB full
+                                                                    size; a strength change reuses them)
+    ("skeleton", "unet" | "clip", checkpoint identity)              shapes only (unevaluated: weighs nothing)
+    ("fast" | "fast-vae", <a model's key>)                          sd.accel's accelerated wrapper of it
+
+An identity is the engine's fingerprint of the file (FileRef.identity), patches are (LoRA identity, strength,
+allow_partial) in order. An accelerated wrapper depends on its model's entry: it leaves with it.
 
 LOAD_COUNTS counts reads from disk per kind ("unet", "clip", "vae", "lora"): tests and
 `sdgraph doctor` use it to show what a run really loaded.
@@ -13,81 +27,68 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from nodes.values import ClipRecipe, FileRef, LoRAPatch, ModelRecipe, VaeRecipe
+from sd.loading.store import ModelStore
 from sd.runtime import switches
 
 Log = Callable[[str], None]
 LOAD_COUNTS: Counter[str] = Counter()
+STORE = ModelStore()  # the budget: SDGRAPH_MODEL_CACHE_BYTES, else half the memory (sd/loading/store.py)
 
 _LABELS = {"unet": "UNet", "clip": "text encoder", "vae": "VAE"}
-_KEEP = 2  # per kind: two checkpoints (or patch sets) alternating in a sweep stay loaded
-
-
-class _LRU:
-    def __init__(self, size: int):
-        self.size = size
-        self.items: OrderedDict[Any, Any] = OrderedDict()
-
-    def get(self, key: Any) -> Any:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        return None
-
-    def put(self, key: Any, value: Any) -> Any:
-        self.items[key] = value
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return value
-
-
-_BASES = _LRU(3 * _KEEP)       # (part, FileRef) -> module: all three parts of two checkpoints
-_PATCHED = _LRU(2 * _KEEP)     # (part, FileRef, patches) -> module: UNet and CLIP of two patch sets
-_SKELETONS = _LRU(2 * _KEEP)   # (part, FileRef) -> module with unevaluated weights (shapes only)
-_LORAS = _LRU(16)              # FileRef -> parsed LoRA
 
 
 def clear() -> None:
     """Drop every loaded model (e.g. between tests)."""
-    for cache in (_BASES, _PATCHED, _SKELETONS, _LORAS):
-        cache.items.clear()
+    STORE.clear()
+
+
+def _patches_key(patches: tuple[LoRAPatch, ...]) -> tuple:
+    return tuple((p.lora.identity, p.strength, p.allow_partial) for p in patches)
 
 
 def _base(part: str, ref: FileRef, log: Log) -> Any:
-    model = _BASES.get((part, ref))
-    if model is None:
+    def build() -> Any:
         from sd.loading.checkpoint import load_component
 
         start = time.perf_counter()
         model = load_component(ref.path, part)
         LOAD_COUNTS[part] += 1
         log(f"loaded {_LABELS[part]} from {ref.name} ({time.perf_counter() - start:.2f} s)")
-        _BASES.put((part, ref), model)
-    return model
+        return model
+
+    return STORE.get((part, ref.identity), build)
 
 
 def load_lora_file(ref: FileRef) -> Any:
-    """The parsed LoRA file (small: kept for reuse by file identity)."""
-    lora = _LORAS.get(ref)
-    if lora is None:
+    """The parsed LoRA file (kept for reuse by file identity)."""
+    def build() -> Any:
         from sd.lora import load_lora
 
-        lora = _LORAS.put(ref, load_lora(ref.path))
         LOAD_COUNTS["lora"] += 1
-    return lora
+        return load_lora(ref.path, fingerprint=ref.identity)
+
+    return STORE.get(("lora", ref.identity), build)
 
 
 def _patched(part: str, component: str, ref: FileRef, patches: tuple[LoRAPatch, ...], log: Log) -> Any:
     base = _base(part, ref, log)
     if not patches:
         return base
-    key = (part, ref, patches)
-    model = _PATCHED.get(key)
-    if model is None:
+
+    allow_partial = any(p.allow_partial for p in patches)
+
+    def deltas(lora: Any) -> dict:
+        # computing them costs ~1-7 s of numpy on the CPU for a full-size LoRA (a GPU's whole sampling or
+        # more): kept, so a strength sweep computes them once
+        key = ("deltas", lora.fingerprint, component, allow_partial, (part, ref.identity))
+        return STORE.get(key, lambda: lora.deltas(component, base, allow_partial))
+
+    def build() -> Any:
         from sd.lora import apply_loras
 
         start = time.perf_counter()
@@ -95,11 +96,12 @@ def _patched(part: str, component: str, ref: FileRef, patches: tuple[LoRAPatch, 
         # strict LoRAs were checked in full by LoadLoRA, which also logged any partial ones
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = apply_loras(base, loras, component, allow_partial=any(p.allow_partial for p in patches))
+            model = apply_loras(base, loras, component, allow_partial=allow_partial, deltas=deltas)
         names = ", ".join(f"{p.lora.name}@{p.strength:g}" for p in patches)
         log(f"applied LoRA {names} to the {_LABELS[part]} ({time.perf_counter() - start:.2f} s)")
-        _PATCHED.put(key, model)
-    return model
+        return model
+
+    return STORE.get((part, ref.identity, _patches_key(patches)), build)
 
 
 def unet_for(recipe: ModelRecipe, log: Log = lambda msg: None) -> Any:
@@ -114,31 +116,30 @@ def vae_for(recipe: VaeRecipe, log: Log = lambda msg: None) -> Any:
     return _base("vae", recipe.checkpoint, log)
 
 
-def _fast(module: Any, attr: str, build: Callable[[Any], Any]) -> Any:
-    """sd.accel's accelerated model for a (possibly LoRA-patched) module, built once and kept on the module.
-    SDGRAPH_FAST=0 runs the plain modules instead (same results within fp rounding; for debugging)."""
+def _fast(kind: str, module: Any, build: Callable[[Any], Any]) -> Any:
+    """sd.accel's accelerated model for a (possibly LoRA-patched) module from the store, built once and kept
+    as the store's entry (kind, the module's key), which leaves the store with the module's. A module the
+    store does not hold gets a wrapper that is not kept. SDGRAPH_FAST=0 runs the plain modules instead (same
+    results within fp rounding; for debugging)."""
     if not switches.flag("SDGRAPH_FAST"):
         return None
-    kept = getattr(module, attr, None)
-    # (owner, fast): a LoRA-patched copy (sd.lora's _copy_tree) inherits its base's attributes, and the
-    # base's fast path would run the base's weights
-    if kept is None or kept[0] is not module:
-        kept = (module, build(module))
-        object.__setattr__(module, attr, kept)  # a plain attribute, not a parameter of the module
-    return kept[1]
+    key: Hashable | None = STORE.key_of(module)
+    if key is None:
+        return build(module)
+    return STORE.get((kind, key), lambda: build(module), parent=key)
 
 
 def fast_unet(unet: Any) -> Any:
     """A callable like the UNet, accelerated for this device (sd/accel/compiled.py)."""
     from sd.accel.compiled import FastUNet
 
-    return _fast(unet, "_sdgraph_fast_unet", FastUNet) or unet
+    return _fast("fast", unet, FastUNet) or unet
 
 
 def _fast_vae(vae: Any) -> Any:
     from sd.accel.compiled import FastVAE
 
-    return _fast(vae, "_sdgraph_fast_vae", FastVAE) or vae
+    return _fast("fast-vae", vae, FastVAE) or vae
 
 
 def vae_decoder(vae: Any) -> Callable[[Any], Any]:
@@ -152,29 +153,8 @@ def vae_encoder(vae: Any) -> Callable[[Any], Any]:
 
 
 def skeleton(part: str, ref: FileRef) -> Any:
-    """The component's module built from the file's shapes with *unevaluated* random weights: MLX is
-    lazy, so this reads only the header and allocates nothing. Enough to match LoRA keys against."""
-    model = _SKELETONS.get((part, ref))
-    if model is not None:
-        return model
-    from sd.io.checkpoint_io import open_tensors
-    from sd.loading.checkpoint import PREFIXES, split_components
+    """The component's module built from the file's shapes with unevaluated weights (reads the header only):
+    enough to match LoRA keys against. Stored unweighed: its arrays are never allocated."""
+    from sd.loading.checkpoint import build_skeleton
 
-    tensors = open_tensors(ref.path)
-    keys = split_components(tensors.keys())[part]
-    if not keys:
-        from sd.errors import MissingComponentError
-
-        raise MissingComponentError(f"{ref.path}: the checkpoint has no {_LABELS[part]} weights "
-                                    f"('{PREFIXES[part]}*' keys)")
-    shapes = {name: tuple(tensors.shape(key)) for name, key in keys.items()}
-    if part == "unet":
-        from sd.loading.detect import detect_unet_config
-        from sd.models.unet import UNetModel
-
-        model = UNetModel(detect_unet_config(ref.path, shapes))
-    else:
-        from sd.models.clip import CLIPTextModel, clip_config_from_weights
-
-        model = CLIPTextModel(clip_config_from_weights(shapes, ref.path))
-    return _SKELETONS.put((part, ref), model)
+    return STORE.get(("skeleton", part, ref.identity), lambda: build_skeleton(ref.path, part), weigh=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,20 +23,24 @@ import mlx.core as mx
 import numpy as np
 
 from graph import socket_type
+from graph.fingerprint import FingerprintIndex
 
 
 @dataclass(frozen=True)
 class FileRef:
-    """A file a model comes from: its path and an identity that changes when the file does."""
+    """A file a model comes from: its path and its identity, the engine's fingerprint of it (size, mtime and
+    content hash, graph/fingerprint.py): the same string the node's cache key holds, and what the model
+    store (nodes/models.py) keys weights by. A touched or changed file gets a new identity."""
 
     path: Path
-    identity: str  # "size:mtime_ns"; the engine's content fingerprint is part of the node's cache key
+    identity: str
 
     @classmethod
-    def of(cls, path: str | Path) -> FileRef:
+    def of(cls, path: str | Path, fingerprint: Callable[[Path], str] | None = None) -> FileRef:
+        """`fingerprint`: the run's (a node's `ctx.fingerprint`, whose hashes are remembered); without it the
+        file is hashed here."""
         p = Path(path).resolve()
-        st = p.stat()
-        return cls(p, f"{st.st_size}:{st.st_mtime_ns}")
+        return cls(p, (fingerprint or FingerprintIndex().fingerprint)(p))
 
     @property
     def name(self) -> str:

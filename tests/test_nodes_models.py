@@ -15,6 +15,7 @@ from graph import Folders
 from graph.disk_cache import DiskCache
 from graph.errors import Cancelled
 from graph.executor import Caches, Executor, RunEvents
+from graph.fingerprint import FingerprintIndex
 from graph.importers import load_workflow
 from graph.plan import make_plan
 from graph.runner import prepare
@@ -34,6 +35,7 @@ class Ctx:
         self.folders = folders
         self.messages: list[str] = []
         self.cancel_event = threading.Event()
+        self.fingerprint = FingerprintIndex().fingerprint
 
     def log(self, msg: str) -> None:
         self.messages.append(msg)

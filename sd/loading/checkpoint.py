@@ -154,12 +154,17 @@ def _builders(part: str) -> tuple[Callable[[Path, Mapping[str, tuple]], Any], Ca
     return lambda path, shapes: clip_config_from_weights(shapes, path), CLIPTextModel
 
 
-def _build(path: Path, part: str, keys: Mapping[str, str], tensors, dtype: mx.Dtype | None):
-    """Build, check and fill one component. `keys` maps prefix-stripped names to the file's keys."""
+def _construct(path: Path, part: str, keys: Mapping[str, str], tensors) -> tuple[Any, nn.Module, dict]:
+    """(config, module with unevaluated random weights, file shapes): the architecture read off the shapes."""
     file_shapes = {name: tuple(tensors.shape(key)) for name, key in keys.items()}
     config_from_shapes, model_class = _builders(part)
     config = config_from_shapes(path, file_shapes)
-    model = model_class(config)
+    return config, model_class(config), file_shapes
+
+
+def _build(path: Path, part: str, keys: Mapping[str, str], tensors, dtype: mx.Dtype | None):
+    """Build, check and fill one component. `keys` maps prefix-stripped names to the file's keys."""
+    config, model, file_shapes = _construct(path, part, keys, tensors)
     expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     check_weights_match(path, part, expected, file_shapes)
     dtype = dtype or default_dtype(part)
@@ -233,3 +238,18 @@ def load_component(path: str | Path, part: str,
     if part not in COMPONENTS:
         raise ValueError(f"unknown part {part!r}; use one of {COMPONENTS}")
     return load_checkpoint(path, dtype, parts=(part,))._require(part)
+
+
+def build_skeleton(path: str | Path, part: str) -> UNetModel | AutoencoderKL | CLIPTextModel:
+    """The part's module built from the file's shapes with *unevaluated* random weights: MLX is lazy, so
+    this reads only the header and allocates nothing. Enough to match LoRA keys against (never run it).
+    MissingComponentError if the file has no such part."""
+    if part not in COMPONENTS:
+        raise ValueError(f"unknown part {part!r}; use one of {COMPONENTS}")
+    path = Path(path)
+    tensors = open_tensors(path)
+    keys = split_components(tensors.keys())[part]
+    if not keys:
+        raise MissingComponentError(f"{path}: the checkpoint has no {LABELS[part]} weights "
+                                    f"('{PREFIXES[part]}*' keys)")
+    return _construct(path, part, keys, tensors)[1]

@@ -1,4 +1,9 @@
-"""An immutable, parsed LoRA file: matches its layers to a model and computes (and caches) their deltas."""
+"""An immutable, parsed LoRA file: matches its layers to a model and computes their deltas.
+
+Deltas are computed on each call and kept by no one here: a full-size rank-32 LoRA's deltas take ~1-1.4 GB in
+fp32, which only a store with a byte budget should hold. sdgraph's model store (nodes/models.py) keeps them as
+entries it accounts for, since computing them (numpy, on the CPU: measured 0.8 s for a mid-size UNet, 2-7 s
+full size) is cheap next to CPU sampling but not next to a GPU's."""
 
 from __future__ import annotations
 
@@ -62,16 +67,13 @@ class _ModelCache:
 
 
 class LoRA:
-    """A parsed LoRA file. Immutable; matching results and deltas are computed on first use and cached."""
+    """A parsed LoRA file. Immutable; layer matches are computed on first use per model and remembered."""
 
     def __init__(self, path: str | Path, parsed: ParsedLoRA, fingerprint: str):
         self._path = str(path)
         self._fingerprint = fingerprint
         self._parsed = parsed
-        self._indexes = _ModelCache()
-        # fp32 deltas at strength 1 per (component, model): what makes a strength switch cheap. For a
-        # full-size rank-32 LoRA they take ~1.4 GB; the cache keeps the last few models only.
-        self._deltas = _ModelCache()
+        self._indexes = _ModelCache()  # layer matches per model: small (no arrays), saves re-matching
 
     @property
     def path(self) -> str:
@@ -137,12 +139,9 @@ class LoRA:
         return coverage
 
     def deltas(self, component: str, module: nn.Module, allow_partial: bool = False) -> dict[str, mx.array]:
-        """Parameter name -> fp32 weight delta at strength 1, in MLX layout. Cached per (component, model)."""
+        """Parameter name -> fp32 weight delta at strength 1, in MLX layout (computed on each call)."""
         component = canonical_component(component)
         self.check(component, module, allow_partial)
-        cached = self._deltas.get(module, (component,))
-        if cached is not None:
-            return cached
         matches, _ = self._match(component, module)
         params = dict(tree_flatten(module.parameters()))
         result = {}
@@ -159,7 +158,6 @@ class LoRA:
                 total = delta if total is None else total + delta
             result[name] = mx.array(to_mlx_layout(total, mlx_shape))
         mx.eval(list(result.values()))
-        self._deltas.put(module, (component,), result)
         return result
 
 
@@ -182,23 +180,11 @@ def lora_from_tensors(tensors: Mapping[str, np.ndarray], path: str | Path, finge
     return LoRA(path, parse_lora(tensors, path), fingerprint)
 
 
-_LOADED: OrderedDict[tuple, LoRA] = OrderedDict()
-_LOADED_SIZE = 8
-
-
-def load_lora(path: str | Path) -> LoRA:
-    """Read and parse a LoRA file (.safetensors, .ckpt, .pt). The same unchanged file gives the same object,
-    so its cached deltas are reused. Any problem -> LoRAError naming the file (and key)."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        raise LoRAError(path, "file not found; check the path and the loras folder") from None
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key in _LOADED:
-        _LOADED.move_to_end(key)
-        return _LOADED[key]
-    lora = lora_from_tensors(read_tensors(path), path, file_fingerprint(path))
-    _LOADED[key] = lora
-    while len(_LOADED) > _LOADED_SIZE:
-        _LOADED.popitem(last=False)
-    return lora
+def load_lora(path: str | Path, fingerprint: str | None = None) -> LoRA:
+    """Read and parse a LoRA file (.safetensors, .ckpt, .pt). `fingerprint` is the caller's identity of the
+    file (sdgraph passes the engine's, graph/fingerprint.py); without it the file's content is hashed. Each
+    call reads the file: keeping parsed LoRAs is the caller's job. Any problem -> LoRAError naming the file
+    (and key)."""
+    if not os.path.isfile(path):
+        raise LoRAError(path, "file not found; check the path and the loras folder")
+    return lora_from_tensors(read_tensors(path), path, fingerprint or file_fingerprint(path))

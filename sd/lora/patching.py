@@ -2,17 +2,15 @@
 unpatched array with the base. MLX arrays are immutable, so sharing is safe; the containers (modules, lists)
 are shallow-copied, which costs no array memory, and only the patched weights are new arrays.
 
-Patched modules are cached per (base module, patch set), so re-using a strength costs nothing and removing
-a LoRA (an empty or all-zero patch set) returns the base module itself.
+Nothing is cached here (sd/ holds no state in modules): whoever keeps patched modules or deltas keeps them,
+e.g. sdgraph's model store (nodes/models.py), keyed by recipe; `apply_loras(..., deltas=)` takes the kept
+ones. Removing a LoRA (an empty or all-zero patch set) returns the base module itself.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-import weakref
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,25 +19,6 @@ from mlx.utils import tree_flatten
 from sd.lora.lora_file import LoRA, canonical_component
 
 PatchSet = Sequence[tuple[LoRA, float]]
-
-# Patched modules by (base identity, component, patch set): weak, so a module lives as long as someone
-# uses it, plus a small strong LRU so a strength sweep that comes back to a value does not recompute it.
-_WEAK: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_RECENT: OrderedDict[tuple, nn.Module] = OrderedDict()
-_RECENT_SIZE = 2
-# A token per live base module: ids are reused after garbage collection, tokens never are.
-_BASE_TOKENS: dict[int, tuple[weakref.ref, int]] = {}
-_NEXT_TOKEN = itertools.count()
-
-
-def _base_token(module: nn.Module) -> int:
-    entry = _BASE_TOKENS.get(id(module))
-    if entry is None or entry[0]() is not module:
-        for stale in [k for k, (ref, _) in _BASE_TOKENS.items() if ref() is None]:
-            del _BASE_TOKENS[stale]
-        entry = (weakref.ref(module), next(_NEXT_TOKEN))
-        _BASE_TOKENS[id(module)] = entry
-    return entry[1]
 
 
 def patch_set_key(loras: PatchSet) -> tuple[tuple[str, float], ...]:
@@ -72,7 +51,8 @@ def _set_parameter(module: nn.Module, name: str, value: mx.array) -> None:
     node[int(leaf) if isinstance(node, list) else leaf] = value
 
 
-def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partial: bool = False) -> nn.Module:
+def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partial: bool = False,
+                deltas: Callable[[LoRA], dict[str, mx.array]] | None = None) -> nn.Module:
     """A new module equal to `module` with W' = W + sum(strength_i * delta_i) for every patched weight.
 
     `component` is "unet" (alias "model") or "text_encoder" (alias "clip"); strengths may be negative; zero
@@ -80,16 +60,17 @@ def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partia
     Unmatched LoRA keys raise LoRAError unless `allow_partial` (then they are skipped with a warning).
     Every delta is relative to `module`'s weights, so chained LoRAs add up (a DoRA layer's delta is its
     re-normalised weight minus the base weight, scaled by its strength, as ComfyUI does).
+    `deltas(lora)` gives a LoRA's deltas at strength 1 for `module` (default: computed now, by
+    `lora.deltas(component, module, allow_partial)`): a caller that keeps deltas across strengths passes them.
     """
     component = canonical_component(component)
     active = [(lora, float(s)) for lora, s in loras if s != 0]
     if not active:
         return module
-    key = (_base_token(module), component, patch_set_key(active), allow_partial)
-    hit = _WEAK.get(key)
-    if hit is not None:
-        return hit
-    per_lora = [(lora.deltas(component, module, allow_partial), strength) for lora, strength in active]
+    if deltas is None:
+        def deltas(lora: LoRA) -> dict[str, mx.array]:
+            return lora.deltas(component, module, allow_partial)
+    per_lora = [(deltas(lora), strength) for lora, strength in active]
     names = sorted({name for deltas, _ in per_lora for name in deltas})
     if not names:  # e.g. a text-encoder-only LoRA applied to the UNet
         return module
@@ -106,11 +87,6 @@ def apply_loras(module: nn.Module, loras: PatchSet, component: str, allow_partia
     patched = _copy_tree(module)
     for name, value in patched_values.items():
         _set_parameter(patched, name, value)
-
-    _WEAK[key] = patched
-    _RECENT[key] = patched
-    while len(_RECENT) > _RECENT_SIZE:
-        _RECENT.popitem(last=False)
     return patched
 
 

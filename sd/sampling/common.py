@@ -1,13 +1,16 @@
-"""Shared pieces of the samplers: types, the step loop with cancel/callback, and step maths.
+"""Shared pieces of the samplers: types, the step loop with cancel, and step maths.
 
 Sampler contract (every ``sample_x`` in sd/samplers_*.py):
 ``sample_x(denoise, x, sigmas, *, callback=None, noise_sampler=None, cancel=None, seed=0, **options) -> x``
 
 * ``denoise(x, sigma) -> denoised`` is the (CFG-combined) x0 prediction at noise level sigma,
 * ``x`` is the noisy latent at ``sigmas[0]`` (NHWC, float32), ``sigmas`` a decreasing schedule,
-* ``callback(i, x, denoised)`` is called once per step, ``cancel()`` is polled before every
-  step and raises :class:`sd.errors.Cancelled` when it returns true,
+* ``callback(i, x, denoised)`` is called once per step (when given), ``cancel()`` is polled before
+  every step and raises :class:`sd.errors.Cancelled` when it returns true,
 * ``seed`` seeds the default per-step noise (see sd/sampling/noise.py) when no ``noise_sampler`` is given.
+
+A sampler is pure: it keeps nothing between calls and evaluates nothing itself; when steps are evaluated
+is the caller's choice, made in its callback (sd/sampling/ksampler.py pipelines them).
 
 The maths follows k-diffusion's ``sampling.py`` as ComfyUI ships it; step coefficients are
 computed in double precision from the float32 sigmas.
@@ -41,23 +44,6 @@ def step_indices(sigmas: list[float], cancel: CancelCheck | None) -> Iterator[in
         if cancel is not None and cancel():
             raise Cancelled(f"sampling cancelled before step {i + 1} of {len(sigmas) - 1}")
         yield i
-
-
-# The previous step's arrays: `report` starts step i's evaluation and then waits for step i-1's, so the device
-# computes step i while Python builds step i+1's graph (building a compiled UNet's graph and dispatching its
-# ~900 kernels is host work the GPU would otherwise wait for), yet never more than one step is queued.
-_previous: list[mx.array] = []
-
-
-def report(callback: StepCallback | None, i: int, x: mx.array, denoised: mx.array) -> None:
-    """End-of-prediction hook of step i: start evaluating it, wait for step i-1, then tell the callback (which
-    may read x / denoised: reading waits for them)."""
-    mx.async_eval(x, denoised)
-    if i > 0 and _previous:
-        mx.eval(*_previous)
-    _previous[:] = [x, denoised]
-    if callback is not None:
-        callback(i, x, denoised)
 
 
 def to_d(x: mx.array, sigma: float, denoised: mx.array) -> mx.array:

@@ -100,6 +100,27 @@ def _padded_context(contexts: list[mx.array]) -> mx.array:
     return mx.concatenate([mx.tile(c, (1, length // c.shape[1], 1)) for c in contexts], axis=0)
 
 
+class StepPipeline:
+    """One run's step hook, given to the sampler as its callback (always, so that pipelining happens without
+    a user callback too): it starts evaluating step i, then waits for step i-1, so the device computes step i
+    while Python builds step i+1's graph (building a compiled UNet's graph and dispatching its ~900 kernels is
+    host work the GPU would otherwise wait for), yet never more than one step is queued. Then it calls the
+    user's `callback(i, x, denoised)` (which may read them: reading waits). The previous step's arrays live
+    in this object, so they go when the run does."""
+
+    def __init__(self, callback: Callable[[int, mx.array, mx.array], None] | None = None):
+        self.callback = callback
+        self.previous: tuple[mx.array, ...] = ()
+
+    def __call__(self, i: int, x: mx.array, denoised: mx.array) -> None:
+        mx.async_eval(x, denoised)
+        if self.previous:
+            mx.eval(*self.previous)
+        self.previous = (x, denoised)
+        if self.callback is not None:
+            self.callback(i, x, denoised)
+
+
 def make_cfg_denoiser(
     unet_fn: UNetFn,
     positive: list[mx.array],
@@ -188,11 +209,11 @@ def sample(
     total = len(sigmas) - 1
 
     def on_step(i: int, x_step: mx.array, denoised: mx.array) -> None:
-        if callback is not None:
-            callback(i, total, x_step / LATENT_SCALE_FACTOR, denoised / LATENT_SCALE_FACTOR)
+        callback(i, total, x_step / LATENT_SCALE_FACTOR, denoised / LATENT_SCALE_FACTOR)
 
     denoiser = make_cfg_denoiser(unet_fn, pos, neg, cfg, model_sampling)
-    x = sampler(denoiser, x, sigmas, callback=on_step, cancel=cancel, seed=seed)
+    steps_hook = StepPipeline(on_step if callback is not None else None)
+    x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed)
     x = model_sampling.inverse_noise_scaling(float(sigmas[-1]), x)
     out = x / LATENT_SCALE_FACTOR
     mx.eval(out)

@@ -16,7 +16,6 @@ from sd.sampling.common import (
     Denoiser,
     Sigmas,
     StepCallback,
-    report,
     sigma_list,
     sigma_of,
     step_indices,
@@ -41,7 +40,8 @@ def sample_euler(
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
         d = to_d(x, sigmas[i], denoised)
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         x = x + d * (sigmas[i + 1] - sigmas[i])
     return x
 
@@ -61,7 +61,8 @@ def sample_heun(
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
         d = to_d(x, sigmas[i], denoised)
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
@@ -91,7 +92,8 @@ def sample_dpm_2(
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
         d = to_d(x, sigmas[i], denoised)
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
         else:
@@ -139,7 +141,8 @@ def sample_lms(
         ds.append(to_d(x, sigmas[i], denoised))
         if len(ds) > order:
             ds.pop(0)
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -164,7 +167,8 @@ def sample_dpmpp_2m(
     old_denoised = None
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigmas[i + 1] == 0:
             x = denoised  # the exponential step's limit at sigma = 0
         else:

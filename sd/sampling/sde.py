@@ -19,7 +19,6 @@ from sd.sampling.common import (
     ancestral_noise,
     brownian_noise,
     get_ancestral_step,
-    report,
     sigma_list,
     sigma_of,
     step_indices,
@@ -48,7 +47,8 @@ def sample_euler_ancestral(
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigma_down == 0:
             x = denoised
         else:
@@ -79,7 +79,8 @@ def sample_dpm_2_ancestral(
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
@@ -110,7 +111,8 @@ def sample_dpmpp_2s_ancestral(
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
@@ -145,7 +147,8 @@ def sample_dpmpp_sde(
     noise_sampler = brownian_noise(x, sigmas, noise_sampler, seed)
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
@@ -187,7 +190,8 @@ def sample_dpmpp_2m_sde(
     old_denoised, h_last = None, None
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -230,7 +234,8 @@ def sample_dpmpp_3m_sde(
     h = h_1 = h_2 = None
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -271,7 +276,8 @@ def sample_lcm(
     noise_sampler = ancestral_noise(x, noise_sampler, seed)
     for i in step_indices(sigmas, cancel):
         denoised = denoise(x, sigmas[i])
-        report(callback, i, x, denoised)
+        if callback is not None:
+            callback(i, x, denoised)
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]  # EPS noise_scaling

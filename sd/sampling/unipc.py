@@ -17,7 +17,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from sd.sampling.common import CancelCheck, Denoiser, Sigmas, StepCallback, report, sigma_list, step_indices
+from sd.sampling.common import CancelCheck, Denoiser, Sigmas, StepCallback, sigma_list, step_indices
 from sd.sampling.noise import NoiseSampler
 
 _FINAL_SIGMA = 0.001  # ComfyUI's stand-in for sigma = 0, where lambda would be infinite
@@ -111,7 +111,8 @@ def _sample_unipc(
     model_prev = [data_prediction(x, times[0])]
     sigma_prev = [times[0]]
     for i in step_indices(times, cancel):
-        report(callback, i, x / _alpha(times[i]), model_prev[-1])
+        if callback is not None:
+            callback(i, x / _alpha(times[i]), model_prev[-1])
         step = i + 1
         step_order = min(order, step) if step < order else min(order, steps + 1 - step)
         x, model_x = _update(
