@@ -1,4 +1,4 @@
-"""Each C kernel of sd/accel/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's full-size shapes.
+"""Each C kernel of sd/accel/cpu_kernels.c against the MLX ops it replaces and torch, at SD1.5's full sizes.
 
     python -m bench.cpu_kernels_micro [--repeats 5] [--blocks 32,64,128,256]
 

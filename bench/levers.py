@@ -1,7 +1,7 @@
 """Each optimisation lever of sd/accel/fast.py measured on its own: UNet CFG step and VAE decode, MLX only.
 
 Every variant runs on the same loaded weights and inputs; the table lists median ms per variant and its
-ratio to the plain modules (`sd.models.unet.UNetModel.__call__`, eager). Also: the VAE decode in fp32/fp16/bf16
+ratio to the plain modules (`sd.models.unet.UNetModel.__call__`, eager). Also the VAE decode in fp32/fp16/bf16
 with the largest activation magnitude seen (fp16 overflows past 65504).
 """
 

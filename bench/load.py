@@ -1,9 +1,9 @@
 """Checkpoint load time (cold and warm page cache) and peak RSS, each load in a fresh process.
 
 Run as a module by the bench: `python -m bench.load IMPL PATH` prints one JSON line. IMPL is `mlx`
-(sd.loading.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (safetensors/torch.load of the
-file, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a single-file load does
-without the hub).
+(sd.loading.checkpoint.load_checkpoint, all three parts, evaluated) or `diffusers` (reading the file with
+safetensors/torch.load, convert_ldm_* and load_state_dict into diffusers/transformers modules: what a
+single-file load does without the hub).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ def _load_mlx(path: str, dtype: str | None) -> None:
 def _load_diffusers(path: str, dtype: str | None) -> None:
     import torch
 
-    from bench import reference
     from sd.loading.checkpoint import split_components
     from sd.loading.detect import detect_unet_config
     from sd.models.clip import clip_config_from_weights
     from sd.models.vae import vae_config_from_weights
+    from tests import reference
 
     state = reference.read_state(path)
     parts = split_components({k: tuple(v.shape) for k, v in state.items()})
@@ -59,7 +59,7 @@ def child(impl: str, path: str, dtype: str | None) -> None:
         from diffusers.loaders import single_file_utils  # noqa: F401
         from transformers import CLIPTextModel  # noqa: F401
 
-        from bench import reference  # noqa: F401
+        from tests import reference  # noqa: F401
     before = _hwm()
     start = time.perf_counter()
     (_load_mlx if impl == "mlx" else _load_diffusers)(path, dtype)

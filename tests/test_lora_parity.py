@@ -15,10 +15,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from lora_testing import UNET_PREFIX, diffusers_unet_config
+from reference import read_state, transformers_clip
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 
-from bench.reference import read_state, transformers_clip
 from sd.loading.checkpoint import load_checkpoint
 from sd.lora import apply_loras, load_lora
 from sd.synthetic import make_checkpoint

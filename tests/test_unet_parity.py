@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
+from reference import diffusers_unet, read_state
 from safetensors.torch import load_file
 
-from bench.reference import diffusers_unet, read_state
 from sd.loading.checkpoint import load_checkpoint
 from sd.models.unet import timestep_embedding
 from sd.synthetic import make_checkpoint

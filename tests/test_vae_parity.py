@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from component_loading import VAE_PREFIX, load_component, write_component
+from reference import diffusers_vae, read_state
 from sd15_keys import sd15_shapes
 
-from bench.reference import diffusers_vae, read_state
 from sd.models.vae import AutoencoderKL, VAEConfig, vae_config_from_weights
 from sd.synthetic.vae import SD15_VAE, TINY_VAE, random_vae_weights
 
