@@ -1,4 +1,5 @@
-"""sd/cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and sd.accel.fast with them.
+"""sd/accel/cpu_kernels (C kernels for MLX's Linux CPU path) against MLX / numpy references, and sd.accel.fast
+with them.
 
 They must build wherever the tests run on Linux (CI installs gcc and OpenBLAS): a missing compiler fails
 these tests instead of skipping them. Also: the fallback to MLX's ops with SDGRAPH_CPU_KERNELS=0 and with a
@@ -190,7 +191,7 @@ def test_attention_from_threads_at_once():
     assert openblas.openblas_get_num_threads() == before
 
 
-# ------------------------------------------------------------------------------------- sd.accel.fast with them
+# ------------------------------------------------------------------------------------ sd.accel.fast with them
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors", seed=11),
@@ -226,7 +227,8 @@ def test_cpu_defaults_use_the_kernels_uncompiled():
     assert default_options("vae").cpu_kernels
 
 
-@pytest.mark.parametrize("fused_qkv", [True, False])
+# fused_qkv=True is the CPU default: the quick tier runs that one
+@pytest.mark.parametrize("fused_qkv", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_fast_unet_with_kernels_matches_plain(model, kernel_calls, fused_qkv):
     args = _unet_args(model)
     opts = FastOptions(cpu_kernels=True, fused_qkv=fused_qkv)   # compile=True is ignored with the kernels
@@ -234,6 +236,7 @@ def test_fast_unet_with_kernels_matches_plain(model, kernel_calls, fused_qkv):
     assert all(kernel_calls.values()), kernel_calls
 
 
+@pytest.mark.slow
 def test_fast_vae_with_kernels_matches_plain(model, kernel_calls):
     latent = mx.array(np.random.default_rng(4).standard_normal((1, 12, 16, 4)).astype(np.float32))
     fast = FastVAEDecoder(model.vae, default_options("vae"))
@@ -241,6 +244,7 @@ def test_fast_vae_with_kernels_matches_plain(model, kernel_calls):
     assert kernel_calls["attention"] and kernel_calls["group_norm"] and kernel_calls["conv3x3"]
 
 
+@pytest.mark.slow
 def test_half_precision_keeps_mlx_ops(model, kernel_calls, tmp_path):
     unet16 = load_checkpoint(make_checkpoint(tmp_path / "tiny.safetensors", seed=11), dtype="float16").unet
     args = _unet_args(model)
@@ -250,6 +254,7 @@ def test_half_precision_keeps_mlx_ops(model, kernel_calls, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- fallback
+@pytest.mark.slow
 def test_disabled_by_environment(model, kernel_calls, monkeypatch):
     assert "threads" in cpu_kernels.describe()
     monkeypatch.setenv("SDGRAPH_CPU_KERNELS", "0")
@@ -281,9 +286,11 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path):
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
+@pytest.mark.slow
 def test_ranks_building_at_once_share_one_library(tmp_path):
     """Distributed ranks start together: each compiles to a private file and renames it into place."""
-    code = "import sd\nfrom sd.accel import cpu_kernels\nprint(cpu_kernels.available(), cpu_kernels.build())\n"
+    code = ("import sd\nfrom sd.accel import cpu_kernels\n"
+            "print(cpu_kernels.available(), cpu_kernels.build())\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=os.environ | {"SDGRAPH_CACHE_DIR": str(tmp_path)})
              for _ in range(3)]

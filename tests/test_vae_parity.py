@@ -24,7 +24,7 @@ def reference_vae(path, cfg: VAEConfig):
     return diffusers_vae(cfg, read_state(path))
 
 
-@pytest.fixture(scope="module", params=["safetensors", "ckpt"])
+@pytest.fixture(scope="module", params=["safetensors", pytest.param("ckpt", marks=pytest.mark.slow)])
 def vae_pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / f"tiny_vae.{request.param}"
     write_component(path, VAE_PREFIX, random_vae_weights(TINY_VAE, np.random.default_rng(1)))
