@@ -211,7 +211,7 @@ def vae_variants(vae, args):
 
 
 def torch_unet(path, args):
-    from bench.reference import diffusers_unet, read_state
+    from tests.reference import diffusers_unet, read_state
     from sd.loading.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path, parts=("unet",))
@@ -273,7 +273,7 @@ def round_robin(path, args):
     """MLX fast (today's defaults) vs diffusers eager channels-last vs torch.compile, fp16, the same inputs,
     interleaved: each round times `--steps` CFG steps of each, so a host whose speed drifts (the MLX side is
     bound by its CPU-side dispatch) weighs on all alike. Then the VAE decode the same way."""
-    from bench.reference import diffusers_unet, diffusers_vae, read_state
+    from tests.reference import diffusers_unet, diffusers_vae, read_state
     from sd.loading.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)

@@ -28,11 +28,11 @@ def _load_mlx(path: str, dtype: str | None) -> None:
 def _load_diffusers(path: str, dtype: str | None) -> None:
     import torch
 
-    from bench import reference
     from sd.loading.checkpoint import split_components
     from sd.loading.detect import detect_unet_config
     from sd.models.clip import clip_config_from_weights
     from sd.models.vae import vae_config_from_weights
+    from tests import reference
 
     state = reference.read_state(path)
     parts = split_components({k: tuple(v.shape) for k, v in state.items()})
@@ -61,7 +61,7 @@ def child(impl: str, path: str, dtype: str | None) -> None:
         from diffusers.loaders import single_file_utils  # noqa: F401
         from transformers import CLIPTextModel  # noqa: F401
 
-        from bench import reference  # noqa: F401
+        from tests import reference  # noqa: F401
     before = _hwm()
     start = time.perf_counter()
     (_load_mlx if impl == "mlx" else _load_diffusers)(path, dtype)

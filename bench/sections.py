@@ -78,13 +78,13 @@ class Context:
 
     def torch_state(self):
         if self._torch_state is None:
-            from bench.reference import read_state
+            from tests.reference import read_state
 
             self._torch_state = read_state(self.path)
         return self._torch_state
 
     def torch_model(self, part: str, dtype=None, channels_last=False):
-        from bench import reference
+        from tests import reference
 
         dtype = dtype or self.tdtype
         key = (part, str(dtype), channels_last)
@@ -311,8 +311,16 @@ def _mlx_txt2img(ctx, steps, unet_fn, clip, decode):
     return run
 
 
+def euler_scheduler():
+    """diffusers' Euler sampler with SD1.5's schedule (scaled_linear 0.00085..0.012, 1000 steps, eps)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", prediction_type="epsilon",
+                                  timestep_spacing="linspace", steps_offset=1)
+
+
 def _torch_txt2img(ctx, steps, unet, clip, vae):
-    from bench.reference import euler_scheduler
     from sd.text.tokenizer import default_tokenizer
 
     torch = ctx.torch

@@ -1,6 +1,6 @@
 """Test helper: write synthetic component weights as a user would have them (a real-layout .safetensors or a
 torch.save'd .ckpt with a 'state_dict' wrapper), and load them through sd.loading.checkpoint like users do
-(bench.reference.read_state reads the same file back as torch tensors for the reference models)."""
+(reference.read_state reads the same file back as torch tensors for the reference models)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from reference import diffusers_unet_config as reference_unet_config
 from safetensors.numpy import save_file
 
-from bench.reference import diffusers_unet_config as reference_unet_config
 from sd.loading.checkpoint import load_checkpoint
 from sd.synthetic import make_checkpoint
 

@@ -52,6 +52,7 @@ def ran(statuses: dict[str, str]) -> set[str]:
     return {n for n, s in statuses.items() if s == "ran"}
 
 
+@pytest.mark.slow
 def test_in_one_process_only_what_changed_runs(world):
     reset_loads()
     s = Session(world)
@@ -72,6 +73,7 @@ def test_in_one_process_only_what_changed_runs(world):
     assert len(world.pngs()) == 3
 
 
+@pytest.mark.slow
 def test_a_new_process_takes_encodings_from_disk_without_loading_the_text_encoder(world, tmp_path):
     first = run(world, TXT2IMG, *SMALL)
     assert first.rc == 0 and set(first.statuses().values()) == {"ran"}
@@ -96,6 +98,7 @@ def test_a_new_process_takes_encodings_from_disk_without_loading_the_text_encode
     assert len(world.pngs()) == 3
 
 
+@pytest.mark.slow
 def test_a_touched_checkpoint_invalidates_everything_downstream(world, tmp_path):
     # a private copy: touching the shared checkpoint would disturb other tests' keys
     private = tmp_path / "models"
@@ -113,6 +116,7 @@ def test_a_touched_checkpoint_invalidates_everything_downstream(world, tmp_path)
     assert models.LOAD_COUNTS["unet"] == models.LOAD_COUNTS["clip"] == 1
 
 
+@pytest.mark.slow
 def test_a_corrupt_cache_entry_is_recomputed(world):
     s = Session(world)
     assert ran(s.run()) == ALL_NODES

@@ -57,6 +57,7 @@ def log_lines(tmp_path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+@pytest.mark.slow
 def test_caching_across_processes(tmp_path, env):
     wf = write(tmp_path, WF)
     first = json.loads(sdgraph(env, "run", str(wf), "--json").stdout)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from component_loading import CLIP_PREFIX, load_component, write_component
+from reference import read_state, transformers_clip
 from sd15_keys import sd15_shapes
 
-from bench.reference import read_state, transformers_clip
 from sd.errors import SDGraphError
 from sd.models.clip import CLIPTextConfig, CLIPTextModel, clip_config_from_weights, encode_tokens
 from sd.synthetic.clip import SD15_CLIP, TINY_CLIP, random_clip_weights

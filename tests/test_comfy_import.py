@@ -38,6 +38,7 @@ def test_default_comfy_workflow_maps_by_table():
     assert wf.source.node_line("sampler_3", "steps") == 5  # errors point into the JSON file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [("txt2img_api", "ComfyUI_00001_.png"),
                                             ("hires_lora_img2img_api", "hires/fox_00001_.png")])
 def test_comfy_workflow_converts_and_both_forms_run(world, tmp_path, name, expected):
@@ -95,6 +96,7 @@ def test_ui_format_is_refused_with_a_hint(tmp_path):
     assert result.rc == 2 and "ComfyUI UI workflow" in result.err and "API" in result.err
 
 
+@pytest.mark.slow
 def test_the_png_prompt_chunk_is_a_runnable_comfy_workflow(world, tmp_path):
     assert run(world, WORKFLOWS / "img2img.yaml", "--set", "steps=2").rc == 0
     [original] = world.pngs()
@@ -110,6 +112,7 @@ def test_the_png_prompt_chunk_is_a_runnable_comfy_workflow(world, tmp_path):
     assert len(rerun) == 1 and np.array_equal(pixels(rerun[0]), pixels(original))
 
 
+@pytest.mark.slow
 def test_a_png_with_only_a_comfy_prompt_chunk_runs(world, tmp_path):
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
@@ -123,6 +126,7 @@ def test_a_png_with_only_a_comfy_prompt_chunk_runs(world, tmp_path):
     assert [p.name for p in world.pngs()] == ["ComfyUI_00001_.png"]
 
 
+@pytest.mark.slow
 def test_an_image_converts_to_our_format(world, tmp_path):
     assert run(world, WORKFLOWS / "txt2img.yaml", *SMALL, "--set", "seed=9").rc == 0
     [png] = world.pngs()

@@ -228,7 +228,8 @@ def test_cpu_defaults_use_the_kernels_uncompiled():
     assert options_here("vae").cpu_kernels
 
 
-@pytest.mark.parametrize("fused_qkv", [True, False])
+# fused_qkv=True is the CPU default: the quick tier runs that one
+@pytest.mark.parametrize("fused_qkv", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_fast_unet_with_kernels_matches_plain(model, kernel_calls, fused_qkv):
     args = _unet_args(model)
     opts = FastOptions(cpu_kernels=True, fused_qkv=fused_qkv)   # compile=True is ignored with the kernels
@@ -236,6 +237,7 @@ def test_fast_unet_with_kernels_matches_plain(model, kernel_calls, fused_qkv):
     assert all(kernel_calls.values()), kernel_calls
 
 
+@pytest.mark.slow
 def test_fast_vae_with_kernels_matches_plain(model, kernel_calls):
     latent = mx.array(np.random.default_rng(4).standard_normal((1, 12, 16, 4)).astype(np.float32))
     fast = FastVAE(model.vae, options_here("vae"))
@@ -243,6 +245,7 @@ def test_fast_vae_with_kernels_matches_plain(model, kernel_calls):
     assert kernel_calls["attention"] and kernel_calls["group_norm"] and kernel_calls["conv3x3"]
 
 
+@pytest.mark.slow
 def test_half_precision_keeps_mlx_ops(model, kernel_calls, tmp_path):
     unet16 = load_checkpoint(make_checkpoint(tmp_path / "tiny.safetensors", seed=11), dtype="float16").unet
     args = _unet_args(model)
@@ -252,6 +255,7 @@ def test_half_precision_keeps_mlx_ops(model, kernel_calls, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- fallback
+@pytest.mark.slow
 def test_disabled_by_environment(model, kernel_calls, monkeypatch):
     assert "threads" in cpu_kernels.describe()
     monkeypatch.setenv("SDGRAPH_CPU_KERNELS", "0")
@@ -283,6 +287,7 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path):
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
+@pytest.mark.slow
 def test_ranks_building_at_once_share_one_library(tmp_path):
     """Distributed ranks start together: each compiles to a private file and renames it into place."""
     code = ("from sd import runtime; runtime.setup()\nfrom sd.accel import cpu_kernels\n"

@@ -142,6 +142,7 @@ def under_mlx_launch(tmp: Path, env: dict, ranks: int, *args: str) -> subprocess
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks,launcher", [(2, "mlx.launch"), (3, "--distributed")])
 def test_sweep_over_ranks_matches_single_process(toy, ranks, launcher):
     tmp, env = toy
@@ -179,6 +180,7 @@ def test_sweep_over_ranks_matches_single_process(toy, ranks, launcher):
     assert len(loads) == ranks and set(loads.values()) == {1}  # each rank loaded its model once
 
 
+@pytest.mark.slow
 def test_failed_variation_then_only_missing(toy):
     tmp, env = toy
     args = ["wf.yaml", *SWEEP, "--distributed", "-n", "2", "--json"]
@@ -208,6 +210,7 @@ def test_failed_variation_then_only_missing(toy):
     assert json.loads(proc.stdout)["counts"]["ran"] == 10
 
 
+@pytest.mark.slow
 def test_crashed_rank_lists_its_variations(toy):
     tmp, env = toy
     proc = sdgraph(tmp, env, "wf.yaml", *SWEEP, "--distributed", "-n", "2", "--json",
@@ -227,6 +230,7 @@ def test_crashed_rank_lists_its_variations(toy):
     assert all(v["id"] in proc.stderr for v in lost)
 
 
+@pytest.mark.slow
 def test_world_of_one_and_only_missing_without_launcher(toy):
     """--only-missing works without a launcher, and `--distributed -n 1` (a world of one) picks up
     from it: same names, done variations skipped."""
@@ -289,6 +293,7 @@ def sd_distributed(sd_single, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_sd_seed_sweep_over_ranks_is_byte_identical(sd_single, sd_distributed, ranks):
     _, expected = sd_single
@@ -304,6 +309,7 @@ def test_sd_seed_sweep_over_ranks_is_byte_identical(sd_single, sd_distributed, r
     assert unet_loads == Counter({f"[rank {r}": 1 for r in range(ranks)})  # once per rank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_sd_file_names_come_from_the_variation(sd_single, sd_distributed, ranks):
     _, expected = sd_single

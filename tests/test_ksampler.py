@@ -247,6 +247,7 @@ def _tiny_run(unet, latent, **kw):
     return np.array(sample(unet, [_tiny_context(1)], [_tiny_context(2)], latent, **args))
 
 
+@pytest.mark.slow
 def test_end_to_end_same_seed_same_latent(tiny_unet):
     latent = mx.zeros((1, 16, 16, 4))
     a = _tiny_run(tiny_unet, latent)
@@ -257,6 +258,7 @@ def test_end_to_end_same_seed_same_latent(tiny_unet):
     assert not np.allclose(a, c)
 
 
+@pytest.mark.slow
 def test_end_to_end_img2img_half_denoise_stays_closer_to_the_input(tiny_unet):
     latent = mx.array(np.random.default_rng(3).standard_normal((1, 16, 16, 4)).astype(np.float32))
     half = _tiny_run(tiny_unet, latent, denoise=0.5)

@@ -15,10 +15,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from lora_testing import UNET_PREFIX, diffusers_unet_config
+from reference import read_state, transformers_clip
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 
-from bench.reference import read_state, transformers_clip
 from sd.loading.checkpoint import load_checkpoint
 from sd.lora import apply_loras, load_lora
 from sd.synthetic import make_checkpoint
@@ -191,6 +191,7 @@ def check_against_diffusers(models, lora_path, strength: float, expect_te: bool,
         assert err <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_kohya_diffusers_style_names(models, tmp_path, strength=1.0):
     path = kohya_file(tmp_path / "kohya.safetensors", models["attention_layers"], models["te_layers"],
                       seed=11)
@@ -209,6 +210,7 @@ def ldm_to_diffusers_names(models) -> dict[str, str]:
     return table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("convs", [False, True], ids=["lora", "locon"])
 def test_kohya_ldm_style_names(models, tmp_path, convs):
     """diffusers cannot read LDM-style kohya names for SD1.5 (its SGM block remapping fails on them), so
@@ -229,6 +231,7 @@ def test_kohya_ldm_style_names(models, tmp_path, convs):
     check_against_diffusers(models, ours, strength, expect_te=True, label=label, reference=reference)
 
 
+@pytest.mark.slow
 def test_locon_conv_layers(models, tmp_path):
     layers = models["all_layers"]
     assert any(k and k[0] == 3 for *_, k in layers.values()), "LoCon must include 3x3 convs"
@@ -236,12 +239,14 @@ def test_locon_conv_layers(models, tmp_path):
     check_against_diffusers(models, path, 0.6, expect_te=False, label="LoCon")
 
 
+@pytest.mark.slow
 def test_peft_format(models, tmp_path):
     path = peft_file(tmp_path / "peft.safetensors", models["attention_layers"], models["te_layers"], seed=14)
     check_against_diffusers(models, path, 1.0, expect_te=True, label="PEFT")
 
 
 
+@pytest.mark.slow
 def test_peft_dora_magnitude_vector(models, tmp_path):
     """PEFT DoRA (`lora_magnitude_vector`, one magnitude per output channel). Compared at strength 1 only:
     diffusers/PEFT scale DoRA inside the norm (m (W + s dW) / ||W + s dW||) while sdgraph follows ComfyUI

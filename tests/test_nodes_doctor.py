@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from nodes.doctor import run_doctor
 
 
+@pytest.mark.slow
 def test_doctor_reports_and_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("SDGRAPH_CACHE_DIR", str(tmp_path / "cache"))  # reported, never written
     out = io.StringIO()

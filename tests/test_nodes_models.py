@@ -52,6 +52,7 @@ def test_load_lora_reads_only_the_lora_and_reports_coverage(world):
     assert "text encoder" not in ctx.messages[0]  # strength 0: not applied, not reported
 
 
+@pytest.mark.slow
 def test_a_lora_for_another_model_fails_at_its_node(world, tmp_path):
     loras = tmp_path / "models" / "loras"
     loras.mkdir(parents=True)
@@ -97,12 +98,14 @@ def _txt2img(world, cancel_at=None, steps=3):
     return executor, events, make_plan(pv.bound, executor.caches.fingerprints), pv
 
 
+@pytest.mark.slow
 def test_ksampler_reports_each_step(world):
     executor, events, plan, pv = _txt2img(world)
     executor.run(plan, pv.run_info())
     assert events.steps == [("sampler", 1, 3), ("sampler", 2, 3), ("sampler", 3, 3)]
 
 
+@pytest.mark.slow
 def test_cancelling_mid_sampling_stops_between_steps_and_leaves_no_files(world):
     executor, events, plan, pv = _txt2img(world, cancel_at=1, steps=4)
     with pytest.raises(Cancelled):
@@ -146,6 +149,7 @@ nodes:
 """
 
 
+@pytest.mark.slow
 def test_branches_with_different_loras_share_one_base(world, tmp_path):
     from sd_nodes_testing import pixels
 

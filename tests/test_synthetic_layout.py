@@ -65,7 +65,8 @@ def test_full_clip_layout_equals_sd15():
     assert {k: v for k, v in ours.items() if reference[k] != v} == {}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float16", marks=pytest.mark.slow),
+                                   pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_both_formats_hold_the_same_weights_and_torch_reads_them(tmp_path, dtype):
     ckpt = make_checkpoint(tmp_path / "tiny.ckpt", dtype=dtype, seed=5)
     safetensors = make_checkpoint(tmp_path / "tiny.safetensors", dtype=dtype, seed=5)

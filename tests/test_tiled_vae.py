@@ -22,12 +22,14 @@ def _latent(h, w, seed=0):
     return mx.array(np.random.default_rng(seed).standard_normal((1, h, w, 4)).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_below_threshold_is_bit_identical(vae):
     latent = _latent(24, 32)
     assert not needs_tiling(latent.shape)
     assert np.array_equal(np.array(decode(vae, latent)), np.array(vae.decode(latent)))
 
 
+@pytest.mark.slow
 def test_one_tile_is_bit_identical(vae):
     latent = _latent(16, 16)
     assert np.array_equal(np.array(decode_tiled(vae.decode, latent, tile=16, overlap=4)),
@@ -62,6 +64,7 @@ def test_blending_is_seamless_for_a_local_decoder(shape, tile, overlap):
     np.testing.assert_allclose(tiled, np.array(_pixelwise(latent)), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiled_real_decoder_shape_and_calls(vae):
     latent = _latent(40, 56, seed=2)
     calls = []
@@ -79,6 +82,7 @@ def test_tiled_real_decoder_shape_and_calls(vae):
     assert np.abs(np.array(out) - whole).mean() < np.abs(whole).mean()
 
 
+@pytest.mark.slow
 def test_tiling_bounds_peak_memory(vae):
     latent = _latent(96, 96, seed=3)
     mx.eval(latent)

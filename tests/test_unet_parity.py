@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
+from reference import diffusers_unet, read_state
 from safetensors.torch import load_file
 
-from bench.reference import diffusers_unet, read_state
 from sd.loading.checkpoint import load_checkpoint
 from sd.models.unet import timestep_embedding
 from sd.synthetic import make_checkpoint
@@ -49,7 +49,7 @@ def _run_both(path, inputs) -> float:
     return relative_error(ours, reference)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+@pytest.mark.parametrize("fmt", ["safetensors", pytest.param("ckpt", marks=pytest.mark.slow)])
 def test_unet_matches_diffusers(tmp_path, inputs, fmt):
     path = make_checkpoint(tmp_path / f"tiny.{fmt}", seed=1)
     err = _run_both(path, inputs)
@@ -57,6 +57,7 @@ def test_unet_matches_diffusers(tmp_path, inputs, fmt):
     assert err <= MAX_REL_ERR
 
 
+@pytest.mark.slow
 def test_unet_matches_diffusers_torch_saved_ckpt(tmp_path, inputs):
     """A .ckpt written by torch.save itself, with the Lightning-style wrapper real files have."""
     source = make_checkpoint(tmp_path / "source.safetensors", seed=2)
@@ -76,6 +77,7 @@ def test_timestep_embedding_matches_diffusers():
     np.testing.assert_allclose(ours, reference, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fp16_compute_stays_close(tmp_path, inputs):
     """fp16 weights and activations (the GPU default) run and stay near the fp32 result."""
     x, t, context = inputs
@@ -91,6 +93,7 @@ def test_fp16_compute_stays_close(tmp_path, inputs):
     assert err < 2e-2
 
 
+@pytest.mark.slow
 def test_odd_latent_sides_match_diffusers(tmp_path):
     """Latent sides that do not halve evenly at every level (e.g. 96x80 px -> 12x10): the upsamplers resize to
     the skip connection's size, as diffusers (upsample_size) and ComfyUI (output_shape) do."""

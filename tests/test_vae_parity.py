@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from component_loading import VAE_PREFIX, load_component, write_component
+from reference import diffusers_vae, read_state
 from sd15_keys import sd15_shapes
 
-from bench.reference import diffusers_vae, read_state
 from sd.models.vae import AutoencoderKL, VAEConfig, vae_config_from_weights
 from sd.synthetic.vae import SD15_VAE, TINY_VAE, random_vae_weights
 
@@ -24,7 +24,7 @@ def reference_vae(path, cfg: VAEConfig):
     return diffusers_vae(cfg, read_state(path))
 
 
-@pytest.fixture(scope="module", params=["safetensors", "ckpt"])
+@pytest.fixture(scope="module", params=["safetensors", pytest.param("ckpt", marks=pytest.mark.slow)])
 def vae_pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / f"tiny_vae.{request.param}"
     write_component(path, VAE_PREFIX, random_vae_weights(TINY_VAE, np.random.default_rng(1)))

@@ -28,6 +28,7 @@ def test_every_shipped_workflow_is_covered():
     assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_workflow_runs_and_embeds_itself(world, name):
     result = run(world, WORKFLOWS / f"{name}.yaml", *SIZES[name], "--set", "seed=5")
@@ -44,6 +45,7 @@ def test_workflow_runs_and_embeds_itself(world, name):
     assert sampler["inputs"]["seed"] == 5 and sampler["inputs"]["model"][1] == 0
 
 
+@pytest.mark.slow
 def test_prompt_sweep_encodes_the_negative_once(world):
     result = run(world, WORKFLOWS / "prompt_sweep.yaml", *SMALL, "--sweep", "prompt=@prompts.txt",
                  "--sweep", "seed=1,2")
@@ -59,6 +61,7 @@ def test_prompt_sweep_encodes_the_negative_once(world):
     assert [(e["prompt"], e["seed"]) for e in embedded] == [(p, s) for p in prompts for s in (1, 2)]
 
 
+@pytest.mark.slow
 def test_rerunning_an_image_reproduces_it_byte_for_byte(world):
     assert run(world, WORKFLOWS / "txt2img.yaml", *SMALL, "--set", "seed=11").rc == 0
     [first] = world.pngs()
@@ -69,6 +72,7 @@ def test_rerunning_an_image_reproduces_it_byte_for_byte(world):
     assert second.read_bytes() == first.read_bytes()
 
 
+@pytest.mark.slow
 def test_lora_chain_logs_coverage_and_zero_strength_is_the_plain_checkpoint(world):
     reset_loads()
     shared = [*SMALL, "--set", "seed=3", "--set", "sampler=euler"]
@@ -88,6 +92,7 @@ def test_lora_chain_logs_coverage_and_zero_strength_is_the_plain_checkpoint(worl
     assert models.LOAD_COUNTS["unet"] == 1  # one process, three recipes: the base UNet loaded once
 
 
+@pytest.mark.slow
 def test_strength_sweep_never_reloads_the_checkpoint(world):
     reset_loads()
     result = run(world, WORKFLOWS / "multi_lora.yaml", *SMALL, "--sweep", "lora2_strength=0,0.5,1")
@@ -98,6 +103,7 @@ def test_strength_sweep_never_reloads_the_checkpoint(world):
     assert len(world.pngs()) == 3
 
 
+@pytest.mark.slow
 def test_demo_then_readme_command_on_a_fresh_folder(tmp_path, monkeypatch):
     """`sdgraph demo` stand-ins make the README's plain command work; a real model is never overwritten."""
     from nodes.demo import make_demo
@@ -121,6 +127,7 @@ def test_demo_then_readme_command_on_a_fresh_folder(tmp_path, monkeypatch):
     assert result.out.strip() == "output/txt2img_00001_.png"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workflow, args", [
     ("txt2img", ["--set", "prompt=a lighthouse at dawn", "--set", "seed=7"]),
     ("txt2img", ["--set", "batch_size=2"]),

@@ -1,7 +1,8 @@
 """diffusers / transformers models built from the same LDM single-file checkpoint (no hub access).
 
 diffusers' `convert_ldm_*_checkpoint` functions map the LDM keys onto diffusers modules; the configs mirror
-what sdgraph detects from the same file.
+what sdgraph detects from the same file. The parity tests import this as `reference` (pytest puts tests/ on
+sys.path); `bench/` imports it as `tests.reference` (run from the repo root, `tests` is a namespace package).
 """
 
 from __future__ import annotations
@@ -85,11 +86,3 @@ def transformers_clip(cfg: CLIPTextConfig, state: dict):
     assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
     return model.eval()
 
-
-def euler_scheduler():
-    """diffusers' Euler sampler with SD1.5's schedule (scaled_linear 0.00085..0.012, 1000 steps, eps)."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", prediction_type="epsilon",
-                                  timestep_spacing="linspace", steps_offset=1)
