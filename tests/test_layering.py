@@ -25,10 +25,6 @@ RULES = {  # layer -> top-level packages it must not import
     "sd": ("graph", "nodes", "cli"),
     "tests": ("bench",),
 }
-# bench/reference.py is being moved to tests/reference.py (another change); until then these tests import it.
-# TODO: drop this list (and the xfail below) once they import `reference` from tests/.
-TESTS_IMPORTING_BENCH = {"lora_testing.py", "test_clip_parity.py", "test_lora_parity.py",
-                         "test_unet_parity.py", "test_vae_parity.py"}
 
 
 def module_name(path: Path) -> str:
@@ -74,11 +70,9 @@ def layer_files(layer: str) -> list[Path]:
     return files
 
 
-def _check(layer: str, skip: set[str] = frozenset()) -> dict[str, list[str]]:
+def _check(layer: str) -> dict[str, list[str]]:
     bad = {}
     for path in layer_files(layer):
-        if path.name in skip:
-            continue
         found = violations(layer, path.read_text(), module_name(path), path.name == "__init__.py")
         if found:
             bad[str(path.relative_to(ROOT))] = found
@@ -126,11 +120,6 @@ def test_sd_imports_no_graph_nodes_or_cli():
     assert _check("sd") == {}
 
 
-def test_tests_import_nothing_from_bench_except_the_pending_reference_move():
-    assert _check("tests", skip=TESTS_IMPORTING_BENCH) == {}
-
-
-@pytest.mark.xfail(strict=False, reason="bench/reference.py moves to tests/reference.py in another change")
 def test_tests_import_nothing_from_bench():
     assert _check("tests") == {}
 

@@ -1,10 +1,10 @@
 """C kernels for MLX's Linux CPU backend (attention, GEGLU, GroupNorm+SiLU, 3x3 convs), compiled on first use.
 
-MLX's Linux CPU backend runs transcendental element-wise ops (exp, erf, sigmoid) scalar on one thread, and
-its attention is matmul + single-threaded softmax + matmul; those were half of a UNet step on 2 cores (see
-BENCHMARKS.md). `cpu_kernels.c` does them vectorised and OpenMP-parallel, with attention's GEMMs in the BLAS
-that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer. It is
-compiled with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``
+MLX's Linux CPU backend runs transcendental element-wise ops (exp, erf, sigmoid) scalar on one thread, and its
+attention is matmul + single-threaded softmax + matmul; those were half of a UNet step on 2 cores
+(docs/performance.md, "CPU"). `cpu_kernels.c` does them vectorised and OpenMP-parallel, with attention's GEMMs
+in the BLAS that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer.
+It is compiled with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``
 (`sd.runtime.kernel_cache_dir()`), keyed by the source, compiler, flags and CPU, and loaded through ctypes.
 
 `available()` says whether they can be used; when not (no compiler, no BLAS, ``SDGRAPH_CPU_KERNELS=0``),

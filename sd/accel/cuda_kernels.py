@@ -2,10 +2,10 @@
 
 MLX compiles (`mx.compile`) chains of element-wise ops into one kernel, but a GroupNorm's statistics are
 reductions it runs separately over an fp32 copy, and a 3x3 convolution done as im2col + GEMM (faster than
-MLX's cuDNN convs on the H100, see BENCHMARKS.md) costs a pad copy plus nine slice copies; and attention with
-heads wider than 128 (SD's 1280-channel levels: 8 heads of 160) has no fused kernel in MLX, whose fallback is
-~7 kernels with head-transposing copies. Kernels through `mx.fast.cuda_kernel` (JIT-compiled by MLX with
-NVRTC, cached per shape/dtype) replace them:
+MLX's cuDNN convs on the H100, docs/performance.md) costs a pad copy plus nine slice copies; and attention
+with heads wider than 128 (SD's 1280-channel levels: 8 heads of 160) has no fused kernel in MLX, whose
+fallback is ~7 kernels with head-transposing copies. Kernels through `mx.fast.cuda_kernel` (JIT-compiled by
+MLX with NVRTC, cached per shape/dtype) replace them:
 
 - GroupNorm (`group_norm_affine`): per-(batch, channel) sums of x and x^2 over pixel chunks, read once in the
   input dtype, in fp32 (no atomics; deterministic), then one block per (group, batch) finishing them into a

@@ -9,8 +9,8 @@ back to end at the border), so a compiled decoder is traced once.
 Tiling is an approximation where the image is larger than one tile: the decoder's mid-block attention then
 sees one tile instead of the whole latent, as with ComfyUI's "VAE Decode (Tiled)".
 
-Memory (SD1.5 VAE, fp32, MLX CPU peak `mx.get_peak_memory`, measured by `bench`; see BENCHMARKS.md): the
-untiled decode's peak grows with the pixel count, the tiled one stays at the tile's.
+The untiled decode's peak memory grows with the pixel count, the tiled one stays at the tile's
+(docs/performance.md, "Tiled VAE decode").
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """MLX backend settings sdgraph picks where the user has not: environment variables MLX reads once, when its
-CUDA backend first runs, so they are set when `sd` is imported (before any GPU work). A value the user set
-is kept. Only Linux has MLX's CUDA backend; elsewhere nothing is set.
+CUDA backend first runs, so `sd.runtime.setup()` sets them before any GPU work. A value the user set is
+kept. Only Linux has MLX's CUDA backend; elsewhere nothing is set.
 
-- ``MLX_MAX_MB_PER_BUFFER=32``: MLX's CUDA backend records kernels into CUDA graphs and frees the buffers of
-  a graph's work only once that graph has run. Closing each graph at 32 MB of new buffers bounds the memory
-  of work in flight, and the smaller graphs cost the host less to build. H200, SD1.5 at 512x512, same
-  machine (BENCHMARKS.md): txt2img peak 4036 -> 3153 MiB (diffusers 3489); a UNet step's working memory
-  1.5-1.8 GB -> 0.7-0.8 GB; a 20-step UNet loop 13.2 -> 11.0 ms per step.
-  (Tried and not kept: ``MLX_USE_CUDA_GRAPHS=0``, launching kernels directly: as fast, but MLX then holds
-  every buffer of an evaluation until all of it has run, and the txt2img peak rose to 4.2-6.2 GB.)
+- ``MLX_MAX_MB_PER_BUFFER=32``: MLX frees a CUDA graph's buffers only once the graph has run; smaller graphs
+  bound the memory of work in flight and cost the host less (measured, and what lost: docs/performance.md,
+  "MLX settings").
 """
 
 from __future__ import annotations
