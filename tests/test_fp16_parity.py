@@ -65,6 +65,7 @@ CPU_PLAIN_UNET = default_options("unet", gpu=False)  # a CPU where the C kernels
 CPU_PLAIN_VAE = default_options("vae", gpu=False)
 
 
+@pytest.mark.slow
 def test_unet_fp16_close_to_fp32(models, unet_args):
     ref = models["float32"].unet(*unet_args)
     assert rel_err(models["float16"].unet(*unet_args), ref) <= HALF_TOLERANCE
@@ -146,12 +147,18 @@ UNET_LEVERS = _single_levers() | {"GPU default": GPU_UNET, "CPU default without 
 VAE_LEVERS = _single_levers() | {"GPU default": GPU_VAE, "CPU default without C kernels": CPU_PLAIN_VAE}
 
 
-@pytest.mark.parametrize("name", list(UNET_LEVERS))
+def _tiered(levers: dict) -> list:
+    """The real default sets in the quick tier, each single lever in the slow one."""
+    return [pytest.param(name, marks=() if "default" in name else pytest.mark.slow) for name in levers]
+
+
+@pytest.mark.parametrize("name", _tiered(UNET_LEVERS))
 def test_fast_unet_matches_plain(models, unet_args, name):
     unet = models["float32"].unet
     assert rel_err(FastUNet(unet, UNET_LEVERS[name])(*unet_args), unet(*unet_args)) <= FAST_TOLERANCE
 
 
+@pytest.mark.slow
 def test_fast_unet_odd_latent_sides(models):
     """Latent sides that do not halve evenly (the upsampler crops to the skip) work on the fast path too."""
     unet = models["float32"].unet
@@ -162,13 +169,13 @@ def test_fast_unet_odd_latent_sides(models):
     assert rel_err(FastUNet(unet, GPU_UNET)(*args), unet(*args)) <= FAST_TOLERANCE
 
 
-@pytest.mark.parametrize("name", list(VAE_LEVERS))
+@pytest.mark.parametrize("name", _tiered(VAE_LEVERS))
 def test_fast_vae_decoder_matches_plain(models, latent, name):
     vae = models["float32"].vae
     assert rel_err(FastVAE(vae, VAE_LEVERS[name]).decode(latent), vae.decode(latent)) <= FAST_TOLERANCE
 
 
-@pytest.mark.parametrize("name", list(VAE_LEVERS))
+@pytest.mark.parametrize("name", _tiered(VAE_LEVERS))
 @pytest.mark.parametrize("size", [(1, 32, 48), (2, 40, 24)])
 def test_fast_vae_encoder_matches_plain(models, name, size):
     vae = models["float32"].vae
@@ -177,6 +184,7 @@ def test_fast_vae_encoder_matches_plain(models, name, size):
     assert rel_err(FastVAE(vae, VAE_LEVERS[name]).encode(image), vae.encode(image)) <= FAST_TOLERANCE
 
 
+@pytest.mark.slow
 def test_fast_paths_follow_weight_changes(path, unet_args):
     """The compiled graph takes the parameters as inputs: patching weights (LoRA) changes its output."""
     unet = load_checkpoint(path, dtype="float32", parts=("unet",)).unet
@@ -190,7 +198,7 @@ def test_fast_paths_follow_weight_changes(path, unet_args):
     assert rel_err(mx.array(after), unet(*unet_args)) <= FAST_TOLERANCE
 
 
-@pytest.mark.parametrize("compile_", [True, False])
+@pytest.mark.parametrize("compile_", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_fused_projections_follow_replaced_weights(path, unet_args, compile_):
     """FastUNet keeps q|k|v concatenated across calls; replacing a weight array (what a LoRA patch or a reload
     does) must reach the next call, compiled or not."""
