@@ -7,8 +7,6 @@ Shapes are PyTorch's (convs OIHW).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
 from sd.models.unet import UNetConfig
@@ -119,13 +117,3 @@ def random_tensor(key: str, shape: tuple[int, ...], rng: np.random.Generator) ->
         return (0.05 * rng.standard_normal(shape)).astype(np.float32)
     fan_in = int(np.prod(shape[1:]))
     return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
-
-
-def iter_unet_weights(cfg: UNetConfig, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, float32 array) one tensor at a time, so a full-size UNet never sits in memory at once."""
-    for key, shape in unet_shapes(cfg).items():
-        yield key, random_tensor(key, shape, rng)
-
-
-def random_unet_weights(cfg: UNetConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return dict(iter_unet_weights(cfg, rng))
