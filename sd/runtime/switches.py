@@ -60,6 +60,8 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("SDGRAPH_CACHE_MAX_BYTES", "", "disk cache size budget in bytes", shown_default="10 GiB"),
     Switch("SDGRAPH_MEMORY_CACHE_BYTES", "", "in-process cache budget in bytes",
            shown_default="half the memory"),
+    Switch("SDGRAPH_MODEL_CACHE_BYTES", "", "loaded models' budget (bytes, or 8G, 512M, 1.5G)",
+           shown_default="half the RAM / GPU memory"),
     # cli
     Switch("SDGRAPH_EXTRA_NODES", "", "comma-separated modules or .py files with more nodes"),
     Switch("SDGRAPH_DEBUG", "0", "print a failing node's traceback", "bool"),
