@@ -5,6 +5,13 @@ sha256 of the payload), then the blobs. Writes go to a temp file in the same fol
 into place, so a reader (in this or another process) sees a whole entry or none; two processes writing
 the same key both write a complete file and the last rename wins. Reads verify the checksum.
 Recency is the file's mtime (touched on every hit); the least recent entries go when over budget.
+
+The folder is not trusted: it is created private (0700); an entry's file must be exactly as long as its
+header says before its payload is read; and whatever is broken (a file where the folder should be, an entry
+that is a folder, no permission, a bad SDGRAPH_CACHE_MAX_BYTES) warns once and costs cache hits, never the
+run. Temp files carry their writer's host and pid (graph.context.temp_owner_tag), so the next run removes
+those of killed processes at once and leaves live ones alone. `clear()` also removes `kernels/`, the CPU
+kernels sd compiles here.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ attention is matmul + single-threaded softmax + matmul; those were half of a UNe
 (docs/performance.md, "CPU"). `cpu_kernels.c` does them vectorised and OpenMP-parallel, with attention's GEMMs
 in the BLAS that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer.
 It is compiled with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``
-(`sd.runtime.kernel_cache_dir()`), keyed by the source, compiler, flags and CPU, and loaded through ctypes.
+(`sd.runtime.kernel_cache_dir()`), keyed by the source, compiler, flags and CPU, and loaded through ctypes --
+only after `verified()`: the folder is 0700, and a library is loaded only if it is a regular file of this
+user, writable by no one else, whose sha256 is the one recorded (`<name>.so.sha256`) when this code built
+it; a planted, swapped or unrecorded library is removed and rebuilt, never loaded.
 
 `available()` says whether they can be used; when not (no compiler, no BLAS, ``SDGRAPH_CPU_KERNELS=0``),
 callers keep MLX's own ops, after at most one one-line warning. The wrappers take and return fp32

@@ -57,7 +57,8 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("SDGRAPH_OUTPUT_DIR", "", "output folder (SaveImage)", shown_default="./output"),
     Switch("SDGRAPH_CACHE_DIR", "", "disk cache folder (also <cache>/kernels for the CPU kernels)",
            shown_default="user cache folder/sdgraph"),
-    Switch("SDGRAPH_CACHE_MAX_BYTES", "", "disk cache size budget in bytes", shown_default="10 GiB"),
+    Switch("SDGRAPH_CACHE_MAX_BYTES", "", "disk cache size budget (bytes, 1e9, or 10G, 512M)",
+           shown_default="10 GiB"),
     Switch("SDGRAPH_MEMORY_CACHE_BYTES", "", "in-process cache budget in bytes",
            shown_default="half the memory"),
     # cli
