@@ -254,3 +254,41 @@ def test_an_interrupt_during_a_save_never_leaves_an_unrecorded_file(tmp_path, mo
         with ctx.output_file(target) as tmp:
             tmp.write_bytes(b"png")
     assert target.exists() and target in [pathlib.Path(p) for p in ctx.written_files]
+
+
+def _npz_member(name: str, npy: bytes, compress: int) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compress) as z:
+        z.writestr(name, npy)
+    return buf.getvalue()
+
+
+def test_a_cached_value_that_would_decode_to_more_than_it_holds_is_refused():
+    """The forged 8 MB entry that took 16.4 GB: deflated members, or a .npy header claiming a larger
+    shape than its bytes; refused before allocating (the executor then recomputes the node)."""
+    import io
+
+    import numpy as np
+
+    from nodes.values import latent_from_bytes
+
+    def npy(a) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    meta = np.frombuffer(b"{}", dtype=np.uint8)
+    deflated = io.BytesIO()
+    np.savez_compressed(deflated, samples=np.zeros((1, 8, 8, 4), np.float32), __meta__=meta)
+    with pytest.raises(ValueError, match="compressed"):
+        latent_from_bytes(deflated.getvalue())
+    header = npy(np.zeros(4, np.float32))
+    claim = header.replace(b"(4,)", b"(268435456,)")  # 1 GiB claimed, 16 bytes held
+    import zipfile
+
+    forged = _npz_member("samples.npy", claim, zipfile.ZIP_STORED)
+    with pytest.raises(ValueError, match="claims"):
+        latent_from_bytes(forged)
