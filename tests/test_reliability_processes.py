@@ -176,6 +176,31 @@ def test_kill_9_mid_cache_write_then_a_rerun(world, tmp_path):
     assert len(world.pngs()) == 2 and leftovers(world.output) == []
 
 
+_KILLED_SAVER = """
+import os, signal, sys
+from pathlib import Path
+from graph.context import ExecutionContext, Folders
+out = Path(sys.argv[1])
+ctx = ExecutionContext("save", "SaveImage", Folders(output_dir=out), {}, out / "unused")
+with ctx.output_file(out / "txt2img_00007_.png", overwrite=False) as tmp:
+    tmp.write_bytes(b"\\x89PNG half an image")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_9_mid_save_then_a_rerun(world, tmp_path):
+    """A run killed while its PNG is being written leaves only a hidden temp; the next run removes it."""
+    world.output.mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVER, str(world.output)], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert world.pngs() == [] and len(leftovers(world.output)) == 1
+    with sdgraph(world, tmp_path, "--json", name="rerun") as proc:
+        rc, out, err = finish(proc)
+    assert rc == 0, err
+    assert len(world.pngs()) == 1 and leftovers(world.output) == []
+
+
 # ------------------------------------------------------------------------------------------ signals
 @pytest.mark.parametrize("sig, rc_expected, word", [
     (signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
