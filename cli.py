@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         signum = getattr(e, "signum", 2)
         what = {15: "terminated (SIGTERM)", 1: "hung up (SIGHUP)"}.get(signum, "interrupted")
         kept = getattr(e, "kept_files", [])
-        done = (f"; the {len(kept)} output file{'s' if len(kept) != 1 else ''} of finished variations "
-                "were kept") if kept else ""
+        done = (f"; kept the {len(kept)} complete output file{'s' if len(kept) != 1 else ''} of finished "
+                "variations") if kept else ""
         print(f"{what}; no partial output files were left{done}", file=sys.stderr)
         return 128 + signum
 

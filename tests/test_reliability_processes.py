@@ -222,3 +222,18 @@ def test_a_signal_mid_sampling(world, tmp_path, sig, rc_expected, word):
         rc, out, err = finish(proc)
     assert rc == 0, err
     assert len(world.pngs()) == 1
+
+
+def test_an_interrupted_sweep_says_exactly_what_it_kept(world, tmp_path):
+    """Ctrl-C in the second variation: the first one's PNG stays and the message says so; the second
+    leaves nothing."""
+    with sdgraph(world, tmp_path, "--json", "--sweep", "steps=2,400", name="sweep") as proc:
+        wait_for_sampling(proc, step=10)
+        os.kill(proc.pid, signal.SIGINT)
+        rc, out, err = finish(proc)
+    assert rc == 130, err
+    assert "interrupted; no partial output files were left; kept the 1 complete output file of finished " \
+           "variations" in err, err
+    summary = json.loads(out)
+    assert len(summary["files"]) == 1 and [p.name for p in world.pngs()] == [Path(summary["files"][0]).name]
+    assert leftovers(world.output) == []
