@@ -75,13 +75,16 @@ def temp_owner_tag() -> str:
 _TEMP_TAG = re.compile(r"\.sdg-([A-Za-z0-9_]+)-(\d+)\.")
 
 
-def is_stale_temp(path: Path, max_age: float = STALE_TEMP_SECONDS) -> bool:
+def is_stale_temp(path: Path, max_age: float = STALE_TEMP_SECONDS, untagged: bool = True) -> bool:
     """A hidden temp file of ours whose writer is gone: tagged with this host and a process that no longer
-    exists, or (another host's, or untagged) older than `max_age`."""
+    exists, or another host's older than `max_age`; with `untagged`, also an untagged `.*.tmp` older than
+    that (in the cache, which only sdgraph writes; not in an output folder, where it may be the user's)."""
     name = path.name
-    if not (name.startswith(".") and name.endswith((".tmp", ".so"))):
+    if not (name.startswith(".") and name.endswith(".tmp")):
         return False
     match = _TEMP_TAG.search(name)
+    if not match and not untagged:
+        return False
     if match and match.group(1) == temp_owner_tag().rsplit("-", 1)[0]:
         pid = int(match.group(2))
         if pid == os.getpid():
@@ -99,8 +102,9 @@ def is_stale_temp(path: Path, max_age: float = STALE_TEMP_SECONDS) -> bool:
         return False
 
 
-def remove_stale_temps(folder: Path, depth: int = 1) -> int:
-    """Delete the temp files killed processes left in `folder` (and sub-folders down to `depth`)."""
+def remove_stale_temps(folder: Path, depth: int = 1, untagged: bool = False) -> int:
+    """Delete the temp files killed processes left in `folder` (and sub-folders down to `depth`);
+    `untagged`: see is_stale_temp."""
     removed = 0
     try:
         children = list(Path(folder).iterdir())
@@ -110,8 +114,8 @@ def remove_stale_temps(folder: Path, depth: int = 1) -> int:
         try:
             if child.is_dir() and not child.is_symlink():
                 if depth > 0:
-                    removed += remove_stale_temps(child, depth - 1)
-            elif is_stale_temp(child):
+                    removed += remove_stale_temps(child, depth - 1, untagged)
+            elif is_stale_temp(child, untagged=untagged):
                 child.unlink()
                 removed += 1
         except OSError:

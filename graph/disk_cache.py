@@ -209,7 +209,8 @@ class DiskCache:
 
     def clean_temps(self) -> int:
         """Remove the temp files killed processes left here (entries, fingerprints.json)."""
-        return remove_stale_temps(self.root, depth=0) + remove_stale_temps(self.objects, depth=1)
+        return (remove_stale_temps(self.root, depth=0, untagged=True)
+                + remove_stale_temps(self.objects, depth=1, untagged=True))
 
     def _files(self):
         """The entry files, in their two-hex-digit sub-folders (unreadable ones are skipped)."""

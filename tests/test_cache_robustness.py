@@ -230,11 +230,13 @@ def test_temp_files_of_killed_runs_are_removed_on_the_next_run(world):
             world.cache / "objects" / entries(world)[0].parent.name / f".k.sdg-{host}-{dead}.x.tmp",
             world.cache / f".fingerprints.json.sdg-{host}-{dead}.y.tmp"]
     live = world.output / f".other.png.sdg-{host}-{os.getpid()}.zz.tmp"  # a live process's work
-    for p in [*left, live]:
+    users = world.output / ".notes.tmp"  # not ours: an output folder is the user's
+    for p in [*left, live, users]:
         p.write_bytes(b"partial")
+    os.utime(users, (1, 1))
     rerun_ok(world, "--set", "seed=5")
     assert [p for p in left if p.exists()] == []
-    assert live.exists()
+    assert live.exists() and users.exists()
 
 
 def test_an_interrupt_during_a_save_never_leaves_an_unrecorded_file(tmp_path, monkeypatch):
