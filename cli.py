@@ -24,8 +24,33 @@ examples:
   sdgraph convert comfy_api.json -o workflow.yaml
   sdgraph cache info
 
-exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted.
+exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted (Ctrl-C),
+  143 terminated (SIGTERM), 129 hung up (SIGHUP).
 """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C (partial outputs removed), exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _raise_terminated)
 
 
 def epilog() -> str:
@@ -137,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from graph.errors import Cancelled, NodeFailed, ValidationFailed
 
+    _install_signal_handlers()
     try:
         from graph.distributed import pin_local_gpu
 
@@ -153,9 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(e.cause, file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, Cancelled):
-        print("interrupted; no partial output files were left", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Cancelled) as e:
+        signum = getattr(e, "signum", 2)
+        what = {15: "terminated (SIGTERM)", 1: "hung up (SIGHUP)"}.get(signum, "interrupted")
+        kept = getattr(e, "kept_files", [])
+        done = (f"; kept the {len(kept)} complete output file{'s' if len(kept) != 1 else ''} of finished "
+                "variations") if kept else ""
+        print(f"{what}; no partial output files were left{done}", file=sys.stderr)
+        return 128 + signum
 
 
 def _print_problems(e, as_json: bool) -> None:
@@ -225,8 +256,15 @@ def cmd_run(args) -> int:
                         print(f)
     except BaseException as e:
         printer.close_bars()
+        from graph.errors import Cancelled
+
+        interrupted = isinstance(e, (KeyboardInterrupt, Cancelled))
+        if interrupted:
+            e.kept_files = list(summary["files"])  # the complete outputs of finished variations stay
         if args.json:
-            summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            summary["status"] = "interrupted" if interrupted else "failed"
+            if interrupted:
+                summary["signal"] = ["SIGINT", "SIGHUP", "SIGTERM"][[2, 1, 15].index(getattr(e, "signum", 2))]
             summary["error"] = str(e)
             summary["failed_node"] = getattr(e, "node_id", None)
             print(json.dumps(summary, indent=2))

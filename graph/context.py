@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,21 +37,115 @@ class Folders:
         )
 
 
+STALE_TEMP_SECONDS = 3600
+_HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP for a few instructions (publishing a file and recording it), so an
+    interrupt lands before or after, never between: a file is either not there or known to the run.
+    Python runs signal handlers in the main thread whichever thread the signal reached, so the handlers
+    are swapped for a recorder here and a held signal is handed to its own handler on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {}
+    for signum in _HELD_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler):  # SIG_DFL / SIG_IGN / None (set outside Python) are left alone
+            old[signum] = handler
+            signal.signal(signum, lambda n, frame: held.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        for signum in held[:1]:
+            old[signum](signum, None)
+
+
+def temp_owner_tag() -> str:
+    """Part of every temp file's name: `<host>-<pid>`, so a later run can tell a dead process's leftovers
+    from a live one's work in progress."""
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())[:40]}-{os.getpid()}"
+
+
+_TEMP_TAG = re.compile(r"\.sdg-([A-Za-z0-9_]+)-(\d+)\.")
+
+
+def is_stale_temp(path: Path, max_age: float = STALE_TEMP_SECONDS, untagged: bool = True) -> bool:
+    """A hidden temp file of ours whose writer is gone: tagged with this host and a process that no longer
+    exists, or another host's older than `max_age`; with `untagged`, also an untagged `.*.tmp` older than
+    that (in the cache, which only sdgraph writes; not in an output folder, where it may be the user's)."""
+    name = path.name
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    match = _TEMP_TAG.search(name)
+    if not match and not untagged:
+        return False
+    if match and match.group(1) == temp_owner_tag().rsplit("-", 1)[0]:
+        pid = int(match.group(2))
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+    try:
+        return time.time() - path.lstat().st_mtime > max_age
+    except OSError:
+        return False
+
+
+def remove_stale_temps(folder: Path, depth: int = 1, untagged: bool = False) -> int:
+    """Delete the temp files killed processes left in `folder` (and sub-folders down to `depth`);
+    `untagged`: see is_stale_temp."""
+    removed = 0
+    try:
+        children = list(Path(folder).iterdir())
+    except OSError:
+        return 0
+    for child in children:
+        try:
+            if child.is_dir() and not child.is_symlink():
+                if depth > 0:
+                    removed += remove_stale_temps(child, depth - 1, untagged)
+            elif is_stale_temp(child, untagged=untagged):
+                child.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True,
+                on_published: Callable[[Path], Any] | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path` (readers never see a
     half-written file), on failure it is removed. With overwrite=False an existing `path` (even one
-    another process created meanwhile) is left alone and FileExistsError is raised."""
+    another process created meanwhile) is left alone and FileExistsError is raised. `on_published(path)`
+    runs right after the rename with interrupts held (signals_held), so the caller's record of what it
+    wrote is exact. The temp name carries this host and process (temp_owner_tag), so a later run can
+    remove what a killed one left (remove_stale_temps)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:80]}.sdg-{temp_owner_tag()}.", suffix=".tmp",
+                               dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            _publish_exclusive(Path(tmp), target)
+        with signals_held():
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                _publish_exclusive(Path(tmp), target)
+            if on_published is not None:
+                on_published(target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -131,6 +229,5 @@ class ExecutionContext:
     def output_file(self, path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
         """Write an output file atomically: `with ctx.output_file(p) as tmp: image.save(tmp, "PNG")`.
         overwrite=False raises FileExistsError if `p` exists by then (pick the next counter and retry)."""
-        with atomic_path(path, overwrite) as tmp:
+        with atomic_path(path, overwrite, on_published=self.register_file) as tmp:
             yield tmp
-        self.register_file(path)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graph.context import ExecutionContext, Folders
-from graph.disk_cache import CorruptEntry, DiskCache, Entry, default_cache_dir
+from graph.context import ExecutionContext, Folders, remove_stale_temps
+from graph.disk_cache import CorruptEntry, DiskCache, Entry, default_cache_dir, make_private_dir, warn_once
 from graph.errors import Cancelled, GraphError, NodeFailed
 from graph.fingerprint import FingerprintIndex
 from graph.memory_cache import MemoryCache, value_size
@@ -88,7 +88,15 @@ def open_caches(cache_dir: str | Path | None, no_cache: bool = False
         tmp = tempfile.TemporaryDirectory(prefix="sdgraph-nocache-")
         return Caches(Path(tmp.name), None), tmp
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return Caches(root, DiskCache(root)), None
+    try:
+        make_private_dir(root)
+    except OSError as e:  # a file where the folder should be, no permission: run without the disk cache
+        warn_once(f"disk cache {root} cannot be used ({type(e).__name__}: {e}); running without it")
+        tmp = tempfile.TemporaryDirectory(prefix="sdgraph-nocache-")
+        return Caches(Path(tmp.name), None), tmp
+    disk = DiskCache(root)
+    disk.clean_temps()
+    return Caches(root, disk), None
 
 
 class Executor:
@@ -97,12 +105,17 @@ class Executor:
         self.folders = folders
         self.events = events or RunEvents()
         self.cancel_event = threading.Event()
+        self._cleaned: set[Path] = set()
 
     def cancel(self) -> None:
         """Ask the running nodes to stop at their next ctx.progress()/check_cancelled()."""
         self.cancel_event.set()
 
     def run(self, plan: Plan, run_info: dict[str, Any] | None = None) -> RunResult:
+        out = Path(self.folders.output_dir)
+        if out not in self._cleaned:  # hidden temp files a killed run left in the output folder
+            self._cleaned.add(out)
+            remove_stale_temps(out, depth=2)
         run = _Run(self, plan, run_info or {})
         return run.execute()
 

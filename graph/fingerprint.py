@@ -21,8 +21,7 @@ class FingerprintIndex:
         self._lock = threading.Lock()
         self._entries: dict[str, str] = {}
         if path is not None and path.exists():
-            with contextlib.suppress(OSError, ValueError):
-                self._entries = dict(json.loads(path.read_text()))
+            self._entries = _read_index(path, warn=True)
 
     def fingerprint(self, file: Path) -> str:
         """A short string that changes when the file's size, mtime or content changes."""
@@ -41,11 +40,27 @@ class FingerprintIndex:
         if self.path is None:
             return
         # Another process may have added entries; merge before writing so neither loses its work.
-        with contextlib.suppress(OSError, ValueError):
-            if self.path.exists():
-                self._entries = dict(json.loads(self.path.read_text())) | self._entries
+        if self.path.exists():
+            self._entries = _read_index(self.path) | self._entries
         with contextlib.suppress(OSError), atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps(self._entries, indent=0, sort_keys=True))
+
+
+def _read_index(path: Path, warn: bool = False) -> dict[str, str]:
+    """The index's {key: digest}; anything else (unreadable, not JSON, a list, null) is an empty index
+    (the hashes are recomputed and the file rewritten), with one warning."""
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            return data
+        problem = f"holds {type(data).__name__}, not a table of hashes"
+    except (OSError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if warn:
+        from graph.disk_cache import warn_once
+
+        warn_once(f"file-hash index {path} is unusable ({problem}); rehashing the files it named")
+    return {}
 
 
 def hash_file(path: Path, chunk: int = 1 << 22) -> str:

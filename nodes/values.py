@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -124,7 +126,30 @@ def _npz(arrays: dict[str, mx.array | None], meta: dict | None = None) -> bytes:
     return buf.getvalue()
 
 
+def _check_npz(blob: bytes) -> None:
+    """Refuse, before anything is allocated, an archive that could decode to more than it holds: what
+    np.savez writes is uncompressed members whose .npy header's shape and dtype account for exactly the
+    member's bytes (a forged 8 MB deflated entry once decoded to 16 GB)."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size > len(blob):
+                raise ValueError(f"cache blob member {info.filename!r} is compressed or larger than the blob")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                if dtype.hasobject:
+                    raise ValueError(f"cache blob member {info.filename!r} holds Python objects")
+                need = math.prod(shape) * dtype.itemsize
+                if need != info.file_size - f.tell():
+                    raise ValueError(f"cache blob member {info.filename!r} claims {need} bytes, holds "
+                                     f"{info.file_size - f.tell()}")
+
+
 def _from_npz(blob: bytes) -> tuple[dict[str, mx.array], dict]:
+    _check_npz(blob)
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         meta = json.loads(bytes(z["__meta__"]).decode())
         arrays = {k: mx.array(z[k]) for k in z.files if k != "__meta__"}
