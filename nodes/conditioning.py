@@ -11,8 +11,23 @@ from nodes import models
 from nodes.values import ClipRecipe, Conditioning
 
 
+class Prompt(String):
+    """A prompt: checked at validation for what would fail or give a black image at run time (length,
+    nesting, non-finite weights such as `(x:nan)`)."""
+
+    def check(self, value):
+        from sd.text.prompt_weights import PromptError, check_prompt
+
+        value = super().check(value)
+        try:
+            check_prompt(value)
+        except PromptError as e:
+            raise ValueError(str(e)) from e
+        return value
+
+
 @node(category="conditioning", outputs=(CONDITIONING,))
-def CLIPEncode(clip: CLIP, text: String(multiline=True), ctx=None):
+def CLIPEncode(clip: CLIP, text: Prompt(multiline=True), ctx=None):
     """Encode a prompt with the text encoder (ComfyUI's CLIPTextEncode; `(word:1.2)` weights work)."""
     from sd.text.encode import encode_prompt
 

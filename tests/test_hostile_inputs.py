@@ -180,3 +180,41 @@ def test_5000_digit_integer_is_a_range_error(world, tmp_path, name, fmt):
         result = run(world, write(tmp_path, "ok.yaml", TXT2IMG), "--set", f"{name}={huge}")
     assert_clear_error(result, 2, "a 5000-digit integer is above the maximum", f"input '{name}'")
     assert len(result.stderr) < 2000
+
+
+# ---- 6. prompts: non-finite weights, deep nesting, 5 million characters ----------------------------
+
+@pytest.mark.parametrize("prompt, words", [
+    ("a (castle:nan)", ["is not a finite number"]),
+    ("a (castle:inf) at dawn", ["is not a finite number"]),
+    ("(castle:-inf)", ["is not a finite number"]),
+    ("(" * 5000 + "castle" + ")" * 5000, ["deeper than"]),
+])
+def test_bad_prompt_is_refused_at_validation(world, tmp_path, prompt, words):
+    path = write(tmp_path, "prompt.yaml", TXT2IMG.replace("prompt: a castle", f"prompt: {json.dumps(prompt)}"))
+    result = run(world, path)
+    assert_clear_error(result, 2, "node 'positive' input 'text'", *words)
+    assert not world.pngs()
+
+
+def test_5_million_character_prompt_is_refused_quickly(world, tmp_path):
+    import time
+
+    path = write(tmp_path, "long.yaml", TXT2IMG.replace("prompt: a castle", "prompt: " + "castle " * 714_286))
+    start = time.perf_counter()
+    result = run(world, path)
+    assert_clear_error(result, 2, "node 'positive' input 'text'", "characters (at most")
+    assert time.perf_counter() - start < 60
+
+
+def test_chunking_a_long_token_group_is_linear():
+    import time
+
+    from sd.text.encode import chunk_token_groups
+
+    group = [(320, 1.0)] * 1_000_000  # one weighted segment of a million tokens
+    start = time.perf_counter()
+    chunks = chunk_token_groups([group])
+    assert time.perf_counter() - start < 3
+    assert len(chunks) == -(-1_000_000 // 75)
+    assert all(len(c) == 77 for c in chunks)
