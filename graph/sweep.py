@@ -77,8 +77,8 @@ def apply_overrides(wf: Workflow, overrides: dict[str, str]) -> tuple[Workflow, 
         try:
             parsed[target] = _apply_one(out, target, raw)
         except _Bad as e:
-            problems.append(Problem(f"override {target}={_short(raw)}: {e.message}", node=e.node, input=e.input,
-                                    hint=e.hint))
+            problems.append(Problem(f"override {target}={_short(raw)}: {e.message}", node=e.node,
+                                    input=e.input, hint=e.hint))
     if problems:
         raise ValidationFailed(problems)
     return out, parsed

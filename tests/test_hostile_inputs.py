@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -191,7 +190,8 @@ def test_5000_digit_integer_is_a_range_error(world, tmp_path, name, fmt):
     ("(" * 5000 + "castle" + ")" * 5000, ["deeper than"]),
 ])
 def test_bad_prompt_is_refused_at_validation(world, tmp_path, prompt, words):
-    path = write(tmp_path, "prompt.yaml", TXT2IMG.replace("prompt: a castle", f"prompt: {json.dumps(prompt)}"))
+    text = TXT2IMG.replace("prompt: a castle", f"prompt: {json.dumps(prompt)}")
+    path = write(tmp_path, "prompt.yaml", text)
     result = run(world, path)
     assert_clear_error(result, 2, "node 'positive' input 'text'", *words)
     assert not world.pngs()
