@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from graph import CLIP, CONDITIONING, Int, String, node
 from nodes import models
+from nodes.finite import check_finite
 from nodes.values import ClipRecipe, Conditioning
 
 
@@ -34,6 +35,7 @@ def CLIPEncode(clip: CLIP, text: Prompt(multiline=True), ctx=None):
     recipe: ClipRecipe = clip
     cond, pooled = encode_prompt(models.clip_for(recipe, ctx.log), text, clip_skip=recipe.stop_at_layer)
     mx.eval(cond, pooled)  # MLX is lazy: compute here, so the time is this node's
+    check_finite(cond, "the prompt's encodings", recipe, "clip")
     return Conditioning(cond, pooled)
 
 

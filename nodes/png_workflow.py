@@ -20,8 +20,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SDGRAPH_KEY, COMFY_KEY = "sdgraph", "prompt"
 
 
+_LAST: list = [None, None]  # (run_info, text) of the last call: every SaveImage of a run shares one
+
+
 def png_text(run_info: dict[str, Any]) -> dict[str, str]:
-    """The text chunks for an image made by a run (`run_info` from the engine)."""
+    """The text chunks for an image made by a run (`run_info` from the engine). Made once per run: a
+    workflow of 5,000 SaveImage nodes must not re-check and re-export itself 5,000 times."""
+    if _LAST[0] is run_info:
+        return dict(_LAST[1])
+    text = _png_text(run_info)
+    _LAST[:] = [run_info, text]
+    return dict(text)
+
+
+def _png_text(run_info: dict[str, Any]) -> dict[str, str]:
     data = run_info.get("workflow")
     if not data:
         return {}

@@ -218,3 +218,124 @@ def test_chunking_a_long_token_group_is_linear():
     assert time.perf_counter() - start < 3
     assert len(chunks) == -(-1_000_000 // 75)
     assert all(len(c) == 77 for c in chunks)
+
+
+# ---- 4. plans too large for the machine, images claiming huge sizes --------------------------------
+
+def test_16384_square_image_is_refused_before_running(world, tmp_path):
+    path = write(tmp_path, "big.yaml", TXT2IMG)
+    result = run(world, path, "--set", "width=16384", "--set", "height=16384")
+    assert_clear_error(result, 2, "node 'sampler'", "KSampler needs at least", "GiB of memory",
+                       "16384x16384", "this machine has")
+    assert "loaded" not in result.stderr and not world.pngs()
+
+
+def test_batch_of_4096_is_refused_before_running(world, tmp_path):
+    path = write(tmp_path, "batch.yaml", TXT2IMG)
+    result = run(world, path, "--set", "batch_size=4096")
+    assert_clear_error(result, 2, "needs at least", "this machine has", "4096")
+    assert "loaded" not in result.stderr and not world.pngs()
+
+
+def test_validate_refuses_a_plan_too_large_too(world, tmp_path):
+    path = write(tmp_path, "big.yaml", TXT2IMG)
+    result = cli("validate", path, *world.folder_args(False)[:4],
+                 "--set", "width=16384", "--set", "height=16384")
+    assert_clear_error(result, 2, "node 'sampler'", "needs at least")
+
+
+def test_the_memory_check_lets_ordinary_plans_through(world, tmp_path):
+    result = run(world, write(tmp_path, "ok.yaml", TXT2IMG), "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(world.pngs()) == 1
+
+
+def png_claiming(width: int, height: int, rows: int | None = None) -> bytes:
+    """A valid RGB PNG of width x height zeros (compressed to little), or with `rows` only the first rows
+    of its data (a truncated file: only its header is honest)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)
+    data = b"".join(z.compress(row) for _ in range(height if rows is None else rows)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+EMPTY = "  latent:   {type: EmptyLatent, width: $width, height: $height, batch_size: $batch_size}"
+IMG2IMG = TXT2IMG.replace(EMPTY,
+                          "  load:     {type: LoadImage, image: bomb.png}\n"
+                          "  latent:   {type: VAEEncode, pixels: {from: load.IMAGE}, vae: {from: ckpt.VAE}}")
+
+
+def input_with(world, tmp_path, png: bytes):
+    import shutil
+
+    folder = tmp_path / "input"
+    shutil.copytree(world.input, folder)
+    (folder / "bomb.png").write_bytes(png)
+    return ["--input-dir", folder]
+
+
+def test_tiny_png_claiming_8000_square_is_refused_before_decoding(world, tmp_path):
+    png = png_claiming(8000, 8000)
+    assert len(png) < 1_000_000
+    extra = input_with(world, tmp_path, png)
+    result = run(world, write(tmp_path, "i2i.yaml", IMG2IMG), *extra)
+    assert_clear_error(result, 2, "node 'latent'", "VAEEncode needs at least", "8000x8000",
+                       "this machine has")
+    assert "loaded" not in result.stderr
+
+
+def test_png_claiming_more_than_16384_a_side_is_refused_at_validation(world, tmp_path):
+    extra = input_with(world, tmp_path, png_claiming(20000, 3000, rows=10))
+    result = run(world, write(tmp_path, "i2i.yaml", IMG2IMG), *extra)
+    assert_clear_error(result, 2, "node 'load'", "20000x3000 pixels; at most 16384")
+
+
+# ---- 5. non-finite weights: the node that made the NaNs fails, naming the file -----------------------
+
+def models_with(world, tmp_path, poison: str):
+    """A copy of the models folder where the checkpoint's UNet ('checkpoint') or a LoRA ('lora') is not
+    finite."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "models"
+    shutil.copytree(world.models, folder)
+    if poison == "checkpoint":
+        path = folder / "checkpoints" / "v1-5-pruned-emaonly.safetensors"
+        tensors = load_file(path)
+        key = next(k for k in sorted(tensors) if k.startswith("model.diffusion_model.") and
+                   k.endswith("weight") and tensors[k].dtype.kind == "f")
+        tensors[key] = np.full_like(tensors[key], np.nan)
+    else:
+        path = folder / "loras" / "detail.safetensors"
+        tensors = {k: np.full_like(v, np.inf) if v.dtype.kind == "f" and v.ndim >= 2 else v
+                   for k, v in load_file(path).items()}
+    save_file(tensors, str(path))
+    return ["--models-dir", folder], path
+
+
+def test_nan_weights_in_the_checkpoint_fail_the_sampler_naming_the_file(world, tmp_path):
+    extra, path = models_with(world, tmp_path, "checkpoint")
+    result = run(world, write(tmp_path, "t2i.yaml", TXT2IMG), *extra)
+    assert_clear_error(result, 1, "sampler", "NaN or Inf", str(path), "non-finite UNet weights")
+    assert not world.pngs()
+
+
+def test_non_finite_lora_fails_naming_the_lora(world, tmp_path):
+    extra, path = models_with(world, tmp_path, "lora")
+    lora = ("  lora: {type: LoadLoRA, model: {from: ckpt.MODEL}, clip: {from: ckpt.CLIP}, "
+            "lora_name: detail.safetensors, strength_model: 1.0, strength_clip: 0.0}\n")
+    text = TXT2IMG.replace("  positive:", lora + "  positive:", 1)
+    text = text.replace("model: {from: ckpt.MODEL}\n    positive", "model: {from: lora.MODEL}\n    positive")
+    result = run(world, write(tmp_path, "lora.yaml", text), *extra)
+    assert_clear_error(result, 1, "NaN or Inf", str(path))
+    assert not world.pngs()
