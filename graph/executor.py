@@ -146,14 +146,17 @@ class _Run:
     # -- deciding ---------------------------------------------------------------------------------
 
     def _decide(self, node_id: str, to_run: set[str]) -> None:
-        if node_id in to_run or node_id in self.values:
-            return
-        pn = self.plan.nodes[node_id]
-        if self._load_cached(pn):
-            return
-        to_run.add(node_id)
-        for src, _ in pn.node.links.values():
-            self._decide(src, to_run)
+        # a stack, not recursion: a chain of thousands of nodes must not hit Python's recursion limit
+        stack = [node_id]
+        while stack:
+            node_id = stack.pop()
+            if node_id in to_run or node_id in self.values:
+                continue
+            pn = self.plan.nodes[node_id]
+            if self._load_cached(pn):
+                continue
+            to_run.add(node_id)
+            stack.extend(reversed([src for src, _ in pn.node.links.values()]))
 
     def _load_cached(self, pn: PlannedNode) -> bool:
         spec = pn.node.spec

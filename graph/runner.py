@@ -17,6 +17,7 @@ from typing import Any
 from graph.context import Folders
 from graph.errors import Cancelled, GraphError, NodeFailed, Problem, ValidationFailed
 from graph.executor import Executor, RunEvents, RunResult, open_caches
+from graph.memory_plan import check_memory
 from graph.plan import make_plan
 from graph.sweep import Variation, apply_overrides, make_variations
 from graph.validate import BoundNode, validate
@@ -44,7 +45,9 @@ def prepare(wf: Workflow, sets: list[tuple[str, str]], sweeps: list[tuple[str, l
     for variation in make_variations(sets, sweeps):
         try:
             effective, parsed = apply_overrides(wf, variation.overrides)
-            prepared.append(PreparedVariation(variation, effective, parsed, validate(effective, folders)))
+            bound = validate(effective, folders)
+            check_memory(bound, effective.source)  # a plan that cannot fit is refused before running
+            prepared.append(PreparedVariation(variation, effective, parsed, bound))
         except ValidationFailed as e:
             problems.extend(p for p in e.problems if str(p) not in {str(q) for q in problems})
     if problems:

@@ -26,12 +26,14 @@ def parse_text(text: str, filename: str, fmt: str) -> tuple[Any, Lines]:
 
 def _parse_yaml(text: str, filename: str) -> tuple[Any, Lines]:
     try:
+        yaml_loader.check_bounds(text)  # before composing: the composer recurses per level
         root = yaml.compose(text, Loader=yaml_loader.Loader)
-        data = yaml_loader.load(text)
+        data = yaml.load(text, Loader=yaml_loader.Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        msg = f"YAML syntax error: {getattr(e, 'problem', None) or e}"
+        msg = str(e) if isinstance(e, yaml_loader.BoundsExceeded) else \
+            f"YAML syntax error: {getattr(e, 'problem', None) or e}"
         raise ValidationFailed([Problem(msg, filename, line)]) from e
     lines: Lines = {}
     problems: list[Problem] = []
@@ -77,7 +79,7 @@ def _node_and_input(path: tuple) -> tuple[str | None, str | None]:
 
 # --- JSON -------------------------------------------------------------------------------------------
 
-_scalar_decoder = json.JSONDecoder()
+_scalar_decoder = json.JSONDecoder(parse_int=yaml_loader.parse_int_text)
 
 
 class _JsonSyntax(Exception):
@@ -88,7 +90,11 @@ class _JsonSyntax(Exception):
 
 def _parse_json(text: str, filename: str) -> tuple[Any, Lines]:
     """A small recursive parser (objects and arrays here, scalars by the json module) that records
-    the line of every key and detects duplicates."""
+    the line of every key and detects duplicates. Nesting is bounded (yaml_loader.MAX_DEPTH), so its
+    recursion, and every later walk over the data, stays shallow."""
+    if len(text) > yaml_loader.MAX_DOCUMENT_CHARS:
+        msg = f"the document has {len(text):,} characters (at most {yaml_loader.MAX_DOCUMENT_CHARS:,})"
+        raise ValidationFailed([Problem(msg, filename)])
     lines: Lines = {}
     problems: list[Problem] = []
 
@@ -107,6 +113,8 @@ def _parse_json(text: str, filename: str) -> tuple[Any, Lines]:
         if pos >= len(text):
             raise _JsonSyntax("unexpected end of file", pos)
         ch = text[pos]
+        if ch in "{[" and len(path) >= yaml_loader.MAX_DEPTH:
+            raise _JsonSyntax(f"nested deeper than {yaml_loader.MAX_DEPTH} levels", pos)
         if ch == "{":
             result: dict = {}
             pos = skip(pos + 1)

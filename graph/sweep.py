@@ -77,8 +77,8 @@ def apply_overrides(wf: Workflow, overrides: dict[str, str]) -> tuple[Workflow, 
         try:
             parsed[target] = _apply_one(out, target, raw)
         except _Bad as e:
-            problems.append(Problem(f"override {target}={raw!r}: {e.message}", node=e.node, input=e.input,
-                                    hint=e.hint))
+            problems.append(Problem(f"override {target}={_short(raw)}: {e.message}", node=e.node,
+                                    input=e.input, hint=e.hint))
     if problems:
         raise ValidationFailed(problems)
     return out, parsed
@@ -143,3 +143,8 @@ def _first_literal_user(wf: Workflow, param: str):
             if ref == ParamRef(param) and inp is not None and not inp.is_socket:
                 return decl.id, input_name, inp.type
     return None
+
+
+def _short(raw: str, limit: int = 80) -> str:
+    """An override's text for a message: a 5,000-character value is shown by its start and length."""
+    return repr(raw) if len(raw) <= limit else f"{raw[:limit // 2]!r}... ({len(raw):,} characters)"

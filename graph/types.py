@@ -114,6 +114,11 @@ class Int(LiteralType):
             if not value.is_integer():
                 raise ValueError(f"expected an integer, got {value}")
             value = int(value)
+        if isinstance(value, yaml_loader.HugeInt):  # too long to convert: out of any range
+            lo, hi = self.min, self.max
+            bound = (f"the minimum {lo}" if value < 0 else f"the maximum {hi}") if (lo if value < 0 else hi) \
+                is not None else "what an integer input takes"
+            raise ValueError(f"{value} is {'below' if value < 0 else 'above'} {bound}")
         return _check_range(value, self.min, self.max)
 
     def describe(self) -> str:
@@ -132,8 +137,10 @@ class Float(LiteralType):
     def check(self, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {type(value).__name__} {_fmt(value)}")
-        if math.isnan(value):
-            raise ValueError("expected a number, got NaN")
+        if isinstance(value, yaml_loader.HugeInt):
+            raise ValueError(f"{value} is out of range")
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value}")
         return _check_range(float(value), self.min, self.max)
 
     def describe(self) -> str:

@@ -8,17 +8,34 @@ import mlx.core as mx
 
 from graph import CLIP, CONDITIONING, Int, String, node
 from nodes import models
+from nodes.finite import check_finite
 from nodes.values import ClipRecipe, Conditioning
 
 
+class Prompt(String):
+    """A prompt: checked at validation for what would fail or give a black image at run time (length,
+    nesting, non-finite weights such as `(x:nan)`)."""
+
+    def check(self, value):
+        from sd.text.prompt_weights import PromptError, check_prompt
+
+        value = super().check(value)
+        try:
+            check_prompt(value)
+        except PromptError as e:
+            raise ValueError(str(e)) from e
+        return value
+
+
 @node(category="conditioning", outputs=(CONDITIONING,))
-def CLIPEncode(clip: CLIP, text: String(multiline=True), ctx=None):
+def CLIPEncode(clip: CLIP, text: Prompt(multiline=True), ctx=None):
     """Encode a prompt with the text encoder (ComfyUI's CLIPTextEncode; `(word:1.2)` weights work)."""
     from sd.text.encode import encode_prompt
 
     recipe: ClipRecipe = clip
     cond, pooled = encode_prompt(models.clip_for(recipe, ctx.log), text, clip_skip=recipe.stop_at_layer)
     mx.eval(cond, pooled)  # MLX is lazy: compute here, so the time is this node's
+    check_finite(cond, "the prompt's encodings", recipe, "clip")
     return Conditioning(cond, pooled)
 
 

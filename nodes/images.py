@@ -12,6 +12,26 @@ import numpy as np
 from graph import IMAGE, MASK, String, node
 from nodes.paths import resolve_image
 
+MAX_IMAGE_SIDE = 16384  # as nodes.latents.MAX_RESOLUTION; the plan's memory estimate bounds the rest
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], int]:
+    """((width, height), frames) from the file's header, nothing decoded; ValueError for a file that is
+    not an image or claims more than MAX_IMAGE_SIDE pixels a side."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            size, frames = img.size, int(getattr(img, "n_frames", 1) or 1)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image '{Path(path).name}' is too large to decode ({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image '{Path(path).name}': {e}") from e
+    if max(size) > MAX_IMAGE_SIDE:
+        raise ValueError(f"image '{Path(path).name}' is {size[0]}x{size[1]} pixels; at most {MAX_IMAGE_SIDE} "
+                         "a side")
+    return size, frames
+
 
 @node(category="image", outputs=(IMAGE, MASK), reads_files={"image": resolve_image})
 def LoadImage(image: String(), ctx=None):
@@ -20,6 +40,7 @@ def LoadImage(image: String(), ctx=None):
     from PIL import Image, ImageOps, ImageSequence
 
     path = resolve_image(image, ctx.folders)
+    image_header(path)  # the size the file claims, checked before anything is decoded
     images, masks = [], []
     with Image.open(path) as img:
         size = None

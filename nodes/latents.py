@@ -6,6 +6,7 @@ import mlx.core as mx
 
 from graph import IMAGE, LATENT, VAE, Choice, Int, node
 from nodes import models
+from nodes.finite import check_finite
 from nodes.values import Latent
 from sd.image.codec import decode_image, encode_image
 from sd.image.resize import METHODS, center_crop_to_aspect, resize
@@ -71,6 +72,7 @@ def VAEEncode(pixels: IMAGE, vae: VAE, ctx=None):
     model = models.vae_for(vae, ctx.log)
     latent = encode_image(model, pixels, encode=models.vae_encoder(model))
     mx.eval(latent)
+    check_finite(latent, "the encoded latents", vae, "vae")
     return Latent(latent)
 
 
@@ -81,4 +83,5 @@ def VAEDecode(samples: LATENT, vae: VAE, ctx=None):
     model = models.vae_for(vae, ctx.log)
     image = decode_image(model, latent.samples, decode=models.vae_decoder(model))
     mx.eval(image)
+    check_finite(image, "the decoded images", vae, "vae")
     return image

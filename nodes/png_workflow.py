@@ -13,14 +13,27 @@ from typing import Any
 
 from graph.errors import Problem, ValidationFailed
 from graph.importers import register_importer
+from graph.source_text import parse_text
 from graph.workflow import SourceMap, Workflow, workflow_from_data
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SDGRAPH_KEY, COMFY_KEY = "sdgraph", "prompt"
 
 
+_LAST: list = [None, None]  # (run_info, text) of the last call: every SaveImage of a run shares one
+
+
 def png_text(run_info: dict[str, Any]) -> dict[str, str]:
-    """The text chunks for an image made by a run (`run_info` from the engine)."""
+    """The text chunks for an image made by a run (`run_info` from the engine). Made once per run: a
+    workflow of 5,000 SaveImage nodes must not re-check and re-export itself 5,000 times."""
+    if _LAST[0] is run_info:
+        return dict(_LAST[1])
+    text = _png_text(run_info)
+    _LAST[:] = [run_info, text]
+    return dict(text)
+
+
+def _png_text(run_info: dict[str, Any]) -> dict[str, str]:
     data = run_info.get("workflow")
     if not data:
         return {}
@@ -48,15 +61,15 @@ def read_png_text(path: Path) -> dict[str, str]:
 
 def load_png_workflow(path: Path) -> Workflow:
     text = read_png_text(path)
-    try:
-        if SDGRAPH_KEY in text:
-            return workflow_from_data(json.loads(text[SDGRAPH_KEY]), SourceMap(f"{path} [sdgraph chunk]"))
-        if COMFY_KEY in text:
-            from nodes.comfy_import import workflow_from_comfy
+    # parse_text, not json.loads: bounded nesting and integer sizes, syntax errors as problems
+    if SDGRAPH_KEY in text:
+        name = f"{path} [sdgraph chunk]"
+        return workflow_from_data(parse_text(text[SDGRAPH_KEY], name, "json")[0], SourceMap(name))
+    if COMFY_KEY in text:
+        from nodes.comfy_import import workflow_from_comfy
 
-            return workflow_from_comfy(json.loads(text[COMFY_KEY]), f"{path} [prompt chunk]")
-    except json.JSONDecodeError as e:
-        raise ValidationFailed([Problem(f"the embedded workflow is not valid JSON: {e}", str(path))]) from e
+        name = f"{path} [prompt chunk]"
+        return workflow_from_comfy(parse_text(text[COMFY_KEY], name, "json")[0], name)
     raise ValidationFailed([Problem("this PNG holds no workflow (no 'sdgraph' or 'prompt' text chunk)",
                                     str(path), hint="only images saved by sdgraph or ComfyUI carry one")])
 

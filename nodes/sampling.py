@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from graph import CONDITIONING, LATENT, MODEL, Choice, Float, Int, node
 from nodes import models
+from nodes.finite import check_finite
 from nodes.values import Conditioning, Latent, ModelRecipe
 from sd.sampling.ksampler import SAMPLERS, SCHEDULERS
 
@@ -24,6 +25,7 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
 
     samples = sample(models.fast_unet(unet), positive.cond, negative.cond, latent.samples, callback=on_step,
                      **kwargs)
+    check_finite(samples, "the sampled latents", model, "unet")
     return Latent(samples, latent.batch_index)
 
 

@@ -28,15 +28,16 @@ def chunk_token_groups(groups: list[Chunk], start: int = START_ID, end: int = EN
     chunk: Chunk = [(start, 1.0)]
     for group in groups:
         splittable = len(group) >= MAX_WORD_LENGTH
-        while group:
+        at = 0  # an index, not `group = group[room:]`: that copy made long prompts quadratic
+        while at < len(group):
             room = length - 1 - len(chunk)  # leave space for the end token
-            if len(group) <= room:
-                chunk.extend(group)
+            if len(group) - at <= room:
+                chunk.extend(group[at:])
                 break
             if splittable:
-                chunk.extend(group[:room])
+                chunk.extend(group[at:at + room])
                 chunk.append((end, 1.0))
-                group = group[room:]
+                at += room
             else:  # close this chunk early; the whole group opens the next one
                 chunk.append((end, 1.0))
                 chunk.extend([(pad, 1.0)] * room)

@@ -7,10 +7,14 @@
 - Each weighted segment is tokenized as a whole and becomes one token *group*; chunking (sd/text/encode.py)
   keeps groups shorter than 8 tokens inside one chunk.
 - ``embedding:name`` (textual inversion) is not supported yet and is refused with a clear message.
+- Refused too, where ComfyUI would go on: a weight that is not finite (``(x:nan)``, ``(x:inf)``: a black
+  image), parentheses nested deeper than MAX_NESTING, and prompts over MAX_PROMPT_CHARS characters (the
+  encoding grows with the prompt: 75 tokens a chunk, every chunk through the text encoder).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from sd.errors import SDGraphError
@@ -19,6 +23,8 @@ from sd.text.tokenizer import CLIPTokenizer, default_tokenizer
 EMBEDDING_PREFIX = "embedding:"
 # Control characters cannot come from a typed prompt, so they stand in for escaped parentheses while parsing.
 _ESCAPED_CLOSE, _ESCAPED_OPEN = "\0\1", "\0\2"
+MAX_PROMPT_CHARS = 100_000
+MAX_NESTING = 100
 _EMBEDDING_SPLIT = re.compile(f" {EMBEDDING_PREFIX}|\n{EMBEDDING_PREFIX}")
 
 
@@ -62,7 +68,9 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
-def _weigh(text: str, weight: float) -> list[tuple[str, float]]:
+def _weigh(text: str, weight: float, level: int = 0) -> list[tuple[str, float]]:
+    if level > MAX_NESTING:
+        raise PromptError(f"prompt nests parentheses deeper than {MAX_NESTING} levels")
     out: list[tuple[str, float]] = []
     for part in _split_top_level(text):
         if len(part) >= 2 and part[0] == "(" and part[-1] == ")":
@@ -75,14 +83,21 @@ def _weigh(text: str, weight: float) -> list[tuple[str, float]]:
                     inner = inner[:colon]
                 except ValueError:
                     pass  # '(a:b)' is just text in a 1.1 group
-            out += _weigh(inner, inner_weight)
+                else:
+                    if not math.isfinite(inner_weight):
+                        raise PromptError(f"prompt weight '({inner[:40]}:{part[colon + 2:-1]})' is not a "
+                                          "finite number; use a weight such as 1.2")
+            out += _weigh(inner, inner_weight, level + 1)
         else:
             out.append((part, weight))
     return out
 
 
 def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
-    """``"a (cat:1.2)"`` -> ``[("a ", 1.0), ("cat", 1.2)]``: segments (escapes resolved) and their weights."""
+    """``"a (cat:1.2)"`` -> ``[("a ", 1.0), ("cat", 1.2)]``: segments (escapes resolved) and their weights.
+    PromptError for what check_prompt refuses."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"prompt has {len(text):,} characters (at most {MAX_PROMPT_CHARS:,}); shorten it")
     return [(_unescape(segment), weight) for segment, weight in _weigh(_escape(text), 1.0)]
 
 
@@ -104,3 +119,10 @@ def tokenize_weighted(text: str, tokenizer: CLIPTokenizer | None = None) -> list
                 )
             groups.append([(token, weight) for token in tokenizer.encode(piece)])
     return groups
+
+
+
+def check_prompt(text: str) -> None:
+    """What can be known about a prompt before running, without the tokenizer: PromptError for a prompt
+    too long, nested too deep or with a weight that is not finite."""
+    parse_prompt_weights(text)

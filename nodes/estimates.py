@@ -1,0 +1,122 @@
+"""Memory estimates of the SD nodes (graph/memory_plan.py): lower bounds from the literal inputs and the
+sizes flowing along links, so that a 16384x16384 image, a batch of 4096 or an image file claiming 8000x8000
+pixels is refused before anything runs, naming the node, instead of the process being killed.
+
+Infos passed along links: LATENT ("latent", batch, height, width) in latent pixels; IMAGE ("image", batch,
+height, width) in image pixels. Figures are float32 (the CPU's precision; fp16 on a GPU needs about half of
+the activations, not of the outputs).
+"""
+
+from __future__ import annotations
+
+from graph.memory_plan import Estimate, register_estimate
+from sd.image.tiling import DEFAULT_TILE, SCALE, TILE_THRESHOLD
+
+F32 = 4
+LATENT_CHANNELS = 4
+UNET_CHANNELS = 320   # SD1.x model channels at full latent resolution
+UNET_LIVE = 12        # full-resolution UNet tensors alive at once (skips, resnet in/out): a lower bound
+VAE_CHANNELS = 128    # the VAE's channels at full image resolution
+VAE_LIVE = 4
+
+
+def _latent_bytes(b: int, h: int, w: int) -> int:
+    return b * h * w * LATENT_CHANNELS * F32
+
+
+def _image_bytes(b: int, h: int, w: int) -> int:
+    return b * h * w * 3 * F32
+
+
+def _size(info, kind: str):
+    return info[1:] if isinstance(info, tuple) and info and info[0] == kind else None
+
+
+def empty_latent(lit, inputs, files) -> Estimate:
+    b, h, w = lit["batch_size"], lit["height"] // SCALE, lit["width"] // SCALE
+    return Estimate(held=_latent_bytes(b, h, w), outputs=(("latent", b, h, w),),
+                    detail=f"{b}x{h}x{w} latents")
+
+
+def latent_upscale(lit, inputs, files) -> Estimate:
+    size = _size(inputs.get("samples"), "latent")
+    if size is None:
+        return Estimate()
+    b, h, w = size
+    width, height = lit["width"], lit["height"]
+    if width or height:
+        width, height = max(64, width or round(w * SCALE * max(64, height) / h)), \
+            max(64, height or round(h * SCALE * max(64, width) / w))
+        h, w = height // SCALE, width // SCALE
+    return Estimate(held=_latent_bytes(b, h, w), outputs=(("latent", b, h, w),),
+                    detail=f"{b}x{h}x{w} latents")
+
+
+def sampler(lit, inputs, files) -> Estimate:
+    size = _size(inputs.get("latent_image"), "latent")
+    if size is None:
+        return Estimate()
+    b, h, w = size
+    working = 2 * b * h * w * UNET_CHANNELS * F32 * UNET_LIVE  # x2: the cond and uncond halves of CFG
+    return Estimate(held=_latent_bytes(b, h, w), working=working, outputs=(("latent", b, h, w),),
+                    detail=f"UNet activations for {b} latent(s) of {w * SCALE}x{h * SCALE} pixels")
+
+
+def vae_decode(lit, inputs, files) -> Estimate:
+    size = _size(inputs.get("samples"), "latent")
+    if size is None:
+        return Estimate()
+    b, h, w = size
+    tiled = h * w > TILE_THRESHOLD
+    side = DEFAULT_TILE * SCALE
+    pixels = b * side * side if tiled else b * h * w * SCALE * SCALE
+    H, W = h * SCALE, w * SCALE
+    return Estimate(held=_image_bytes(b, H, W), working=pixels * VAE_CHANNELS * F32 * VAE_LIVE,
+                    outputs=(("image", b, H, W),),
+                    detail=f"{b} image(s) of {W}x{H} pixels and the VAE decoder's activations")
+
+
+def vae_encode(lit, inputs, files) -> Estimate:
+    size = _size(inputs.get("pixels"), "image")
+    if size is None:
+        return Estimate()
+    b, H, W = size
+    h, w = H // SCALE, W // SCALE
+    return Estimate(held=_latent_bytes(b, h, w), working=b * H * W * VAE_CHANNELS * F32 * VAE_LIVE,
+                    outputs=(("latent", b, h, w),),
+                    detail=f"the VAE encoder's activations for {b} image(s) of {W}x{H} pixels")
+
+
+def load_image(lit, inputs, files) -> Estimate:
+    from nodes.images import image_header
+
+    path = files.get("image")
+    if path is None:
+        return Estimate()
+    (W, H), frames = image_header(path)
+    return Estimate(held=_image_bytes(frames, H, W) + frames * H * W * F32,
+                    outputs=(("image", frames, H, W), None),
+                    detail=f"{frames} frame(s) of {W}x{H} pixels decoded from {path.name}")
+
+
+def save_image(lit, inputs, files) -> Estimate:
+    size = _size(inputs.get("images"), "image")
+    if size is None:
+        return Estimate()
+    b, H, W = size
+    return Estimate(working=_image_bytes(b, H, W) + H * W * 3,
+                    detail=f"{b} image(s) of {W}x{H} pixels to encode")
+
+
+def load_checkpoint(lit, inputs, files) -> Estimate:
+    path = files.get("ckpt_name")
+    size = path.stat().st_size if path is not None else 0
+    return Estimate(held=size, outputs=(None, None, None), detail="the checkpoint's weights")
+
+
+def register() -> None:
+    table = {"EmptyLatent": empty_latent, "LatentUpscale": latent_upscale, "KSampler": sampler,
+             "KSamplerAdvanced": sampler, "VAEDecode": vae_decode, "VAEEncode": vae_encode,
+             "LoadImage": load_image, "SaveImage": save_image, "LoadCheckpoint": load_checkpoint}
+    for name, fn in table.items():
+        register_estimate(name, fn)
