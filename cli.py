@@ -15,7 +15,7 @@ EPILOG = """\
 examples:
   sdgraph run workflows/txt2img.yaml
   sdgraph run workflows/txt2img.yaml --set seed=7 --set sampler.steps=30
-  sdgraph run workflows/txt2img.yaml --sweep sampler.seed=1,2,3 --sweep pos.text=@prompts.txt
+  sdgraph run workflows/txt2img.yaml --sweep sampler.seed=1,2,3 --sweep positive.text=@prompts.txt
   sdgraph run image.png                     re-run the workflow embedded in an image
   sdgraph run wf.yaml --sweep seed=@seeds.txt --distributed -n 2    one process (GPU) per rank
   mlx.launch --hostfile hosts.json -- sdgraph run wf.yaml --sweep ...      the same over several hosts
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a workflow (YAML <-> JSON, or from an imported format)")
     conv.add_argument("input")
     conv.add_argument("-o", "--output", required=True, help="output file; .json or .yaml decides the format")
+    conv.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
     demo = sub.add_parser("demo", help="write random-weight stand-ins for the files the workflows name")
     demo.add_argument("--models-dir", help="model folder (default $SDGRAPH_MODELS_DIR or ./models)")
@@ -348,7 +349,9 @@ def cmd_nodes(args) -> int:
             for spec in sorted(by_category[category], key=lambda s: s.type_name):
                 print(f"  {spec.type_name.ljust(width)}  {spec.title}")
         return 0
-    spec = NODE_REGISTRY.get(args.type)
+    from graph.declare import get_spec
+
+    spec = get_spec(args.type)
     if spec is None:
         raise ValidationFailed([Problem(f"unknown node type '{args.type}'",
                                         hint=did_you_mean(args.type, NODE_REGISTRY))])
@@ -397,18 +400,55 @@ def cmd_convert(args) -> int:
     import yaml
 
     from graph.context import atomic_path
+    from graph.errors import Problem, ValidationFailed
     from graph.importers import load_workflow
 
-    data = load_workflow(args.input).to_data()
     out = Path(args.output)
+    _check_convert_target(Path(args.input), out, args.force)
+    data = load_workflow(args.input).to_data()
     if out.suffix.lower() == ".json":
         text = json.dumps(data, indent=2) + "\n"
     else:
         text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
-    with atomic_path(out) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    try:
+        with atomic_path(out, overwrite=args.force) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except FileExistsError:  # created by someone else since the check above
+        raise ValidationFailed([Problem(f"{out} exists; pass --force to replace it")]) from None
+    except OSError as e:
+        message = f"cannot write {out}: {e.strerror or e}; pick another -o path"
+        raise ValidationFailed([Problem(message)]) from None
     print(f"wrote {out}")
     return 0
+
+
+def _check_convert_target(source: Path, out: Path, force: bool) -> None:
+    """`convert -o` never replaces its own input or anything but a regular file, and a regular file
+    only with --force."""
+    import stat
+
+    from graph.errors import Problem, ValidationFailed
+
+    def refuse(message: str) -> None:
+        raise ValidationFailed([Problem(message)])
+
+    try:
+        st = out.stat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        refuse(f"cannot use -o {out}: {e.strerror}")
+    try:
+        same = source.exists() and os.path.samefile(source, out)
+    except OSError:
+        same = False
+    if same:
+        refuse(f"-o {out} is the input file itself; write the result to another file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        refuse(f"-o {out} is {kind}; convert writes only regular files, give a file path")
+    if not force:
+        refuse(f"-o {out} exists; pass --force to replace it, or pick another name")
 
 
 def cmd_cache(args) -> int:

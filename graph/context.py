@@ -165,6 +165,19 @@ def _publish_exclusive(tmp: Path, target: Path) -> None:
     os.unlink(tmp)
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @dataclass
 class ExecutionContext:
     """Passed to nodes that declare `ctx`. One per node execution; the run-wide parts are shared."""
@@ -231,3 +244,5 @@ class ExecutionContext:
         overwrite=False raises FileExistsError if `p` exists by then (pick the next counter and retry)."""
         with atomic_path(path, overwrite, on_published=self.register_file) as tmp:
             yield tmp
+            with contextlib.suppress(OSError):  # mkstemp's 0600 -> what open() would have given
+                os.chmod(tmp, 0o666 & ~_umask())

@@ -73,6 +73,7 @@ class NodeSpec:
     volatile: bool = False
     reads_files: dict[str, FileResolver] = field(default_factory=dict)
     wants_ctx: bool = False
+    writes_files: dict[str, FileResolver] = field(default_factory=dict)
 
     @property
     def cache_tier(self) -> str:
@@ -119,6 +120,19 @@ class NodeSpec:
 
 
 NODE_REGISTRY: dict[str, NodeSpec] = {}
+NODE_ALIASES: dict[str, str] = {}  # another name for a registered type (e.g. ComfyUI's class name)
+
+
+def alias(other_name: str, type_name: str) -> None:
+    """Let workflow files name the node type `type_name` as `other_name` too (same inputs, outputs)."""
+    if other_name in NODE_REGISTRY and other_name != type_name:
+        raise ValueError(f"{other_name!r} is a node type itself; it cannot be an alias of {type_name!r}")
+    NODE_ALIASES[other_name] = type_name
+
+
+def canonical_type(name: str) -> str:
+    """The registered type a workflow's `type:` means (an alias resolves to its type)."""
+    return name if name in NODE_REGISTRY else NODE_ALIASES.get(name, name)
 
 
 def node(
@@ -133,6 +147,7 @@ def node(
     cache: str | None = None,
     volatile: bool = False,
     reads_files: dict[str, FileResolver] | None = None,
+    writes_files: dict[str, FileResolver] | None = None,
 ):
     """Declare a node type from a typed function and register it.
 
@@ -146,11 +161,14 @@ def node(
                   Default: "disk" when every output type has a serializer, else "memory".
     volatile:     the result may differ between runs with equal inputs (never a cache hit).
     reads_files:  {input name: resolver} for inputs naming files whose content the result depends on.
+    writes_files: {input name: checker} for inputs naming where the node writes (a sink's prefix): the
+                  checker gets (value, Folders), returns the folder it will write in and raises
+                  ValueError when it cannot (validation reports it before anything runs).
     """
 
     def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
         spec = _build_spec(f, name, category, outputs, output_names, version, output, cache, volatile,
-                           reads_files or {})
+                           reads_files or {}, writes_files or {})
         existing = NODE_REGISTRY.get(spec.type_name)
         if existing is not None and existing.fn.__qualname__ != f.__qualname__:
             raise ValueError(f"node type {spec.type_name!r} is declared twice "
@@ -163,10 +181,11 @@ def node(
 
 
 def get_spec(type_name: str) -> NodeSpec | None:
-    return NODE_REGISTRY.get(type_name)
+    return NODE_REGISTRY.get(canonical_type(type_name))
 
 
-def _build_spec(f, name, category, outputs, output_names, version, output, cache, volatile, reads_files):
+def _build_spec(f, name, category, outputs, output_names, version, output, cache, volatile, reads_files,
+                writes_files):
     type_name = name or f.__name__
     sig = inspect.signature(f, eval_str=True)
     inputs: dict[str, InputSpec] = {}
@@ -183,9 +202,10 @@ def _build_spec(f, name, category, outputs, output_names, version, output, cache
         if has_default and default is not None and isinstance(kind, LiteralType):
             kind.check(default)  # a bad default is the node author's bug: fail at import
         inputs[p.name] = InputSpec(p.name, kind, required=not has_default, default=default)
-    for key in reads_files:
-        if key not in inputs or inputs[key].is_socket:
-            raise TypeError(f"{type_name}: reads_files names {key!r}, which is not a literal input")
+    for what, names in (("reads_files", reads_files), ("writes_files", writes_files)):
+        for key in names:
+            if key not in inputs or inputs[key].is_socket:
+                raise TypeError(f"{type_name}: {what} names {key!r}, which is not a literal input")
 
     out_types = _output_types(type_name, outputs, sig.return_annotation)
     names = list(output_names) if output_names else _default_output_names(out_types)
@@ -197,7 +217,7 @@ def _build_spec(f, name, category, outputs, output_names, version, output, cache
     if cache not in CACHE_TIERS + ("auto",):
         raise ValueError(f"{type_name}: cache must be one of {CACHE_TIERS}, not {cache!r}")
     return NodeSpec(type_name, f, category, inspect.getdoc(f) or "", inputs, out_specs, version,
-                    output, cache, volatile, dict(reads_files), wants_ctx)
+                    output, cache, volatile, dict(reads_files), wants_ctx, dict(writes_files))
 
 
 def _default_output_names(types: list[SocketType]) -> list[str]:

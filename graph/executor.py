@@ -165,7 +165,7 @@ class _Run:
         start = time.perf_counter()
         cached = self.ex.caches.memory.get(pn.key)
         status = MEMORY
-        if cached is None or not _files_exist(cached.files):
+        if cached is None or not self._files_usable(pn, cached.files):
             cached, status = self._load_from_disk(pn), DISK
         if cached is None:
             return False
@@ -185,7 +185,7 @@ class _Run:
             self.ex.events.warning(f"cache entry for node '{pn.id}' ({spec.type_name}) is corrupt ({e}); "
                                    "recomputing it")
             return None
-        if entry is None or not _files_exist(entry.files):
+        if entry is None or not self._files_usable(pn, entry.files):
             return None
         if entry.types != [o.type.name for o in spec.outputs]:
             return None  # declared outputs changed without a version bump: treat as a miss
@@ -198,6 +198,18 @@ class _Run:
         cached = _Cached(values, entry.files)
         self._remember_in_memory(pn, cached)
         return cached
+
+    def _files_usable(self, pn: PlannedNode, files: list[str]) -> bool:
+        """A cached result stands for its files only while they exist and, for a sink, lie in this run's
+        output folder: a run with another --output-dir re-runs the sink (from cached upstream values),
+        so its outputs land where this run was asked to put them. The output folder is no part of any
+        cache key, so upstream nodes still hit."""
+        if not _files_exist(files):
+            return False
+        if not pn.node.spec.is_output or not files:
+            return True
+        root = Path(self.ex.folders.output_dir).resolve()
+        return all(root == p or root in p.parents for p in (Path(f).resolve() for f in files))
 
     # -- running ----------------------------------------------------------------------------------
 

@@ -95,6 +95,8 @@ def _apply_one(wf: Workflow, target: str, raw: str) -> Any:
     node_id, dot, input_name = target.partition(".")
     if not dot:
         return _apply_param(wf, target, raw)
+    if node_id not in wf.nodes and node_id in wf.node_aliases:  # ComfyUI's "3" for our "sampler_3"
+        node_id = wf.node_aliases[node_id]
     decl = wf.nodes.get(node_id)
     if decl is None:
         raise _Bad(f"no node '{node_id}'", hint=did_you_mean(node_id, list(wf.nodes) + list(wf.params)))

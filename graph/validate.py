@@ -109,8 +109,14 @@ def validate(wf: Workflow, folders: Folders | None = None) -> dict[str, BoundNod
                 if name in b.literals:
                     try:
                         b.files[name] = Path(resolver(b.literals[name], folders))
-                    except (FileNotFoundError, ValueError) as e:
-                        problem(str(e.args[0]) if e.args else str(e), b.id, name)
+                    except (OSError, ValueError) as e:
+                        problem(_message(e), b.id, name)
+            for name, checker in b.spec.writes_files.items():
+                if name in b.literals:
+                    try:
+                        checker(b.literals[name], folders)
+                    except (OSError, ValueError) as e:
+                        problem(_message(e), b.id, name)
 
     graph = nx.DiGraph()
     graph.add_nodes_from(bound)
@@ -128,6 +134,12 @@ def validate(wf: Workflow, folders: Folders | None = None) -> dict[str, BoundNod
     if problems:
         raise ValidationFailed(problems)
     return bound
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"cannot use {e.filename}: {e.strerror}"
+    return str(e.args[0]) if e.args else str(e)
 
 
 def _link_hint(wf: Workflow, type_name: str) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graph.declare import canonical_type
 from graph.errors import ValidationFailed
 from graph.schema import check_structure
 from graph.source_text import Lines, parse_text
@@ -67,6 +68,7 @@ class Workflow:
     params: dict[str, Any] = field(default_factory=dict)
     source: SourceMap = field(default_factory=SourceMap)
     description: str | None = None
+    node_aliases: dict[str, str] = field(default_factory=dict)  # an importer's original id -> ours
 
     def to_data(self) -> dict:
         """Our file format as plain data (for YAML/JSON output and PNG metadata)."""
@@ -83,7 +85,8 @@ class Workflow:
 
     def copy(self) -> Workflow:
         nodes = {i: NodeDecl(n.id, n.type, dict(n.inputs)) for i, n in self.nodes.items()}
-        return Workflow(nodes, copy.deepcopy(self.params), self.source, self.description)
+        return Workflow(nodes, copy.deepcopy(self.params), self.source, self.description,
+                        dict(self.node_aliases))
 
 
 def _value_to_data(value: Any) -> Any:
@@ -112,7 +115,7 @@ def workflow_from_data(data: Any, source: SourceMap | None = None) -> Workflow:
     if problems:
         raise ValidationFailed(problems)
     nodes = {
-        node_id: NodeDecl(node_id, body["type"],
+        node_id: NodeDecl(node_id, canonical_type(body["type"]),
                           {k: _value_from_data(v) for k, v in body.items() if k != "type"})
         for node_id, body in data["nodes"].items()
     }

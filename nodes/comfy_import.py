@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from graph.declare import get_spec
+from graph.declare import alias, get_spec
 from graph.errors import Problem, ValidationFailed
 from graph.importers import register_importer
 from graph.source_text import parse_text
@@ -84,7 +84,7 @@ def workflow_from_comfy(data: dict, filename: str | None = None, lines: dict | N
     if problems:
         raise ValidationFailed(problems)
     source.lines = {k: v for k, v in source.lines.items() if v}
-    return Workflow(nodes, {}, source, description)
+    return Workflow(nodes, {}, source, description, node_aliases=ids)
 
 
 def _is_link(value: Any) -> bool:
@@ -125,5 +125,8 @@ def _refuse_ui(path: Path) -> Workflow:
 
 
 def register() -> None:
+    for comfy, mapping in COMFY_TO_OURS.items():
+        if comfy != mapping.ours and not mapping.renames:  # same inputs: the class name is an alias
+            alias(comfy, mapping.ours)
     register_importer("comfyui-ui", _sniff_ui, _refuse_ui)
     register_importer("comfyui-api", _sniff_api, load_comfy_file)

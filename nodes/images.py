@@ -10,7 +10,9 @@ import mlx.core as mx
 import numpy as np
 
 from graph import IMAGE, MASK, String, node
-from nodes.paths import resolve_image
+from nodes.paths import check_name, check_writable_folder, os_error_message, resolve_image
+
+MAX_NAME_TRIES = 1000  # "next free file name" attempts before giving up (other writers racing us)
 
 MAX_IMAGE_SIDE = 16384  # as nodes.latents.MAX_RESOLUTION; the plan's memory estimate bounds the rest
 
@@ -86,20 +88,33 @@ def next_counter(folder: Path, name: str) -> int:
 
 def save_exclusive(ctx, folder: Path, name: str, data: bytes) -> Path:
     """Write `data` as the next free `{name}_{counter:05}_.png` through the engine's atomic, never-
-    overwriting `ctx.output_file` (another process taking the name first just moves us on one)."""
-    counter = next_counter(folder, name) if folder.is_dir() else 1
-    while True:
+    overwriting `ctx.output_file` (another process taking the name first just moves us on one).
+    Bounded: a folder that is a file, or any other file-system error, is one clear OSError."""
+    fix = "point --output-dir (or filename_prefix) at a folder you may write in"
+    try:
+        check_writable_folder(folder, "output folder", "--output-dir")
+        counter = next_counter(folder, name) if folder.is_dir() else 1
+    except (ValueError, OSError) as e:
+        raise OSError(str(e) if isinstance(e, ValueError) else os_error_message(e, folder, fix)) from None
+    for _ in range(MAX_NAME_TRIES):
         target = folder / f"{name}_{counter:05}_.png"
         try:
             with ctx.output_file(target, overwrite=False) as tmp:
                 tmp.write_bytes(data)
             return target
         except FileExistsError:
+            if not folder.is_dir():  # the folder itself is in the way, not a taken name
+                raise OSError(f"cannot write {target}: {folder} is not a folder; {fix}") from None
             counter += 1
+        except OSError as e:
+            raise OSError(os_error_message(e, target, fix)) from None
+    raise OSError(f"no free file name for {folder / name}_NNNNN_.png after {MAX_NAME_TRIES} tries "
+                  "(another program keeps taking them); use another filename_prefix")
 
 
 def output_location(output_dir: Path, prefix: str) -> tuple[Path, str]:
     """(folder, file name stem) for a prefix that may hold subfolders; never outside output_dir."""
+    check_name(prefix, "filename_prefix", writing=True)
     root = Path(output_dir).resolve()
     folder = (root / prefix).parent.resolve()
     name = Path(prefix).name
@@ -109,7 +124,16 @@ def output_location(output_dir: Path, prefix: str) -> tuple[Path, str]:
     return folder, name
 
 
-@node(category="image", output=True)
+def save_folder(prefix: str, folders) -> Path:
+    """SaveImage's `writes_files` check, before anything runs: the folder the prefix saves into is
+    inside the output folder, and both are (or can become) folders this user may write in."""
+    folder, _ = output_location(folders.output_dir, prefix)
+    check_writable_folder(Path(folders.output_dir), "output folder", "--output-dir")
+    check_writable_folder(folder, f"output folder of filename_prefix {prefix!r}", "filename_prefix")
+    return folder
+
+
+@node(category="image", output=True, writes_files={"filename_prefix": save_folder})
 def SaveImage(images: IMAGE, filename_prefix: String() = "sdgraph", ctx=None):
     """Save images as output/{prefix}_{counter:05}_.png (never overwriting). Each PNG embeds the
     workflow (`sdgraph run image.png` re-runs it) and a ComfyUI-style `prompt` chunk."""

@@ -8,6 +8,8 @@ These functions are the nodes' `reads_files` resolvers, so the engine fingerprin
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
@@ -15,6 +17,11 @@ from graph import Folders
 
 MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+NAME_MAX = 255    # bytes per path component on the usual file systems (ext4, APFS, NTFS, btrfs)
+PATH_MAX = 4096   # bytes of a whole path (Linux); macOS allows 1024, checked by the OS itself
+# Reserved on Windows whatever the extension (a workflow that writes `con.png` fails there)
+_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)}
 
 # ComfyUI's LoadImage may name a file as "name.png [input]" / "[output]" / "[temp]".
 _ANNOTATION = re.compile(r"\s*\[(input|output|temp)\]$")
@@ -37,16 +44,70 @@ def available(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     return sorted(names)
 
 
+def check_name(name: object, kind: str, writing: bool = False) -> str:
+    """The one check of a user-supplied file name (loaders' files, sinks' prefixes), before any file-
+    system call: a non-empty string, no NUL byte, no component longer than NAME_MAX bytes, not longer
+    than PATH_MAX bytes, and for names that will be written, no name Windows reserves. Raises
+    ValueError with a message that says what to change."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{kind} is empty; give a file name")
+    shown = name if len(name) <= 60 else f"{name[:40]}...{name[-12:]}"
+    if "\x00" in name:
+        raise ValueError(f"{kind} {shown!r} contains a NUL byte, which no file name may hold; remove it")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > PATH_MAX:
+        raise ValueError(f"{kind} {shown!r} is {size} bytes long; paths may be at most {PATH_MAX} bytes")
+    for part in re.split(r"[/\\]", name):
+        part_size = len(part.encode("utf-8", "surrogateescape"))
+        if part_size > NAME_MAX:
+            raise ValueError(f"{kind} {shown!r} has a name of {part_size} bytes; file systems allow at most "
+                             f"{NAME_MAX} bytes per file or folder name; shorten it")
+        if writing and part.split(".")[0].strip().upper() in _RESERVED:
+            raise ValueError(f"{kind} {shown!r} uses {part!r}, a name Windows reserves for a device; "
+                             "pick another name")
+    return name
+
+
+def check_writable_folder(folder: Path, what: str, flag: str) -> None:
+    """Raise ValueError unless `folder` is (or can be created as) a folder this process may write in:
+    every existing part of the path a folder, the deepest existing one writable."""
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} cannot be a folder: {existing} is a file, not a folder; "
+                         f"point {flag} at a folder, or move that file away")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} is not writable ({existing} does not allow this user to write); "
+                         f"point {flag} at a folder you may write in, or change its permissions")
+
+
+def os_error_message(e: OSError, path: Path | str, fix: str) -> str:
+    """One line for a file-system error on `path`: what happened and what to do."""
+    reason = {errno.ENAMETOOLONG: "the name is too long for the file system",
+              errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.ENOTDIR: "a part of the path is a file, not a folder",
+              errno.EEXIST: "a file is in the way of a folder",
+              errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+    return f"cannot write {path}: {reason}; {fix}"
+
+
 def resolve(name: str, folder: Path, kind: str, extensions: tuple[str, ...], flag: str) -> Path:
     """The file `name` names: inside `folder`, else an absolute or current-folder-relative path."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{kind} name is empty; give a file name from {folder}")
+    check_name(name, f"{kind} name")
     candidates = [Path(name)] if Path(name).is_absolute() else [folder / name, Path(name)]
     if "\\" in name:  # a workflow from ComfyUI on Windows: "sd15\\model.safetensors"
         candidates.append(folder / name.replace("\\", "/"))
     for path in candidates:
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except OSError as e:  # e.g. ENAMETOOLONG once joined with a long folder
+            raise ValueError(f"{kind} '{name}' cannot be looked up in {path.parent}: {e.strerror}") from e
     names = available(folder, extensions)
     if names:
         shown = ", ".join(names[:15]) + (f", ... ({len(names)} in all)" if len(names) > 15 else "")

@@ -102,8 +102,8 @@ def test_the_png_prompt_chunk_is_a_runnable_comfy_workflow(world, tmp_path):
     [original] = world.pngs()
     api = json.loads(png_text(original)["prompt"])
     assert {n["class_type"] for n in api.values()} == {
-        "CheckpointLoaderSimple", "LoadImage", "VAEEncode", "CLIPTextEncode", "KSampler", "VAEDecode",
-        "SaveImage"}
+        "CheckpointLoaderSimple", "LoadImage", "VAEEncode", "LatentUpscale", "CLIPTextEncode", "KSampler",
+        "VAEDecode", "SaveImage"}  # LatentUpscale at 0x0 (img2img's default size) passes the latent on
     path = tmp_path / "from_png_api.json"
     path.write_text(json.dumps(api))
     result = run(world, path, cache=False)

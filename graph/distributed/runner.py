@@ -156,7 +156,7 @@ def run_sweep(prepared: list[PreparedVariation], executor: Executor, world: Worl
     status.write(event="assigned", ids=[pv.variation.id for pv in mine], skipped=done)
     if world.size > 1:
         ids = " ".join(pv.variation.id for pv in mine) or "none"
-        events.line(f"{len(mine)} of {len(todo)} variations: {ids}")
+        events.line(f"{len(mine)} of {_count(len(todo), 'variation')}: {ids}")
 
     records = []
     with _sigterm_as_interrupt(world.is_launched):
@@ -181,7 +181,8 @@ def run_sweep(prepared: list[PreparedVariation], executor: Executor, world: Worl
     except RankLost as e:
         lost = [r["id"] for r in records if r["status"] == "ok"]
         print(f"error: {e}; another rank stopped, so there is no summary. This rank finished "
-              f"{len(lost)} of its {len(mine)} variations ({' '.join(lost) or 'none'}); re-run with "
+              f"{len(lost)} of its {_count(len(mine), 'variation')} ({' '.join(lost) or 'none'}); "
+              "re-run with "
               "--only-missing for the rest", file=sys.stderr, flush=True)
         return 1
     code = 0
@@ -271,11 +272,11 @@ def report(manifest: dict, opts: SweepOptions) -> None:
         sys.stdout.flush()
         return
     c, d = manifest["counts"], manifest["distributed"]
-    print(f"{manifest['workflow']}: {c['variations']} variations on {d['ranks']} rank"
+    print(f"{manifest['workflow']}: {_count(c['variations'], 'variation')} on {d['ranks']} rank"
           f"{'s' if d['ranks'] != 1 else ''} ({d['backend']}) in {manifest['seconds']:.2f} s: "
           f"{c['ran']} ran, {c['skipped']} already done, {c['failed']} failed")
     for part in d["per_rank"]:
-        print(f"  rank {part['rank']}: {part['variations']} variations, {part['failed']} failed, "
+        print(f"  rank {part['rank']}: {_count(part['variations'], 'variation')}, {part['failed']} failed, "
               f"{part['seconds']:.2f} s")
     for v in manifest["variations"]:
         sets = " ".join(f"{k}={val}" for k, val in v["overrides"].items())
@@ -295,3 +296,8 @@ def _print_failures(manifest: dict) -> None:
         print(f"  [{f['id']}] {sets} (rank {f['rank']}): {f['error']}", file=sys.stderr)
     print("re-run the same command with --only-missing to run only the variations without outputs",
           file=sys.stderr, flush=True)
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 variation', '2 variations'."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
