@@ -213,8 +213,16 @@ def test_failed_variation_then_only_missing(toy):
 @pytest.mark.slow
 def test_crashed_rank_lists_its_variations(toy):
     tmp, env = toy
-    proc = sdgraph(tmp, env, "wf.yaml", *SWEEP, "--distributed", "-n", "2", "--json",
-                   extra_env={"DIST_TEST_CRASH_ON": "31.0"})  # kills rank 1 at its 2nd variation
+    args = ("wf.yaml", *SWEEP, "--distributed", "-n", "2", "--json")
+    crash = {"DIST_TEST_CRASH_ON": "31.0"}  # kills rank 1 at its 2nd variation
+    try:
+        proc = sdgraph(tmp, env, *args, extra_env=crash)
+    except AssertionError as e:
+        # Once in three full CI runs on 2 busy cores the surviving rank hung in MLX's ring backend after its
+        # peer died (passes alone every time): one retry of a hang; every expectation below stays
+        if "timed out" not in str(e):
+            raise
+        proc = sdgraph(tmp, env, *args, extra_env=crash)
     assert proc.returncode == 1
     manifest = json.loads(proc.stdout)
     assert manifest["status"] == "failed" and "rank 0 did not report" in manifest["error"]
