@@ -21,7 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from graph.distributed.runner import STATUS_DIR_ENV, SweepOptions, build_manifest, failed_records, report
+from graph.distributed.runner import (
+    STATUS_DIR_ENV,
+    SweepOptions,
+    build_manifest,
+    failed_records,
+    report,
+    shard,
+)
 from graph.distributed.world import World
 from graph.runner import PreparedVariation
 
@@ -139,11 +146,16 @@ def _report_lost(args, prepared: list[PreparedVariation], status_dir: Path, rank
                          "seconds": None, "failed": sum(x["status"] != "ok" for x in finished)})
         records += [x["record"] for x in finished]
     by_id = {pv.variation.id: pv for pv in prepared}
-    lost_by_rank = {r: [i for i in ids if i not in {x["id"] for x in records}]
-                    for r, ids in assigned.items() if ids is not None}
     silent = [r for r, ids in assigned.items() if ids is None]
-    skipped = next((x.get("skipped", {}) for r in range(ranks) for x in _lines(status_dir, r)
-                    if x.get("event") == "assigned"), {})
+    reported = [x for r in range(ranks) for x in _lines(status_dir, r) if x.get("event") == "assigned"]
+    skipped = reported[0].get("skipped", {}) if reported else {}
+    if reported or not getattr(args, "only_missing", False):
+        # a rank killed before it wrote its share still had one: the split is deterministic
+        todo = [pv.variation.id for pv in prepared if pv.variation.id not in skipped]
+        for r in silent:
+            assigned[r] = shard(todo, r, ranks)
+    made = {x["id"] for x in records}
+    lost_by_rank = {r: [i for i in ids if i not in made] for r, ids in assigned.items() if ids is not None}
     world = World(0, ranks, backend, None, True)
     opts = SweepOptions(str(args.workflow), quiet=args.quiet, as_json=args.json,
                         manifest=Path(args.manifest) if getattr(args, "manifest", None) else None)
@@ -160,14 +172,18 @@ def _report_lost(args, prepared: list[PreparedVariation], status_dir: Path, rank
     for r in range(ranks):
         ids = lost_by_rank.get(r)
         if r in silent:
-            print(f"  rank {r}: stopped before it started its variations", file=sys.stderr)
+            lost = f": {len(ids)} not produced: " + _listing(ids, by_id) if ids else ""
+            print(f"  rank {r}: stopped before it started its variations{lost}", file=sys.stderr)
         elif ids:
-            shown = ", ".join(f"[{i}] " + _sets(by_id[i]) for i in ids)
-            print(f"  rank {r}: {len(ids)} not produced: {shown}", file=sys.stderr)
+            print(f"  rank {r}: {len(ids)} not produced: {_listing(ids, by_id)}", file=sys.stderr)
         else:
             print(f"  rank {r}: finished its variations", file=sys.stderr)
     report(manifest, opts)
     return 1
+
+
+def _listing(ids: list[str], by_id: dict[str, PreparedVariation]) -> str:
+    return ", ".join(f"[{i}] " + _sets(by_id[i]) for i in ids)
 
 
 def _sets(pv: PreparedVariation) -> str:
