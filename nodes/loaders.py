@@ -3,14 +3,49 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
 from nodes.paths import resolve_checkpoint, resolve_lora
 from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
 
+_PROBED: dict[tuple, str | None] = {}  # (path, size, mtime, kind) -> the error the header gave, or None
 
-@node(category="loaders", outputs=(MODEL, CLIP, VAE), reads_files={"ckpt_name": resolve_checkpoint})
+
+def probe_tensor_file(path: Path, kind: str) -> Path:
+    """Read a weights file's header (cheap: no tensor data) so that `sdgraph validate` and a run's validation
+    catch a truncated, corrupt or wrong-family file before anything runs. Remembered per file state."""
+    from sd.errors import SDGraphError
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.detect import check_family
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, kind)
+    if key not in _PROBED:
+        try:
+            keys = open_tensors(path).keys()
+            if kind == "checkpoint":
+                check_family(path, keys)
+            _PROBED[key] = None
+        except SDGraphError as e:
+            _PROBED[key] = str(e)
+        if len(_PROBED) > 256:
+            _PROBED.pop(next(iter(_PROBED)))
+    if _PROBED[key] is not None:
+        raise ValueError(f"{kind} {_PROBED[key]}")
+    return path
+
+
+def checkpoint_file(name: str, folders) -> Path:
+    return probe_tensor_file(resolve_checkpoint(name, folders), "checkpoint")
+
+
+def lora_file(name: str, folders) -> Path:
+    return probe_tensor_file(resolve_lora(name, folders), "LoRA")
+
+
+@node(category="loaders", outputs=(MODEL, CLIP, VAE), reads_files={"ckpt_name": checkpoint_file})
 def LoadCheckpoint(ckpt_name: String(), ctx=None):
     """Load an SD1.x checkpoint from models/checkpoints (ComfyUI's CheckpointLoaderSimple).
 
@@ -24,7 +59,7 @@ def LoadCheckpoint(ckpt_name: String(), ctx=None):
     return ModelRecipe(ref), ClipRecipe(ref), VaeRecipe(ref)
 
 
-@node(category="loaders", outputs=(MODEL, CLIP), reads_files={"lora_name": resolve_lora})
+@node(category="loaders", outputs=(MODEL, CLIP), reads_files={"lora_name": lora_file})
 def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
              strength_model: Float(-100.0, 100.0) = 1.0, strength_clip: Float(-100.0, 100.0) = 1.0,
              allow_partial: Boolean() = False, ctx=None):
