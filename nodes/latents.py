@@ -81,7 +81,8 @@ def VAEDecode(samples: LATENT, vae: VAE, ctx=None):
     """Decode latents into images (NHWC, values in [0, 1])."""
     latent: Latent = samples
     model = models.vae_for(vae, ctx.log)
-    image = decode_image(model, latent.samples, decode=models.vae_decoder(model))
+    # a large image decodes in tiles (a 1024² decode takes ~20 s on a CPU): each tile is a progress step
+    image = decode_image(model, latent.samples, decode=models.vae_decoder(model), progress=ctx.progress)
     mx.eval(image)
     check_finite(image, "the decoded images", vae, "vae")
     return image
