@@ -205,11 +205,29 @@ def _folders(args):
     return Folders.from_env(args.models_dir, args.input_dir, args.output_dir)
 
 
+def _check_workflow_file(path: str | Path) -> None:
+    """A missing `workflows/<example>` outside a checkout: say where the installed examples are."""
+    from graph.errors import Problem, ValidationFailed
+
+    path = Path(path)
+    if path.exists():
+        return
+    import workflows
+
+    installed = Path(workflows.__file__).resolve().parent / path.name
+    if installed.is_file() and installed != path.resolve():
+        raise ValidationFailed([Problem(
+            f"cannot read workflow: no such file; '{path.name}' is one of sdgraph's examples, installed at "
+            f"{installed}: run `sdgraph demo` here to copy the examples to ./workflows (with stand-in "
+            f"models), or give that path", str(path))])
+
+
 def _prepare(args):
     from graph.importers import load_workflow
     from graph.runner import prepare
     from graph.sweep import parse_assignment, parse_sweep
 
+    _check_workflow_file(args.workflow)
     wf = load_workflow(args.workflow)
     sets = [parse_assignment(s) for s in args.set]
     sweeps = [parse_sweep(s, Path(args.workflow).parent) for s in args.sweep]
@@ -405,6 +423,7 @@ def cmd_convert(args) -> int:
 
     out = Path(args.output)
     _check_convert_target(Path(args.input), out, args.force)
+    _check_workflow_file(args.input)
     data = load_workflow(args.input).to_data()
     if out.suffix.lower() == ".json":
         text = json.dumps(data, indent=2) + "\n"
@@ -468,10 +487,11 @@ def cmd_cache(args) -> int:
 
 def cmd_demo(args) -> int:
     from graph.context import Folders
-    from nodes.demo import make_demo
+    from nodes.demo import copy_example_workflows, make_demo
 
     folders = Folders.from_env(args.models_dir, args.input_dir)
     make_demo(folders.models_dir, folders.input_dir)
+    copy_example_workflows("workflows")
     return 0
 
 

@@ -99,3 +99,29 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint} and real LoRAs in "
               f"{models_dir / 'loras'} under those names to get real images.", file=out)
     return written
+
+
+def copy_example_workflows(dest: str | Path, out: TextIO = sys.stdout) -> list[Path]:
+    """Copy the example workflows shipped with sdgraph into `dest` (./workflows), so that an installed
+    sdgraph runs `sdgraph run workflows/txt2img.yaml` as the README says. Existing files are kept; in a
+    checkout, where `dest` is the examples folder itself, nothing happens."""
+    import shutil
+
+    import workflows
+
+    source, dest = Path(workflows.__file__).resolve().parent, Path(dest)
+    if dest.resolve() == source:
+        return []
+    written = []
+    for path in sorted(source.iterdir()):
+        if path.suffix not in (".yaml", ".yml", ".json", ".txt") or not path.is_file():
+            continue
+        target = dest / path.name
+        if target.exists():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        written.append(target)
+    if written:
+        print(f"copied {len(written)} example workflows to {dest}/ (from {source})", file=out)
+    return written

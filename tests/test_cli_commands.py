@@ -110,3 +110,21 @@ def test_cache_info_and_clear(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "entries:       0" in capsys.readouterr().out
+
+
+def test_examples_outside_a_checkout_are_pointed_to_and_copied_by_demo(tmp_path, capsys, monkeypatch):
+    """Installed into another environment, `sdgraph run workflows/txt2img.yaml` (as the README says) found
+    nothing and said nothing of where the examples went (issue 21): the error names the installed file, and
+    `sdgraph demo` copies the examples next to its stand-ins, never over a user's file."""
+    monkeypatch.delenv("SDGRAPH_EXTRA_NODES")
+    assert cli.main(["validate", "workflows/txt2img.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "one of sdgraph's examples, installed at" in err and "sdgraph demo" in err
+    (tmp_path / "workflows").mkdir()
+    mine = tmp_path / "workflows" / "img2img.yaml"
+    mine.write_text("# mine\n")
+    assert cli.main(["demo"]) == 0
+    assert "copied" in capsys.readouterr().out
+    assert mine.read_text() == "# mine\n"
+    assert cli.main(["validate", "workflows/txt2img.yaml", "--set", "width=64", "--set", "height=64"]) == 0
+    assert cli.main(["validate", "workflows/prompt_sweep.yaml"]) == 0  # its prompts.txt came along
