@@ -19,6 +19,9 @@ if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenbl
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".${extras}"
+# -qq: errors only (pip's and setuptools' advisory warnings are noise to a newcomer); failures still print
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+.venv/bin/python -m pip install -qq --upgrade pip >/dev/null
+echo "setup: installing sdgraph${extras:+ with the test tools} into .venv (a minute or two) ..."
+.venv/bin/python -m pip install -qq -e ".${extras}"
 echo "setup: done. Run: .venv/bin/sdgraph --help"

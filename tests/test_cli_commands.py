@@ -128,3 +128,15 @@ def test_examples_outside_a_checkout_are_pointed_to_and_copied_by_demo(tmp_path,
     assert mine.read_text() == "# mine\n"
     assert cli.main(["validate", "workflows/txt2img.yaml", "--set", "width=64", "--set", "height=64"]) == 0
     assert cli.main(["validate", "workflows/prompt_sweep.yaml"]) == 0  # its prompts.txt came along
+
+
+def test_setup_script_is_quiet_but_not_silent_on_failure():
+    """A newcomer's set-up printed pip's and setuptools' advisory warnings (issue 21): every pip install in
+    scripts/setup.sh runs at errors-only verbosity under `set -e`, so a failure still prints and stops."""
+    from pathlib import Path
+
+    text = (Path(cli.__file__).parent / "scripts" / "setup.sh").read_text()
+    installs = [line for line in text.splitlines()
+                if "pip install" in line and not line.lstrip().startswith("#")]
+    assert installs and all(" -qq " in line for line in installs), installs
+    assert "set -euo pipefail" in text and "PIP_ROOT_USER_ACTION=ignore" in text
