@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -134,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--input-dir", help="input folder (default $SDGRAPH_INPUT_DIR or ./input)")
 
     sub.add_parser("doctor", help="report the environment and run a tiny workflow end to end")
+
+    warm = sub.add_parser(
+        "warmup", help="compile the GPU (or CPU) kernels for a checkpoint and image sizes ahead of time",
+        description="Run a 2-step txt2img for each size, discarding the images, so later runs find every "
+                    "kernel compiled (on NVIDIA a first run otherwise compiles for about a minute). Kernels "
+                    "are kept in the cache folder's kernels/ (see `sdgraph cache info`).")
+    warm.add_argument("--ckpt", default="v1-5-pruned-emaonly.safetensors",
+                      help="checkpoint whose shapes and dtypes to compile for (default: %(default)s)")
+    warm.add_argument("--size", action="append", default=[], metavar="WxH",
+                      help="image size, repeatable (default 512x512)")
+    warm.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    warm.add_argument("--models-dir", help="model folder (default $SDGRAPH_MODELS_DIR or ./models)")
+    cache_dir(warm)
 
     cache = sub.add_parser("cache", help="inspect or clear the disk cache")
     cache.add_argument("action", choices=["info", "clear"])
@@ -482,6 +497,61 @@ def cmd_cache(args) -> int:
     print(f"cache dir:     {info['cache_dir']}")
     print(f"entries:       {info['entries']}")
     print(f"size:          {human_size(info['bytes'])} of {human_size(info['max_bytes'])}")
+    kernels = _kernel_counts(store.root / "kernels")
+    shown = ", ".join(f"{n} {what}" for what, (n, _) in kernels.items() if n) or "none yet"
+    total = human_size(sum(b for _, b in kernels.values()))
+    print(f"kernels:       {shown} ({total}; `cache clear` removes them)")
+    return 0
+
+
+def _kernel_counts(folder: Path) -> dict[str, tuple[int, int]]:
+    """Compiled kernels kept in the cache folder: (files, bytes) for the CPU library, sdgraph's CUDA kernels
+    and MLX's own GPU kernels."""
+    counts = {"CPU kernel libraries": [0, 0], "sdgraph GPU kernels": [0, 0], "MLX GPU kernels": [0, 0]}
+    if folder.is_dir():
+        for p in folder.rglob("*"):
+            kind = {".so": "CPU kernel libraries", ".cubin": "sdgraph GPU kernels",
+                    ".ptx": "MLX GPU kernels"}.get(p.suffix)
+            if kind and p.is_file() and not p.name.startswith("."):
+                counts[kind][0] += 1
+                counts[kind][1] += p.stat().st_size
+    return {k: (n, b) for k, (n, b) in counts.items()}
+
+
+def cmd_warmup(args) -> int:
+    """`sdgraph warmup`: the packaged txt2img workflow, 2 steps per size, into a temporary folder."""
+    import re
+    import tempfile
+    import time
+
+    import workflows
+    from graph.errors import Problem, ValidationFailed
+
+    sizes = args.size or ["512x512"]
+    parsed = []
+    for size in sizes:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+        if not m:
+            raise ValidationFailed([Problem(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 512x512")])
+        parsed.append((int(m.group(1)), int(m.group(2))))
+    workflow = Path(workflows.__file__).resolve().parent / "txt2img.yaml"
+    for width, height in parsed:
+        with tempfile.TemporaryDirectory(prefix="sdgraph-warmup-") as out:
+            start = time.perf_counter()
+            argv = ["run", str(workflow), "--set", f"ckpt={args.ckpt}", "--set", f"width={width}",
+                    "--set", f"height={height}", "--set", "steps=2", "--set", f"batch_size={args.batch_size}",
+                    "--output-dir", out, "--no-cache", "--quiet"]
+            if args.models_dir:
+                argv += ["--models-dir", args.models_dir]
+            if args.cache_dir:
+                argv += ["--cache-dir", args.cache_dir]
+            with contextlib.redirect_stdout(io.StringIO()):  # the discarded image's path
+                code = main(argv)
+            if code != 0:
+                return code
+            seconds = time.perf_counter() - start
+            print(f"warmed up {width}x{height} (batch {args.batch_size}) in {seconds:.1f} s")
+    print("later runs of these sizes find their kernels compiled (`sdgraph cache info` lists them)")
     return 0
 
 
@@ -502,7 +572,8 @@ def cmd_doctor(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "schema": cmd_schema,
-            "convert": cmd_convert, "cache": cmd_cache, "demo": cmd_demo, "doctor": cmd_doctor}
+            "convert": cmd_convert, "cache": cmd_cache, "demo": cmd_demo, "doctor": cmd_doctor,
+            "warmup": cmd_warmup}
 
 
 if __name__ == "__main__":

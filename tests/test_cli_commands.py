@@ -140,3 +140,33 @@ def test_setup_script_is_quiet_but_not_silent_on_failure():
                 if "pip install" in line and not line.lstrip().startswith("#")]
     assert installs and all(" -qq " in line for line in installs), installs
     assert "set -euo pipefail" in text and "PIP_ROOT_USER_ACTION=ignore" in text
+
+
+def test_warmup_runs_each_size_once_and_leaves_no_images(tmp_path, capsys, monkeypatch):
+    """`sdgraph warmup` (issue 14): compile ahead of time for a checkpoint and sizes; no image is kept."""
+    monkeypatch.delenv("SDGRAPH_EXTRA_NODES")
+    assert cli.main(["demo"]) == 0
+    capsys.readouterr()
+    assert cli.main(["warmup", "--size", "64x64", "--size", "64X96"]) == 0
+    out = capsys.readouterr().out
+    assert "warmed up 64x64 (batch 1)" in out and "warmed up 64x96 (batch 1)" in out
+    assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())
+    assert cli.main(["warmup", "--size", "big"]) == 2
+    assert "expected WIDTHxHEIGHT" in capsys.readouterr().err
+    assert cli.main(["warmup", "--ckpt", "missing.safetensors"]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert cli.main(["cache", "info"]) == 0
+    assert "kernels:" in capsys.readouterr().out
+
+
+def test_cache_info_counts_the_kernels_it_keeps(tmp_path):
+    folder = tmp_path / "kernels"
+    (folder / "mlx-0.32.4-ptx").mkdir(parents=True)
+    (folder / "mlx-0.32.4-ptx" / "a.ptx").write_bytes(b"x" * 10)
+    (folder / "cuda-k-sm_90-1.cubin").write_bytes(b"y" * 5)
+    (folder / "cuda-k-sm_90-1.cubin.sha256").write_text("0")
+    (folder / "cpu_kernels-1.so").write_bytes(b"z")
+    (folder / ".build-1-x.so").write_bytes(b"half")
+    counts = cli._kernel_counts(folder)
+    assert counts == {"CPU kernel libraries": (1, 1), "sdgraph GPU kernels": (1, 5),
+                      "MLX GPU kernels": (1, 10)}

@@ -68,9 +68,11 @@ def default_options(component: str, *, gpu: bool, cuda: bool = False,
 
 def options_here(component: str) -> FastOptions:
     """`default_options` for the default device of this process (compiling the CPU kernels if needed)."""
+    from sd.accel import gpu_cache
     from sd.accel.precision import on_gpu
 
     gpu = on_gpu()
+    gpu_cache.prepare()  # kernel folders private; says once when this GPU's kernels are not compiled yet
     return default_options(component, gpu=gpu, cuda=gpu and cuda_kernels.available(),
                            cpu_kernels=not gpu and cpu_kernels.available())
 
