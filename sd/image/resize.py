@@ -71,11 +71,15 @@ def resize(x: mx.array, height: int, width: int, method: str) -> mx.array:
     if method not in _WEIGHTS:
         known = ", ".join(METHODS + ("lanczos", "bislerp"))
         raise ValueError(f"unknown resize method {method!r}; use one of {known}")
-    _, h, w, _ = x.shape
-    # numpy on the CPU: latents are small, and GPU float32 matmuls may round through TF32
-    a = np.array(x.astype(mx.float32))
-    a = np.einsum("oh,bhwc->bowc", _WEIGHTS[method](h, height), a)
-    return mx.array(np.einsum("ow,bhwc->bhoc", _WEIGHTS[method](w, width), a).astype(np.float32))
+    b, h, w, c = x.shape
+    if (h, w) == (height, width):
+        return x  # every method maps a size onto itself unchanged
+    # numpy on the CPU (BLAS matmuls): GPU float32 matmuls may round through TF32
+    a = np.array(x.astype(mx.float32)).reshape(b, h, w * c)
+    a = (_WEIGHTS[method](h, height) @ a).reshape(b, height, w, c)
+    a = a.transpose(0, 2, 1, 3).reshape(b, w, height * c)
+    a = (_WEIGHTS[method](w, width) @ a).reshape(b, width, height, c).transpose(0, 2, 1, 3)
+    return mx.array(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def _lanczos(x: mx.array, height: int, width: int) -> mx.array:
