@@ -62,3 +62,25 @@ def test_the_comfyui_api_twin_gives_the_same_canvas(tmp_path, monkeypatch):
     converted = tmp_path / "converted.yaml"
     assert run_cli("convert", api, "-o", converted).rc == 0
     assert "ImagePadForOutpaint" in converted.read_text()
+
+
+def test_huge_images_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    """The image operations have memory estimates: a 4096 x 16384² EmptyImage, or an 8x ImageScaleBy of
+    the result of a pad, is exit 2 naming the node, before any node runs."""
+    monkeypatch.chdir(tmp_path)
+    wf = tmp_path / "huge.yaml"
+    wf.write_text("""nodes:
+  empty: {type: EmptyImage, width: 16384, height: 16384, batch_size: 4096}
+  save:  {type: SaveImage, images: {from: empty.IMAGE}}
+""")
+    result = run_cli("run", wf, "--cache-dir", "cache")
+    assert result.rc == 2 and "node 'empty'" in result.err and "16384x16384" in result.err, result.err
+    wf.write_text("""nodes:
+  empty: {type: EmptyImage, width: 1024, height: 1024, batch_size: 64}
+  pad:   {type: ImagePadForOutpaint, image: {from: empty.IMAGE}, left: 4096, right: 4096}
+  scale: {type: ImageScaleBy, image: {from: pad.IMAGE}, scale_by: 8.0}
+  save:  {type: SaveImage, images: {from: scale.IMAGE}}
+""")
+    result = run_cli("run", wf, "--cache-dir", "cache")
+    assert result.rc == 2 and "node 'scale'" in result.err, result.err
+    assert not (tmp_path / "output").exists()
