@@ -71,6 +71,21 @@ def image_batch(lit, inputs, files) -> Estimate:
     return _images(first[0] + second[0], first[1], first[2])
 
 
+def repeat_image_batch(lit, inputs, files) -> Estimate:
+    size = _size(inputs.get("image"), "image")
+    if size is None:
+        return Estimate()
+    b, h, w = size
+    return _images(b * lit["amount"], h, w)
+
+
+def latent_batch(lit, inputs, files) -> Estimate:
+    first, second = _size(inputs.get("samples1"), "latent"), _size(inputs.get("samples2"), "latent")
+    if first is None or second is None:
+        return Estimate()
+    return _latents(first[0] + second[0], first[1], first[2])
+
+
 def same_image(name: str):
     def estimate(lit, inputs, files) -> Estimate:
         size = _size(inputs.get(name), "image")
@@ -125,6 +140,7 @@ def register() -> None:
              "LatentUpscaleBy": latent_upscale_by, "RepeatLatentBatch": repeat_latent_batch,
              "LatentComposite": same_latent("samples_to"),
              "LatentCompositeMasked": same_latent("destination"),
-             "LatentBlend": same_latent("samples1"), "GrowMask": grow_mask}
+             "LatentBlend": same_latent("samples1"), "GrowMask": grow_mask,
+             "RepeatImageBatch": repeat_image_batch, "LatentBatch": latent_batch}
     for name, fn in table.items():
         register_estimate(name, fn)

@@ -1,4 +1,4 @@
-"""ComfyUI's everyday image nodes: scaling, empty images, invert, batch, crop, outpaint padding, masked
+"""ComfyUI's everyday image nodes: scaling, empty images, invert, batches, crop, outpaint padding, masked
 composite. IMAGE is NHWC float32 in [0, 1]; the maths is in sd/image/ops.py."""
 
 from __future__ import annotations
@@ -110,3 +110,20 @@ def ImageCompositeMasked(destination: IMAGE, source: IMAGE, x: Int(0, MAX_RESOLU
     if destination.shape[-1] != source.shape[-1]:
         raise ValueError(f"destination has {destination.shape[-1]} channels, source {source.shape[-1]}")
     return ops.composite(destination, source, x, y, mask, 1, resize_source)
+
+
+@node(category="image/batch", outputs=(IMAGE,))
+def RepeatImageBatch(image: IMAGE, amount: Int(1, 4096) = 1):
+    """The batch repeated `amount` times."""
+    out = mx.concatenate([image] * amount) if amount > 1 else image
+    mx.eval(out)
+    return out
+
+
+@node(category="image/batch", outputs=(IMAGE,))
+def ImageFromBatch(image: IMAGE, batch_index: Int(0, 4095) = 0, length: Int(1, 4096) = 1):
+    """`length` images from position `batch_index` of the batch (both cut to the batch)."""
+    start = min(image.shape[0] - 1, batch_index)
+    out = image[start:start + min(image.shape[0] - start, length)]
+    mx.eval(out)
+    return out

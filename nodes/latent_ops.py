@@ -1,7 +1,8 @@
-"""ComfyUI's latent transforms: upscale by a factor, batch repeat/select, composites, blend, crop, flip,
-rotate. ComfyUI's positions and sizes are in pixels and its latents NCHW; ours are NHWC (docs/CONTRACTS.md),
-so each node divides pixels by 8 and hands the NHWC arrays to sd/image/ops.py. What ComfyUI's nodes carry
-along unchanged (`batch_index`, `noise_mask`) is carried along here too."""
+"""ComfyUI's latent transforms: upscale by a factor, batch repeat/select/join, composites, blend, crop,
+flip, rotate, add/subtract/multiply. ComfyUI's positions and sizes are in pixels and its latents NCHW;
+ours are NHWC (docs/CONTRACTS.md), so each node divides pixels by 8 and hands the NHWC arrays to
+sd/image/ops.py. What ComfyUI's nodes carry along unchanged (`batch_index`, `noise_mask`) is carried
+along here too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sd.image.resize import LATENT_METHODS
 
 FLIP_METHODS = ("x-axis: vertically", "y-axis: horizontally")
 ROTATIONS = ("none", "90 degrees", "180 degrees", "270 degrees")
+SEED_BEHAVIORS = ("random", "fixed")
 
 
 def _with(latent: Latent, samples: mx.array) -> Latent:
@@ -134,3 +136,49 @@ def LatentRotate(samples: LATENT, rotation: Choice(ROTATIONS) = "none"):
     if turns == 0:
         return latent
     return _with(latent, ops.rotate(latent.samples, turns))
+
+
+@node(category="latent/batch", outputs=(LATENT,))
+def LatentBatch(samples1: LATENT, samples2: LATENT):
+    """One batch of samples1 then samples2 (samples2 resized, bilinear with centre crop, when the sizes
+    differ). Each keeps its batch positions, so the noise of each part is what it had alone."""
+    first: Latent = samples1
+    second: Latent = samples2
+    a = first.samples
+    b = mx.array(ops.match_shape(second.samples, (second.samples.shape[0],) + tuple(a.shape[1:])))
+    index = tuple(first.batch_index or range(a.shape[0])) + tuple(second.batch_index or range(b.shape[0]))
+    return _with(replace(first, batch_index=index), mx.concatenate([a, b]))
+
+
+@node(category="latent/advanced", outputs=(LATENT,))
+def LatentBatchSeedBehavior(samples: LATENT, seed_behavior: Choice(SEED_BEHAVIORS) = "fixed"):
+    """fixed: every latent of the batch gets the noise of the first one; random: each its own (the batch
+    positions are dropped)."""
+    latent: Latent = samples
+    if seed_behavior == "random":
+        return replace(latent, batch_index=None)
+    first = (latent.batch_index or (0,))[0]
+    return replace(latent, batch_index=(first,) * latent.samples.shape[0])
+
+
+@node(category="latent/advanced", outputs=(LATENT,))
+def LatentAdd(samples1: LATENT, samples2: LATENT):
+    """samples1 + samples2 (samples2 resized to samples1's size and its batch repeated to fit)."""
+    first: Latent = samples1
+    a = first.samples
+    return _with(first, a + mx.array(ops.match_shape(samples2.samples, a.shape)))
+
+
+@node(category="latent/advanced", outputs=(LATENT,))
+def LatentSubtract(samples1: LATENT, samples2: LATENT):
+    """samples1 - samples2 (samples2 resized to samples1's size and its batch repeated to fit)."""
+    first: Latent = samples1
+    a = first.samples
+    return _with(first, a - mx.array(ops.match_shape(samples2.samples, a.shape)))
+
+
+@node(category="latent/advanced", outputs=(LATENT,))
+def LatentMultiply(samples: LATENT, multiplier: Float(-10.0, 10.0) = 1.0):
+    """samples * multiplier."""
+    latent: Latent = samples
+    return _with(latent, latent.samples * multiplier)

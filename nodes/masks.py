@@ -63,6 +63,13 @@ def SolidMask(value: Float(0.0, 1.0) = 1.0, width: Int(1, MAX_RESOLUTION) = 512,
 
 
 @node(category="mask", outputs=(MASK,))
+def CropMask(mask: MASK, x: Int(0, MAX_RESOLUTION) = 0, y: Int(0, MAX_RESOLUTION) = 0,
+             width: Int(1, MAX_RESOLUTION) = 512, height: Int(1, MAX_RESOLUTION) = 512):
+    """The width x height window of the mask at (x, y), cut off at its edges."""
+    return masks.crop(mask, x, y, width, height)
+
+
+@node(category="mask", outputs=(MASK,))
 def GrowMask(mask: MASK, expand: Int(-MAX_RESOLUTION, MAX_RESOLUTION) = 0, tapered_corners: Boolean() = True):
     """Grow the mask by `expand` pixels (negative: shrink).
 

@@ -18,11 +18,13 @@ from nodes.image_ops import (
     ImageBatch,
     ImageCompositeMasked,
     ImageCrop,
+    ImageFromBatch,
     ImageInvert,
     ImagePadForOutpaint,
     ImageScale,
     ImageScaleBy,
     ImageScaleToTotalPixels,
+    RepeatImageBatch,
 )
 
 METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
@@ -155,3 +157,13 @@ def test_image_composite_resize_source_and_batches():
     ours = ImageCompositeMasked(mx.array(dest), mx.array(src), 4, 4, True, mx.array(mask))
     ref = composite(nchw(dest), nchw(src), 4, 4, torch.from_numpy(mask), 1, resize_source=True)
     close(ours, nhwc(ref))
+
+
+@pytest.mark.parametrize("start, length", [(0, 1), (1, 5), (9, 2), (2, 1)])
+def test_image_batch_repeat_and_pick_like_comfyui(start, length):
+    x = image(3)
+    t = torch.from_numpy(x)
+    np.testing.assert_array_equal(np.array(RepeatImageBatch(mx.array(x), 3)), t.repeat((3, 1, 1, 1)).numpy())
+    s = min(t.shape[0] - 1, start)
+    ref = t[s:s + min(t.shape[0] - s, length)].numpy()
+    np.testing.assert_array_equal(np.array(ImageFromBatch(mx.array(x), start, length)), ref)

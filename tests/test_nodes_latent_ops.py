@@ -11,16 +11,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from comfy_image_reference import common_upscale, composite, nchw, nhwc
+from comfy_image_reference import common_upscale, composite, nchw, nhwc, repeat_to_batch_size
 
 from nodes.latent_ops import (
+    LatentAdd,
+    LatentBatch,
+    LatentBatchSeedBehavior,
     LatentBlend,
     LatentComposite,
     LatentCompositeMasked,
     LatentCrop,
     LatentFlip,
     LatentFromBatch,
+    LatentMultiply,
     LatentRotate,
+    LatentSubtract,
     LatentUpscaleBy,
     RepeatLatentBatch,
 )
@@ -211,3 +216,35 @@ def test_from_batch_of_a_repeat_keeps_each_copys_noise_position():
     one = Latent(mx.zeros((2, 4, 4, 4)))
     picked = LatentFromBatch(RepeatLatentBatch(LatentFromBatch(one, 1, 1), 3), 2, 1)
     assert picked.batch_index == (3,)
+
+
+def reshape_latent_to(target_shape, latent):
+    """comfy_extras/nodes_latent.py reshape_latent_to."""
+    if latent.shape[1:] != target_shape[1:]:
+        latent = common_upscale(latent, target_shape[3], target_shape[2], "bilinear", "center")
+    return repeat_to_batch_size(latent, target_shape[0])
+
+
+@pytest.mark.parametrize("second", [(3, 12, 16), (1, 12, 16), (2, 9, 20), (5, 12, 16)])
+def test_latent_add_subtract_multiply_match_comfyui(second):
+    a, b = latents(3, 12, 16, 1), latents(*second, 2)
+    s1, s2 = nchw(a), reshape_latent_to(nchw(a).shape, nchw(b))
+    close(LatentAdd(Latent(mx.array(a)), Latent(mx.array(b))), s1 + s2)
+    close(LatentSubtract(Latent(mx.array(a)), Latent(mx.array(b))), s1 - s2)
+    close(LatentMultiply(Latent(mx.array(a)), -2.5), s1 * -2.5)
+
+
+@pytest.mark.parametrize("index1, index2", [(None, None), ((4, 5), None), (None, (7,))])
+def test_latent_batch_matches_comfyui(index1, index2):
+    a, b = latents(2, 12, 16, 1), latents(1, 9, 20, 2)
+    ours = LatentBatch(Latent(mx.array(a), index1), Latent(mx.array(b), index2))
+    ref = torch.cat([nchw(a), common_upscale(nchw(b), 16, 12, "bilinear", "center")])
+    close(ours, ref)
+    assert ours.batch_index == (index1 or (0, 1)) + (index2 or (0,))
+
+
+def test_latent_batch_seed_behavior():
+    x = Latent(mx.zeros((3, 2, 2, 4)), (5, 6, 7))
+    assert LatentBatchSeedBehavior(x, "fixed").batch_index == (5, 5, 5)
+    assert LatentBatchSeedBehavior(Latent(x.samples), "fixed").batch_index == (0, 0, 0)
+    assert LatentBatchSeedBehavior(x, "random").batch_index is None

@@ -15,6 +15,7 @@ from PIL import Image
 
 from graph import Folders
 from nodes.masks import (
+    CropMask,
     FeatherMask,
     GrowMask,
     ImageToMask,
@@ -172,3 +173,13 @@ def test_load_image_mask_matches_comfyui(tmp_path, mode, channel):
     np.testing.assert_allclose(ours, load_mask_reference(path, channel), atol=1e-7)
     if mode == "RGB" and channel == "alpha":
         assert not ours.any()  # no alpha: opaque, nothing to paint
+
+
+@pytest.mark.parametrize("window", [(0, 0, 5, 5), (3, 2, 100, 4), (14, 11, 1, 1)])
+def test_crop_mask_like_comfyui(window):
+    x, y, width, height = window
+    m = mask()
+    np.testing.assert_array_equal(np.array(CropMask(mx.array(m), x, y, width, height)),
+                                  m[:, y:y + height, x:x + width])
+    with pytest.raises(ValueError, match="outside the 15x12 mask"):
+        CropMask(mx.array(m), 15, 0, 4, 4)

@@ -42,6 +42,14 @@ def invert(mask) -> mx.array:
     return mx.array(1.0 - as_numpy(mask))
 
 
+def crop(mask, x: int, y: int, width: int, height: int) -> mx.array:
+    """CropMask: the window, cut off at the mask's edges."""
+    m = as_batch(mask)
+    if x >= m.shape[2] or y >= m.shape[1]:
+        raise ValueError(f"the crop at ({x}, {y}) lies outside the {m.shape[2]}x{m.shape[1]} mask")
+    return mx.array(np.ascontiguousarray(m[:, y:y + height, x:x + width]))
+
+
 def threshold(mask, value: float) -> mx.array:
     """ThresholdMask: 1 where the mask is above `value`, else 0."""
     return mx.array((as_numpy(mask) > value).astype(np.float32))

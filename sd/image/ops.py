@@ -52,7 +52,7 @@ def empty_image(width: int, height: int, batch_size: int, color: int) -> mx.arra
 
 
 def repeat_to_batch(x: np.ndarray, n: int) -> np.ndarray:
-    """The first n of x's batch repeated cyclically (comfy.utils.repeat_to_batch_size)."""
+    """x's batch repeated cyclically, or cut, to n (comfy.utils.repeat_to_batch_size)."""
     if x.shape[0] == n:
         return x
     return np.concatenate([x] * math.ceil(n / x.shape[0]))[:n]
@@ -67,6 +67,15 @@ def join_batches(first, second) -> mx.array:
     if a.shape[1:] != b.shape[1:]:
         b = as_numpy(scale(b, a.shape[2], a.shape[1], "bilinear", "center"))
     return mx.array(np.concatenate([a, b]))
+
+
+def match_shape(x, like_shape: tuple[int, ...]) -> np.ndarray:
+    """x resized (bilinear, centre crop) to like_shape's size where it differs, its batch repeated or cut
+    to like_shape's (ComfyUI's reshape_latent_to, behind LatentAdd / LatentSubtract)."""
+    a = as_numpy(x)
+    if a.shape[1:] != tuple(like_shape[1:]):
+        a = as_numpy(scale(a, like_shape[2], like_shape[1], "bilinear", "center"))
+    return repeat_to_batch(a, like_shape[0])
 
 
 def crop(x, x0: int, y0: int, width: int, height: int) -> mx.array:
