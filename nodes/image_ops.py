@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from graph import IMAGE, MASK, Boolean, Choice, Float, Int, node
+from nodes.latent_ops import FLIP_METHODS, ROTATIONS
 from nodes.latents import MAX_RESOLUTION
 from sd.image import ops
 from sd.image.resize import IMAGE_METHODS
@@ -121,9 +122,25 @@ def RepeatImageBatch(image: IMAGE, amount: Int(1, 4096) = 1):
 
 
 @node(category="image/batch", outputs=(IMAGE,))
-def ImageFromBatch(image: IMAGE, batch_index: Int(0, 4095) = 0, length: Int(1, 4096) = 1):
-    """`length` images from position `batch_index` of the batch (both cut to the batch)."""
-    start = min(image.shape[0] - 1, batch_index)
+def ImageFromBatch(image: IMAGE, batch_index: Int(-MAX_RESOLUTION, MAX_RESOLUTION) = 0,
+                   length: Int(1, 4096) = 1):
+    """`length` images from position `batch_index` of the batch (negative: from the end; both cut to the
+    batch). Current ComfyUI's range; older versions allowed 0-4095 only."""
+    n = image.shape[0]
+    start = max(0, min(n - 1, batch_index + n if batch_index < 0 else batch_index))
     out = image[start:start + min(image.shape[0] - start, length)]
     mx.eval(out)
     return out
+
+
+@node(category="image/transform", outputs=(IMAGE,))
+def ImageFlip(image: IMAGE, flip_method: Choice(FLIP_METHODS) = FLIP_METHODS[0]):
+    """Mirror images ("x-axis: vertically" turns them upside down, "y-axis: horizontally" mirrors them)."""
+    return ops.flip(image, flip_method[0])
+
+
+@node(category="image/transform", outputs=(IMAGE,))
+def ImageRotate(image: IMAGE, rotation: Choice(ROTATIONS) = "none"):
+    """Rotate images clockwise by 90, 180 or 270 degrees."""
+    turns = ROTATIONS.index(rotation)
+    return ops.rotate(image, turns) if turns else image

@@ -43,6 +43,12 @@ def ImageToMask(image: IMAGE, channel: Choice(masks.CHANNELS) = "red"):
     return masks.from_image(image, channel)
 
 
+@node(category="mask", outputs=(MASK,))
+def ImageColorToMask(image: IMAGE, color: Int(0, 0xFFFFFF) = 0):
+    """1 where a pixel is exactly `color` (0xRRGGBB as an integer, channels rounded to 0-255), else 0."""
+    return masks.color_to_mask(image, color)
+
+
 @node(category="mask", outputs=(IMAGE,))
 def MaskToImage(mask: MASK):
     """Masks as grey RGB images (ComfyUI's "Convert Mask to Image")."""

@@ -18,9 +18,11 @@ from nodes.image_ops import (
     ImageBatch,
     ImageCompositeMasked,
     ImageCrop,
+    ImageFlip,
     ImageFromBatch,
     ImageInvert,
     ImagePadForOutpaint,
+    ImageRotate,
     ImageScale,
     ImageScaleBy,
     ImageScaleToTotalPixels,
@@ -159,11 +161,22 @@ def test_image_composite_resize_source_and_batches():
     close(ours, nhwc(ref))
 
 
-@pytest.mark.parametrize("start, length", [(0, 1), (1, 5), (9, 2), (2, 1)])
+@pytest.mark.parametrize("start, length", [(0, 1), (1, 5), (9, 2), (2, 1), (-1, 1), (-2, 5), (-9, 1)])
 def test_image_batch_repeat_and_pick_like_comfyui(start, length):
     x = image(3)
     t = torch.from_numpy(x)
     np.testing.assert_array_equal(np.array(RepeatImageBatch(mx.array(x), 3)), t.repeat((3, 1, 1, 1)).numpy())
-    s = min(t.shape[0] - 1, start)
+    s = start + t.shape[0] if start < 0 else start  # current ComfyUI's ImageFromBatch
+    s = max(0, min(t.shape[0] - 1, s))
     ref = t[s:s + min(t.shape[0] - s, length)].numpy()
     np.testing.assert_array_equal(np.array(ImageFromBatch(mx.array(x), start, length)), ref)
+
+
+def test_image_flip_and_rotate_match_torch():
+    x = image(2, 6, 10)
+    t = torch.from_numpy(x)
+    for method, dim in (("x-axis: vertically", 1), ("y-axis: horizontally", 2)):
+        np.testing.assert_array_equal(np.array(ImageFlip(mx.array(x), method)), torch.flip(t, [dim]).numpy())
+    for k, rotation in enumerate(["none", "90 degrees", "180 degrees", "270 degrees"]):
+        ref = torch.rot90(t, k=k, dims=[2, 1]).numpy()
+        np.testing.assert_array_equal(np.array(ImageRotate(mx.array(x), rotation)), ref)

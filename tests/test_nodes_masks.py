@@ -18,6 +18,7 @@ from nodes.masks import (
     CropMask,
     FeatherMask,
     GrowMask,
+    ImageColorToMask,
     ImageToMask,
     InvertMask,
     LoadImageMask,
@@ -183,3 +184,14 @@ def test_crop_mask_like_comfyui(window):
                                   m[:, y:y + height, x:x + width])
     with pytest.raises(ValueError, match="outside the 15x12 mask"):
         CropMask(mx.array(m), 15, 0, 4, 4)
+
+
+def test_image_color_to_mask_like_comfyui():
+    img = np.random.default_rng(2).integers(0, 4, (2, 6, 7, 3)).astype(np.float32) * (85 / 255)
+    color = (85 << 16) + (170 << 8) + 255
+    t = (torch.clamp(torch.from_numpy(img), 0, 1.0) * 255.0).round().to(torch.int)
+    t = torch.bitwise_left_shift(t[..., 0], 16) + torch.bitwise_left_shift(t[..., 1], 8) + t[..., 2]
+    ref = torch.where(t == color, 1.0, 0).float().numpy()
+    ours = np.array(ImageColorToMask(mx.array(img), color))
+    assert ref.any()
+    np.testing.assert_array_equal(ours, ref)

@@ -28,6 +28,14 @@ def from_image(image, channel: str) -> mx.array:
     return mx.array(np.ascontiguousarray(a[..., index]))
 
 
+def color_to_mask(image, color: int) -> mx.array:
+    """ImageColorToMask: 1.0 where the pixel, rounded to 8 bits a channel, is 0xRRGGBB `color` (current
+    ComfyUI; versions before 2025 wrote 255 instead of 1)."""
+    rgb = np.round(np.clip(as_numpy(image)[..., :3], 0, 1) * 255.0).astype(np.int64)
+    packed = (rgb[..., 0] << 16) + (rgb[..., 1] << 8) + rgb[..., 2]
+    return mx.array((packed == color).astype(np.float32))
+
+
 def to_image(mask) -> mx.array:
     """MaskToImage: the mask as a grey RGB image [B, H, W, 3]."""
     m = as_batch(mask)
