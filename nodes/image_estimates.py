@@ -124,6 +124,17 @@ def same_latent(name: str):
     return estimate
 
 
+def load_image_mask(lit, inputs, files) -> Estimate:
+    from nodes.images import image_header
+
+    path = files.get("image")
+    if path is None:
+        return Estimate()
+    (w, h), _ = image_header(path)
+    return Estimate(held=h * w * F32, working=h * w * 4, outputs=(("mask", 1, h, w),),
+                    detail=f"a {w}x{h} mask decoded from {path.name}")
+
+
 def grow_mask(lit, inputs, files) -> Estimate:
     size = _size(inputs.get("mask"), "mask")
     if size is None:
@@ -141,6 +152,7 @@ def register() -> None:
              "LatentComposite": same_latent("samples_to"),
              "LatentCompositeMasked": same_latent("destination"),
              "LatentBlend": same_latent("samples1"), "GrowMask": grow_mask,
-             "RepeatImageBatch": repeat_image_batch, "LatentBatch": latent_batch}
+             "RepeatImageBatch": repeat_image_batch, "LatentBatch": latent_batch,
+             "LoadImageMask": load_image_mask}
     for name, fn in table.items():
         register_estimate(name, fn)

@@ -84,3 +84,19 @@ def test_huge_images_are_refused_before_anything_runs(tmp_path, monkeypatch):
     result = run_cli("run", wf, "--cache-dir", "cache")
     assert result.rc == 2 and "node 'scale'" in result.err, result.err
     assert not (tmp_path / "output").exists()
+
+
+def test_load_image_mask_refuses_an_oversized_file_at_validation(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "input").mkdir()
+    Image.new("L", (20000, 4)).save(tmp_path / "input" / "wide.png")
+    wf = tmp_path / "mask.yaml"
+    wf.write_text("""nodes:
+  m:    {type: LoadImageMask, image: wide.png, channel: red}
+  img:  {type: MaskToImage, mask: {from: m.MASK}}
+  save: {type: SaveImage, images: {from: img.IMAGE}}
+""")
+    result = run_cli("run", wf, "--cache-dir", "cache")
+    assert result.rc == 2 and "node 'm'" in result.err and "at most 16384" in result.err, result.err
