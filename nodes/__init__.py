@@ -10,15 +10,22 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
     images.py        LoadImage, SaveImage
-    estimates.py     memory estimates of a plan, checked before it runs
+    image_ops.py     ImageScale(By/ToTotalPixels), EmptyImage, ImageInvert/Batch/Crop, ImagePadForOutpaint,
+                     ImageCompositeMasked
+    latent_ops.py    LatentUpscaleBy, Repeat/FromBatch, LatentComposite(Masked), Blend, Crop, Flip, Rotate
+    masks.py         LoadImageMask, ImageToMask, MaskToImage, Invert/Solid/Grow/Feather/ThresholdMask,
+                     MaskComposite
+    estimates.py     memory estimates of a plan, checked before it runs (image_estimates.py: the ops above)
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
     doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
 from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
-from nodes import comfy_import, estimates, png_workflow
+from nodes import image_ops, latent_ops, masks  # noqa: F401
+from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()
 png_workflow.register()
 estimates.register()
+image_estimates.register()

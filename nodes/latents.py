@@ -9,11 +9,11 @@ from nodes import models
 from nodes.finite import check_finite
 from nodes.values import Latent
 from sd.image.codec import decode_image, encode_image
-from sd.image.resize import METHODS, center_crop_to_aspect, resize
+from sd.image.resize import LATENT_METHODS, center_crop_to_aspect, resize
 
 MAX_RESOLUTION = 16384
 LATENT_CHANNELS = 4
-UPSCALE_METHODS = METHODS  # ComfyUI also offers "bislerp"; not implemented here
+UPSCALE_METHODS = LATENT_METHODS
 CROP_METHODS = ("disabled", "center")
 
 
