@@ -172,7 +172,7 @@ def PreviewImage(images: IMAGE, ctx=None):
 
     folder = preview_dir()
     batch = np.array(images.astype(mx.float32))
-    stem = f"preview_{ctx.node_id}".replace("/", "_")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.node_id)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         counter = next_counter(folder, stem)
