@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
-from nodes.checkpoint_configs import config_clip_layer
+from nodes.checkpoint_configs import config_clip_layer, resolve_config
 from nodes.paths import resolve_checkpoint, resolve_lora, resolve_vae
 from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
 
@@ -28,7 +28,7 @@ def LoadCheckpoint(ckpt_name: String(), ctx=None):
 
 
 @node(category="loaders", outputs=(MODEL, CLIP, VAE),
-      reads_files={"ckpt_name": resolve_checkpoint})
+      reads_files={"config_name": resolve_config, "ckpt_name": resolve_checkpoint})
 def CheckpointLoader(config_name: String(), ckpt_name: String(), ctx=None):
     """Load an SD1.x checkpoint and an LDM config name (ComfyUI's deprecated CheckpointLoader).
 
@@ -36,8 +36,8 @@ def CheckpointLoader(config_name: String(), ckpt_name: String(), ctx=None):
     models/configs is read (safely) and one of ComfyUI's shipped configs (v1-inference.yaml, ...) is known
     by name. A config whose text encoder stops at a hidden layer (v1-inference_clip_skip_2.yaml,
     anything_v3.yaml) sets CLIP's last layer as ComfyUI does; a v-prediction, SD2.x or inpainting config
-    is refused, as are names that are neither."""
-    layer = config_clip_layer(config_name, ctx.folders)  # before the checkpoint: a refused config fails fast
+    is refused, as are names that are neither: at validation, naming the node and input."""
+    layer = config_clip_layer(config_name, ctx.folders)
     model, clip, vae = LoadCheckpoint(ckpt_name, ctx=ctx)
     return model, replace(clip, stop_at_layer=layer), vae
 

@@ -112,6 +112,19 @@ def test_checkpoint_loader_config_names(tmp_path):
     (configs / "evil.yaml").write_text("model: !!python/object/apply:os.system ['echo no']\n")
     with pytest.raises(ValueError, match="not an LDM model config"):
         config_clip_layer("evil.yaml", folders)
+    (configs / "odd.yaml").write_text("model:\n  params:\n    unet_config: just text\n")
+    with pytest.raises(ValueError, match="unexpected structure"):
+        config_clip_layer("odd.yaml", folders)
+
+
+def test_checkpoint_loader_refuses_a_config_at_validation(world):
+    text = (f"nodes:\n  c: {{type: CheckpointLoader, config_name: CFG, ckpt_name: {world.checkpoint.name}}}\n"
+            "  s: {type: SaveLatent, samples: {from: e.LATENT}}\n  e: {type: EmptyLatentImage}\n")
+    folders = Folders(world.models, world.input, world.output)
+    validate(parse_workflow(text.replace("CFG", "v1-inference.yaml"), "wf.yaml", "yaml"), folders)
+    with pytest.raises(ValidationFailed) as e:
+        validate(parse_workflow(text.replace("CFG", "v2-inference-v.yaml"), "wf.yaml", "yaml"), folders)
+    assert "node 'c' input 'config_name'" in str(e.value) and "v-prediction" in str(e.value)
 
 
 def test_checkpoint_loader_sets_clip_skip_and_lora_model_only(world):
@@ -168,8 +181,8 @@ def test_preview_image_writes_outside_the_output_folder_and_never_fails(tmp_path
     monkeypatch.setattr(images, "preview_dir", lambda: tmp_path / "previews")
     ctx = Ctx(Folders(tmp_path / "m", tmp_path / "in", tmp_path / "output"), node_id="p")
     images.PreviewImage(mx.zeros((2, 8, 8, 3)), ctx=ctx)
-    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["preview_p_00001_.png",
-                                                                        "preview_p_00002_.png"]
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["p_00001_.png",
+                                                                        "p_00002_.png"]
     assert not (tmp_path / "output").exists() and ctx.written == []
     assert ctx.messages[0].startswith("preview: ")
     (tmp_path / "blocked").write_text("a file where the folder would be")

@@ -137,3 +137,16 @@ def test_a_pickle_that_calls_something_is_refused(tmp_path):
                pickle_module=pickle)
     with pytest.raises(CheckpointError, match="print"):
         vae_layout(path)
+
+
+def test_a_whole_checkpoint_in_models_vae_gives_its_vae(tmp_path):
+    from mlx.utils import tree_flatten
+
+    from sd.loading.checkpoint import load_component
+    from sd.synthetic import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "whole.safetensors", "tiny")
+    assert vae_layout(path) == "ldm-prefixed"
+    ours = dict(tree_flatten(load_vae_file(path, dtype="float32").parameters()))
+    want = dict(tree_flatten(load_component(path, "vae", dtype="float32").parameters()))
+    assert ours.keys() == want.keys() and all(mx.array_equal(ours[k], want[k]) for k in ours)

@@ -122,9 +122,20 @@ class _RenamedTensors:
         return array.reshape(*array.shape, 1, 1) if _ATTN_LINEAR.search(name) and array.ndim == 2 else array
 
 
+def _check_latent_channels(path: object, view: _RenamedTensors) -> None:
+    latent = view.shape("post_quant_conv.weight")[1] if "post_quant_conv.weight" in view.names else None
+    if latent is not None and latent != LATENT_CHANNELS:
+        raise ArchitectureError(path, f"a VAE with {latent} latent channels (SD3 and Flux VAEs have 16); "
+                                      f"SD1.x uses {LATENT_CHANNELS}")
+
+
 def vae_layout(path: str | Path) -> str:
-    """The file's layout ("ldm", "ldm-prefixed" or "diffusers"), from its header only."""
-    return vae_keys(path, list(open_tensors(path).keys()))[0]
+    """The file's layout ("ldm", "ldm-prefixed" or "diffusers"), from its header only; raises as
+    load_vae_file would for a file that is no SD VAE."""
+    tensors = open_tensors(path)
+    layout, names = vae_keys(path, list(tensors.keys()))
+    _check_latent_channels(path, _RenamedTensors(tensors, names))
+    return layout
 
 
 def load_vae_file(path: str | Path, dtype: str | mx.Dtype | None = None):
@@ -137,9 +148,6 @@ def load_vae_file(path: str | Path, dtype: str | mx.Dtype | None = None):
     tensors = open_tensors(path)
     _, names = vae_keys(path, list(tensors.keys()))
     view = _RenamedTensors(tensors, names)
-    latent = view.shape("post_quant_conv.weight")[1] if "post_quant_conv.weight" in names else None
-    if latent is not None and latent != LATENT_CHANNELS:
-        raise ArchitectureError(path, f"a VAE with {latent} latent channels (SD3 and Flux VAEs have 16); "
-                                      f"SD1.x uses {LATENT_CHANNELS}")
+    _check_latent_channels(path, view)
     _, model = _build(path, "vae", {name: name for name in names}, view, parse_dtype(dtype))
     return model
