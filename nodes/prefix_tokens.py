@@ -15,6 +15,10 @@ file holds them raw, so sdgraph expands all of them here, at run time:
 
 The caller checks the expanded prefix like any other (nodes/images.py output_location): a token cannot
 lead a file out of the output folder.
+
+The save node's cache key holds the prefix as written, not as expanded: an identical re-run (same inputs
+upstream) is a cache hit while the files it wrote exist, whatever today's date; in ComfyUI the frontend
+would have sent another prompt. A `%Node.input%` of a node upstream of the save changes its key anyway.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ ComfyUI's frontend and server expand them."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import mlx.core as mx
@@ -14,16 +13,16 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
-from sd_nodes_testing import SMALL, WORKFLOWS, make_world, run
+from sd_nodes_testing import SMALL, WORKFLOWS, make_world, reset_loads, run
 
 from graph import Folders
 from graph.errors import ValidationFailed
 from graph.validate import validate
 from graph.workflow import parse_workflow
-from nodes import images, latent_files, loaders
+from nodes import images, latent_files, loaders, models
 from nodes.checkpoint_configs import config_clip_layer
 from nodes.prefix_tokens import expand_prefix, format_date
-from nodes.values import Latent, ModelRecipe, VaeRecipe
+from nodes.values import FileRef, Latent, ModelRecipe, VaeRecipe
 
 
 @pytest.fixture
@@ -223,8 +222,20 @@ def test_save_image_expands_tokens_and_keeps_the_path_checks(tmp_path):
 
 
 @pytest.mark.slow
-def test_external_vae_workflow_uses_the_vae_file(world):
+def test_external_vae_workflow_uses_the_vae_file(world, tmp_path):
+    reset_loads()
     result = run(world, WORKFLOWS / "external_vae.yaml", *SMALL)
     assert result.rc == 0, result.err
     assert [p.name for p in world.pngs()] == ["external_vae_00001_.png"]
-    assert json.loads(result.out)["variations"][0]["nodes"]
+    assert models.LOAD_COUNTS["vae"] == 1  # the VAE file's; the checkpoint's VAE is never read
+    vae_file = FileRef.of(world.models / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors")
+    assert models.STORE.key_of(models.vae_for(VaeRecipe(vae_file, source="vae_file"))) == \
+        ("vae-file", vae_file.identity)
+    assert models.LOAD_COUNTS["vae"] == 1  # that was the store's entry, not a second load
+    # another VAE re-runs the decode only: sampling and the encodings are cache hits
+    from nodes.demo import write_vae
+
+    other = write_vae(tmp_path / "other_vae.safetensors", seed=9)
+    again = run(world, WORKFLOWS / "external_vae.yaml", *SMALL, "--set", f"vae={other}")
+    assert again.rc == 0, again.err
+    assert again.statuses()["sampler"] != "ran" and again.statuses()["decode"] == "ran"
