@@ -5,11 +5,14 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     values.py        socket values (recipes for MODEL/CLIP/VAE; arrays) and their serializers
     models.py        weights built from recipes on first use, kept for reuse
     paths.py         ComfyUI-style file resolution (models/checkpoints, models/loras, input/)
-    loaders.py       LoadCheckpoint, LoadLoRA
+    loaders.py       LoadCheckpoint, CheckpointLoader, VAELoader, LoadLoRA, LoraLoaderModelOnly
+    checkpoint_configs.py  what CheckpointLoader's config_name may say
     conditioning.py  CLIPEncode, CLIPSetLastLayer
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
-    images.py        LoadImage, SaveImage
+    images.py        LoadImage, SaveImage, PreviewImage (prefix_tokens.py: ComfyUI's %date%/%Node.input%)
+    latent_files.py  SaveLatent, LoadLatent (ComfyUI's .latent files)
+    vae_tiled.py     VAEDecodeTiled, VAEEncodeTiled
     image_ops.py     ImageScale(By/ToTotalPixels), EmptyImage, ImageInvert/Batch/Crop, ImagePadForOutpaint,
                      ImageCompositeMasked
     latent_ops.py    LatentUpscaleBy, Repeat/FromBatch, LatentComposite(Masked), Blend, Crop, Flip, Rotate
@@ -21,7 +24,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
-from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
+from nodes import conditioning, images, latent_files, latents, loaders, sampling, vae_tiled  # noqa: F401
 from nodes import image_ops, latent_ops, masks  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 

@@ -77,6 +77,14 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "FeatherMask": Mapping("FeatherMask", "mask"),
     "MaskComposite": Mapping("MaskComposite", "mask"),
     "ThresholdMask": Mapping("ThresholdMask", "mask"),
+    "PreviewImage": Mapping("PreviewImage", "preview"),
+    "CheckpointLoader": Mapping("CheckpointLoader", "ckpt"),
+    "VAELoader": Mapping("VAELoader", "vae"),
+    "LoraLoaderModelOnly": Mapping("LoraLoaderModelOnly", "lora", ours_only=frozenset({"allow_partial"})),
+    "SaveLatent": Mapping("SaveLatent", "save_latent"),
+    "LoadLatent": Mapping("LoadLatent", "load_latent"),
+    "VAEDecodeTiled": Mapping("VAEDecodeTiled", "vae_decode"),
+    "VAEEncodeTiled": Mapping("VAEEncodeTiled", "vae_encode"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

@@ -3,8 +3,9 @@ fresh machine (the images are noise until real weights are put in place).
 
 Writes models/checkpoints/v1-5-pruned-emaonly.safetensors (a tiny random SD1.5-layout checkpoint) —
 only when no file of that name exists: a user's real model is never overwritten — plus
-models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint) and
-input/example.png.
+models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint),
+models/vae/vae-ft-mse-840000-ema-pruned.safetensors (a random VAE in the LDM layout of the real file, for
+workflows/external_vae.yaml) and input/example.png.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 EXAMPLE_IMAGE = "example.png"
+VAE_NAME = "vae-ft-mse-840000-ema-pruned.safetensors"
 
 # 2-D weights a kohya LoRA patches: UNet attention projections, CLIP attention and MLP
 _UNET_LAYERS = (".attn1.to_q.weight", ".attn1.to_k.weight", ".attn1.to_v.weight", ".attn1.to_out.0.weight",
@@ -49,6 +51,19 @@ def write_kohya_lora(path: Path, checkpoint: Path, seed: int, rank: int = 4, sca
         out[f"{name}.alpha"] = np.array(rank, dtype=np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))
+    return path
+
+
+def write_vae(path: Path, seed: int = 3) -> Path:
+    """A random tiny VAE as the real vae-ft-mse file stores it: LDM keys without a prefix, float32."""
+    from safetensors.numpy import save_file
+
+    from sd.synthetic.vae import TINY_VAE, random_vae_weights
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(random_vae_weights(TINY_VAE, np.random.default_rng(seed)), str(tmp))
+    tmp.replace(path)
     return path
 
 
@@ -89,6 +104,9 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
                 written.append(write_kohya_lora(lora, checkpoint, seed))
             except SDGraphError as e:  # the LoRA's shapes come from the user's checkpoint
                 print(f"skipped {lora}: {e}", file=out)
+    vae = models_dir / "vae" / VAE_NAME
+    if not vae.exists():
+        written.append(write_vae(vae))
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
@@ -97,7 +115,8 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     if any(p.suffix == ".safetensors" for p in written):
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint} and real LoRAs in "
-              f"{models_dir / 'loras'} under those names to get real images.", file=out)
+              f"{models_dir / 'loras'} (a real VAE in {models_dir / 'vae'}) under those names to get real "
+              "images.", file=out)
     return written
 
 

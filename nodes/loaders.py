@@ -1,13 +1,16 @@
-"""LoadCheckpoint and LoadLoRA: they resolve files and build recipes; no weights are read here."""
+"""Loader nodes (LoadCheckpoint, CheckpointLoader, VAELoader, LoadLoRA, LoraLoaderModelOnly): they resolve
+files and build recipes; no weights are read here."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
-from nodes.paths import resolve_checkpoint, resolve_lora
+from nodes.checkpoint_configs import config_clip_layer, resolve_config
+from nodes.paths import resolve_checkpoint, resolve_lora, resolve_vae
 from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
 
 _PROBED: dict[tuple, str | None] = {}  # (path, size, mtime, kind) -> the error the header gave, or None
@@ -45,6 +48,10 @@ def lora_file(name: str, folders) -> Path:
     return probe_tensor_file(resolve_lora(name, folders), "LoRA")
 
 
+def vae_file(name: str, folders) -> Path:
+    return probe_tensor_file(resolve_vae(name, folders), "VAE")
+
+
 @node(category="loaders", outputs=(MODEL, CLIP, VAE), reads_files={"ckpt_name": checkpoint_file})
 def LoadCheckpoint(ckpt_name: String(), ctx=None):
     """Load an SD1.x checkpoint from models/checkpoints (ComfyUI's CheckpointLoaderSimple).
@@ -59,21 +66,44 @@ def LoadCheckpoint(ckpt_name: String(), ctx=None):
     return ModelRecipe(ref), ClipRecipe(ref), VaeRecipe(ref)
 
 
-@node(category="loaders", outputs=(MODEL, CLIP), reads_files={"lora_name": lora_file})
-def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
-             strength_model: Float(-100.0, 100.0) = 1.0, strength_clip: Float(-100.0, 100.0) = 1.0,
-             allow_partial: Boolean() = False, ctx=None):
-    """Add a LoRA from models/loras to MODEL and CLIP (ComfyUI's LoraLoader).
+@node(category="loaders", outputs=(MODEL, CLIP, VAE),
+      reads_files={"config_name": resolve_config, "ckpt_name": checkpoint_file})
+def CheckpointLoader(config_name: String(), ckpt_name: String(), ctx=None):
+    """Load an SD1.x checkpoint and an LDM config name (ComfyUI's deprecated CheckpointLoader).
 
-    Nothing is merged: the LoRA is appended to the recipes as a patch, so chains stack, branches
-    share the base weights, and changing a strength never reloads the checkpoint. The coverage
-    (LoRA layers matched per component) is checked against the checkpoint's shapes and logged.
-    A LoRA with layers that match nothing (one for SDXL or SD2) fails here, unless allow_partial."""
+    The architecture is still read off the weights; config_name is checked, not obeyed blindly: a YAML in
+    models/configs is read (safely) and one of ComfyUI's shipped configs (v1-inference.yaml, ...) is known
+    by name. A config whose text encoder stops at a hidden layer (v1-inference_clip_skip_2.yaml,
+    anything_v3.yaml) sets CLIP's last layer as ComfyUI does; a v-prediction, SD2.x or inpainting config
+    is refused, as are names that are neither: at validation, naming the node and input."""
+    layer = config_clip_layer(config_name, ctx.folders)
+    model, clip, vae = LoadCheckpoint(ckpt_name, ctx=ctx)
+    return model, replace(clip, stop_at_layer=layer), vae
+
+
+@node(category="loaders", outputs=(VAE,), reads_files={"vae_name": vae_file})
+def VAELoader(vae_name: String(), ctx=None):
+    """Load a standalone VAE file from models/vae (ComfyUI's VAELoader), such as vae-ft-mse-840000.
+
+    `.safetensors` or `.ckpt`/`.pt` (read safely); LDM keys with or without 'first_stage_model.', or
+    diffusers AutoencoderKL keys (old and new attention names); the architecture is read off the shapes.
+    ComfyUI's "taesd"/"pixel_space" entries are not supported."""
+    from sd.loading.vae_file import vae_layout
+
+    ref = FileRef.of(resolve_vae(vae_name, ctx.folders), ctx.fingerprint)
+    vae_layout(ref.path)  # header only: a file that is no VAE fails here
+    return VaeRecipe(ref, source="vae_file")
+
+
+def _with_lora(ctx, lora_name: str, model: ModelRecipe, clip: ClipRecipe | None, strength_model: float,
+               strength_clip: float, allow_partial: bool) -> tuple[ModelRecipe, ClipRecipe | None]:
     ref = FileRef.of(resolve_lora(lora_name, ctx.folders), ctx.fingerprint)
     lora = models.load_lora_file(ref)
     parts = []
-    for part, component, strength, recipe in (("unet", "unet", strength_model, model),
-                                              ("clip", "text_encoder", strength_clip, clip)):
+    targets = [("unet", "unet", strength_model, model)]
+    if clip is not None:
+        targets.append(("clip", "text_encoder", strength_clip, clip))
+    for part, component, strength, recipe in targets:
         if strength != 0 and lora.layers(component):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a partial match is reported below, once
@@ -86,6 +116,27 @@ def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
     # a LoRA without layers for a component leaves that recipe (and what it caches under) unchanged
     if lora.layers("unet"):
         model = model.with_lora(ref, strength_model, allow_partial)
-    if lora.layers("text_encoder"):
+    if clip is not None and lora.layers("text_encoder"):
         clip = clip.with_lora(ref, strength_clip, allow_partial)
     return model, clip
+
+
+@node(category="loaders", outputs=(MODEL, CLIP), reads_files={"lora_name": lora_file})
+def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
+             strength_model: Float(-100.0, 100.0) = 1.0, strength_clip: Float(-100.0, 100.0) = 1.0,
+             allow_partial: Boolean() = False, ctx=None):
+    """Add a LoRA from models/loras to MODEL and CLIP (ComfyUI's LoraLoader).
+
+    Nothing is merged: the LoRA is appended to the recipes as a patch, so chains stack, branches
+    share the base weights, and changing a strength never reloads the checkpoint. The coverage
+    (LoRA layers matched per component) is checked against the checkpoint's shapes and logged.
+    A LoRA with layers that match nothing (one for SDXL or SD2) fails here, unless allow_partial."""
+    return _with_lora(ctx, lora_name, model, clip, strength_model, strength_clip, allow_partial)
+
+
+@node(category="loaders", outputs=(MODEL,), reads_files={"lora_name": lora_file})
+def LoraLoaderModelOnly(model: MODEL, lora_name: String(), strength_model: Float(-100.0, 100.0) = 1.0,
+                        allow_partial: Boolean() = False, ctx=None):
+    """Add a LoRA from models/loras to MODEL only (ComfyUI's LoraLoaderModelOnly); its text-encoder layers,
+    if any, are not applied. As LoadLoRA otherwise."""
+    return _with_lora(ctx, lora_name, model, None, strength_model, 0.0, allow_partial)[0]

@@ -9,6 +9,7 @@ Everything built is an entry of STORE (`sd.loading.store.ModelStore`: least rece
 held pass a byte budget, arrays shared between entries counted once), keyed by its recipe:
 
     ("unet" | "clip" | "vae", checkpoint identity)                  a component's weights
+    ("vae-file", VAE file identity)                                 a standalone VAE file's (VAELoader)
     ("unet" | "clip", checkpoint identity, patches)                 the same, LoRA-patched
     ("lora", LoRA identity)                                         a parsed LoRA file
     ("deltas", LoRA identity, component, allow_partial, <base key>) its fp32 deltas for that base (~1 GB full
@@ -113,7 +114,20 @@ def clip_for(recipe: ClipRecipe, log: Log = lambda msg: None) -> Any:
 
 
 def vae_for(recipe: VaeRecipe, log: Log = lambda msg: None) -> Any:
-    return _base("vae", recipe.checkpoint, log)
+    if recipe.source == "checkpoint":
+        return _base("vae", recipe.checkpoint, log)
+    ref = recipe.checkpoint
+
+    def build() -> Any:
+        from sd.loading.vae_file import load_vae_file
+
+        start = time.perf_counter()
+        model = load_vae_file(ref.path)
+        LOAD_COUNTS["vae"] += 1
+        log(f"loaded VAE from {ref.name} ({time.perf_counter() - start:.2f} s)")
+        return model
+
+    return STORE.get(("vae-file", ref.identity), build)
 
 
 def _fast(kind: str, module: Any, build: Callable[[Any], Any]) -> Any:

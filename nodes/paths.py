@@ -128,6 +128,26 @@ def resolve_lora(name: str, folders: Folders) -> Path:
     return resolve(name, loras_dir(folders), "LoRA", MODEL_EXTENSIONS, "--models-dir")
 
 
+def resolve_vae(name: str, folders: Folders) -> Path:
+    return resolve(name, Path(folders.models_dir) / "vae", "VAE", MODEL_EXTENSIONS, "--models-dir")
+
+
+def resolve_config(name: str, folders: Folders) -> Path:
+    return resolve(name, Path(folders.models_dir) / "configs", "config", (".yaml", ".yml"), "--models-dir")
+
+
+def resolve_latent(name: str, folders: Folders) -> Path:
+    """A `.latent` file in the input folder (ComfyUI's LoadLatent), with LoadImage's `[input]`/`[output]`
+    annotations."""
+    folder, flag = Path(folders.input_dir), "--input-dir"
+    match = _ANNOTATION.search(name) if isinstance(name, str) else None
+    if match:
+        name = name[:match.start()]
+        if match.group(1) == "output":
+            folder, flag = Path(folders.output_dir), "--output-dir"
+    return resolve(name, folder, "latent", (".latent",), flag)
+
+
 def resolve_image(name: str, folders: Folders) -> Path:
     folder, flag = Path(folders.input_dir), "--input-dir"
     match = _ANNOTATION.search(name) if isinstance(name, str) else None

@@ -11,6 +11,29 @@ from sd.sampling.ksampler import SAMPLERS, SCHEDULERS
 MAX_SEED = 2**64 - 1
 ON_OFF = ("enable", "disable")
 
+# Names real workflow files carry for samplers sdgraph has under another name. ComfyUI's *_gpu variants
+# differ from their base only in drawing the SDE noise (Brownian tree) on the GPU, and sdgraph draws its
+# own SDE noise anyway (README, "Limits"). ComfyUI's first releases (early 2023) named samplers by
+# k-diffusion's functions (sample_euler, sample_dpmpp_2m, ...).
+SAMPLER_ALIASES = {
+    "dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
+    **{f"sample_{name}": name for name in SAMPLERS if name not in ("ddim", "uni_pc", "uni_pc_bh2")},
+}
+
+
+class SamplerChoice(Choice):
+    """One of SAMPLERS; an alias (SAMPLER_ALIASES) is accepted and becomes its sampler's name, so it also
+    shares that sampler's cache entries. `sdgraph nodes KSampler` lists the samplers only."""
+
+    def __init__(self) -> None:
+        super().__init__(SAMPLERS)
+
+    def check(self, value):
+        return super().check(SAMPLER_ALIASES.get(value, value) if isinstance(value, str) else value)
+
+    def json_schema(self) -> dict:
+        return {"enum": list(self.options) + list(SAMPLER_ALIASES)}
+
 
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
@@ -32,12 +55,14 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
 # Keyword-only parameters keep ComfyUI's input order (sockets among the widgets) while staying required.
 @node(category="sampling", outputs=(LATENT,))
 def KSampler(model: MODEL, *, seed: Int(0, MAX_SEED) = 0, steps: Int(1, 10000) = 20,
-             cfg: Float(0.0, 100.0) = 8.0, sampler_name: Choice(SAMPLERS) = "euler",
+             cfg: Float(0.0, 100.0) = 8.0, sampler_name: SamplerChoice() = "euler",
              scheduler: Choice(SCHEDULERS) = "normal", positive: CONDITIONING,
              negative: CONDITIONING, latent_image: LATENT,
              denoise: Float(0.0, 1.0) = 1.0, ctx=None):
     """Denoise latents with a sampler and scheduler, as ComfyUI's KSampler (same seed, same noise).
-    denoise < 1 keeps part of the input latent (img2img)."""
+    denoise < 1 keeps part of the input latent (img2img). sampler_name also accepts ComfyUI's *_gpu
+    variants (dpmpp_sde_gpu, dpmpp_2m_sde_gpu, dpmpp_3m_sde_gpu) and k-diffusion's sample_* names, as
+    the sampler they name."""
     return _sample(ctx, model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                    sampler_name=sampler_name, scheduler=scheduler, denoise=denoise)
 
@@ -45,7 +70,7 @@ def KSampler(model: MODEL, *, seed: Int(0, MAX_SEED) = 0, steps: Int(1, 10000) =
 @node(category="sampling", outputs=(LATENT,))
 def KSamplerAdvanced(model: MODEL, *, add_noise: Choice(ON_OFF) = "enable", noise_seed: Int(0, MAX_SEED) = 0,
                      steps: Int(1, 10000) = 20, cfg: Float(0.0, 100.0) = 8.0,
-                     sampler_name: Choice(SAMPLERS) = "euler", scheduler: Choice(SCHEDULERS) = "normal",
+                     sampler_name: SamplerChoice() = "euler", scheduler: Choice(SCHEDULERS) = "normal",
                      positive: CONDITIONING, negative: CONDITIONING,
                      latent_image: LATENT, start_at_step: Int(0, 10000) = 0,
                      end_at_step: Int(0, 10000) = 10000,

@@ -83,11 +83,21 @@ class ClipRecipe:
         return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
 
 
+VAE_SOURCES = ("checkpoint", "vae_file")
+
+
 @dataclass(frozen=True)
 class VaeRecipe:
-    """VAE: a checkpoint's autoencoder."""
+    """VAE: the autoencoder of a file, named with its source: "checkpoint" (the `first_stage_model.*` part
+    of a checkpoint, LoadCheckpoint) or "vae_file" (a standalone VAE file from models/vae in any layout
+    sd/loading/vae_file.py reads, VAELoader). `checkpoint` is the file in either case."""
 
     checkpoint: FileRef
+    source: str = "checkpoint"
+
+    def __post_init__(self) -> None:
+        if self.source not in VAE_SOURCES:
+            raise ValueError(f"VAE source {self.source!r} is not one of {VAE_SOURCES}")
 
 
 @dataclass(frozen=True)
