@@ -211,9 +211,16 @@ def _prepare(args):
     from graph.sweep import parse_assignment, parse_sweep
 
     wf = load_workflow(args.workflow)
+    _print_notes(wf)
     sets = [parse_assignment(s) for s in args.set]
     sweeps = [parse_sweep(s, Path(args.workflow).parent) for s in args.sweep]
     return prepare(wf, sets, sweeps, _folders(args))
+
+
+def _print_notes(wf) -> None:
+    """What an importer could not carry over (an A1111 image's unknown settings, a skipped node)."""
+    for note in wf.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_validate(args) -> int:
@@ -405,7 +412,9 @@ def cmd_convert(args) -> int:
 
     out = Path(args.output)
     _check_convert_target(Path(args.input), out, args.force)
-    data = load_workflow(args.input).to_data()
+    wf = load_workflow(args.input)
+    _print_notes(wf)
+    data = wf.to_data()
     if out.suffix.lower() == ".json":
         text = json.dumps(data, indent=2) + "\n"
     else:
