@@ -17,11 +17,12 @@ examples:
   sdgraph run workflows/txt2img.yaml --set seed=7 --set sampler.steps=30
   sdgraph run workflows/txt2img.yaml --sweep sampler.seed=1,2,3 --sweep positive.text=@prompts.txt
   sdgraph run image.png                     re-run the workflow embedded in an image
+  sdgraph run civitai.png                   run an A1111/civitai image's settings (JPEG/WebP too)
+  sdgraph convert comfy_ui.json -o wf.yaml  a ComfyUI UI or API workflow to sdgraph's YAML
   sdgraph run wf.yaml --sweep seed=@seeds.txt --distributed -n 2    one process (GPU) per rank
   mlx.launch --hostfile hosts.json -- sdgraph run wf.yaml --sweep ...      the same over several hosts
   sdgraph validate workflows/img2img.yaml
   sdgraph nodes KSampler
-  sdgraph convert comfy_api.json -o workflow.yaml
   sdgraph cache info
 
 exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted (Ctrl-C),

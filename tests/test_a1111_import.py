@@ -162,8 +162,9 @@ def test_img2img_infotext_says_the_source_is_missing():
 
 def test_forge_infotext():
     text = (
-        "score_9, a lighthouse\nNegative prompt: blurry\nSteps: 25, Sampler: Euler a, Schedule type: Automatic, "
-        "CFG scale: 5, Seed: 42, Size: 832x1216, Model hash: 6ce0161689, Model: juggernaut_v9, "
+        "score_9, a lighthouse\nNegative prompt: blurry\n"
+        "Steps: 25, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 42, Size: 832x1216, "
+        "Model hash: 6ce0161689, Model: juggernaut_v9, "
         "Module 1: sdxl_vae, Beta schedule alpha: 0.6, Version: f2.0.1v1.10.1-previous-313-g8a042934"
     )
     wf = workflow_from_infotext(text)
