@@ -67,6 +67,7 @@ class _Graph:
     instance: tuple[dict, _Graph] | None = None
     outputs: list[dict] = field(default_factory=list)  # the subgraph's outputs (their linkIds)
     promoted: dict[int, Any] = field(default_factory=dict)  # instance input index -> its widget's value
+    proxied: dict[tuple[str, str], Any] = field(default_factory=dict)  # (inner id, widget) -> value
 
     def exec_id(self, node_id: Any) -> str:
         return ":".join((*self.path, str(node_id)))
@@ -101,7 +102,7 @@ class _Converter:
                 raise UIFormatError(f"subgraph {node['type']} contains itself")
             child = self.graph(sg.get("nodes") or [], sg.get("links") or [], (*g.path, str(node["id"])),
                                (node, g), sg.get("outputs") or [])
-            child.promoted = _promoted_values(node)
+            child.promoted, child.proxied = _promoted_values(node)
             self.children[key] = child
         return self.children[key]
 
@@ -122,6 +123,7 @@ class _Converter:
         if not isinstance(kind, str):
             raise UIFormatError(f"node {node['id']} has no type")
         inputs = widget_inputs(kind, node.get("widgets_values"))
+        inputs |= {name: v for (inner, name), v in g.proxied.items() if inner == str(node["id"])}
         for slot, inp in enumerate(node.get("inputs") or []):
             resolved = self.resolve_input(g, node, slot, set())
             name = (inp.get("widget") or {}).get("name") or inp.get("name")
@@ -289,14 +291,33 @@ def _link_ends(entry: Any) -> tuple:
     return tuple(entry[1:5])
 
 
-def _promoted_values(instance: dict) -> dict[int, Any]:
-    """A subgraph instance's widgets: one per input that is a widget, in input order."""
+def _promoted_values(instance: dict) -> tuple[dict[int, Any], dict[tuple[str, str], Any]]:
+    """A subgraph instance's widget values: by instance input (one widget per input that is a widget, in
+    input order), and by inner widget when `properties.proxyWidgets` lists [inner node id, widget name]
+    per value ("-1": the instance's own input of that name)."""
     values = instance.get("widgets_values")
-    slots = [i for i, inp in enumerate(instance.get("inputs") or []) if inp.get("widget")]
+    inputs = instance.get("inputs") or []
+    slots = [i for i, inp in enumerate(inputs) if inp.get("widget")]
+    proxies = (instance.get("properties") or {}).get("proxyWidgets")
+    if isinstance(proxies, list) and isinstance(values, list):
+        by_input: dict[int, Any] = {}
+        by_widget: dict[tuple[str, str], Any] = {}
+        for entry, value in zip(proxies, values, strict=False):
+            if not (isinstance(entry, list) and len(entry) >= 2):
+                continue
+            target, name = str(entry[0]), str(entry[1])
+            if target == "-1":
+                index = next((i for i in slots if inputs[i]["widget"].get("name") == name
+                              or inputs[i].get("name") == name), None)
+                if index is not None:
+                    by_input[index] = value
+            else:
+                by_widget[(target, name)] = value
+        return by_input, by_widget
     if isinstance(values, dict):
-        names = {i: instance["inputs"][i]["widget"].get("name") for i in slots}
-        return {i: values[n] for i, n in names.items() if n in values}
-    return dict(zip(slots, values or [], strict=False))  # fewer values: the rest keep inner values
+        names = {i: inputs[i]["widget"].get("name") for i in slots}
+        return {i: values[n] for i, n in names.items() if n in values}, {}
+    return dict(zip(slots, values or [], strict=False)), {}  # fewer values: the rest keep inner values
 
 
 def _valid(a: Any, b: Any) -> bool:

@@ -379,6 +379,18 @@ def test_a_subgraph_input_linked_outside_reaches_the_inner_node():
     assert_same(g.data(), api)
 
 
+def test_subgraph_proxy_widgets_carry_inner_widget_values():
+    g = subgraph_graph(promoted_seed=None)
+    instance = g.node(12)
+    instance["properties"]["proxyWidgets"] = [["3", "cfg"], ["-1", "seed"]]
+    instance["widgets_values"] = [4.5, 999]
+    api = txt2img_api(seed=999)
+    api["12:3"] = api.pop("3")
+    api["12:3"]["inputs"]["cfg"] = 4.5
+    api["8"]["inputs"]["samples"] = ["12:3", 0]
+    assert_same(g.data(), api)
+
+
 def test_unknown_node_types_are_named_with_their_ids(tmp_path):
     g = txt2img()
     g.add(15, "ControlNetApply", [("conditioning", "CONDITIONING")], ["CONDITIONING"], [1.0])
