@@ -246,3 +246,15 @@ def test_a_civitai_png_runs(world, tmp_path):
     from PIL import Image
 
     assert Image.open(png).size == (96, 96)  # the hires pass ran
+
+
+@pytest.mark.slow
+def test_the_shipped_a1111_example_runs_after_demo(world):
+    from sd_nodes_testing import WORKFLOWS
+
+    small = ["--set", "width=64", "--set", "height=64", "--set", "steps=2", "--set", "hires_width=96",
+             "--set", "hires_height=96", "--set", "hires_steps=1"]
+    result = run(world, WORKFLOWS / "a1111_hires.png", *small)
+    assert result.rc == 0, result.err
+    [png] = world.pngs()
+    assert png.name == "a1111_00001_.png"
