@@ -254,8 +254,8 @@ def _pixel_upscale(nodes: dict, upscaler: str, size_inputs: dict, vae: str, note
     types for it do not exist (the caller then upscales the latent)."""
     have = {t: get_spec(t) is not None for t in ("UpscaleModelLoader", "ImageUpscaleWithModel", "ImageScale")}
     pixel = PIXEL_UPSCALERS.get(upscaler.lower())
-    if upscaler.lower() == "none":
-        pixel = "nearest-exact"
+    if upscaler.lower() == "none":  # A1111 then resizes the image with Lanczos (images.resize_image)
+        pixel = "lanczos"
     if not have["ImageScale"] or (pixel is None and not (have["UpscaleModelLoader"]
                                                          and have["ImageUpscaleWithModel"])):
         missing = ", ".join(t for t, ok in have.items() if not ok)

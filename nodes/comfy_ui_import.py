@@ -83,8 +83,8 @@ class _Converter:
 
     # -- building graph levels -------------------------------------------------------------------
     def graph(self, nodes: list, links: list, path=(), instance=None, outputs=None) -> _Graph:
-        g = _Graph({}, {_link_id(entry): _link_ends(entry) for entry in links or []}, path, instance,
-                   outputs or [])
+        g = _Graph({}, {_link_id(entry): _link_ends(entry) for entry in links or [] if entry is not None},
+                   path, instance, outputs or [])  # saved files may hold null entries for deleted links
         for node in nodes:
             if not isinstance(node, dict) or "id" not in node:
                 raise UIFormatError("every entry of 'nodes' needs an 'id'")
@@ -172,7 +172,8 @@ class _Converter:
             child = self.child(g, node)
             outs = child.outputs
             link_ids = (outs[slot].get("linkIds") or []) if 0 <= slot < len(outs) else []
-            link = next((child.links[i] for i in link_ids if i in child.links), None)
+            link = next((child.links[i] for i in link_ids if i in child.links), None) or next(
+                (e for e in child.links.values() if e[2] == SUBGRAPH_OUT and e[3] == slot), None)
             if link is None:
                 return None
             inner = child.nodes.get(str(link[0]))
