@@ -193,32 +193,37 @@ def _build(info: Infotext) -> tuple[dict, list[str]]:
     return {"description": description, "params": params, "nodes": nodes}, notes
 
 
-def _hires(p: dict[str, str], width: int, height: int, notes: list[str]) -> tuple[int, int] | None:
-    """The second pass's size, as A1111 computes it (int(size * scale), or Hires resize), or None."""
+def _hires(p: dict[str, str], width: int, height: int, notes: list[str]) -> tuple[int, int, str] | None:
+    """The second pass's size and crop as A1111 computes them (processing.py): int(size * scale); or
+    `Hires resize` (one side 0: the other by the aspect ratio; both: scaled to cover, centre-cropped);
+    None without hires fix."""
     resize = size(p.get("Hires resize", ""))
+    crop = "disabled"
     if resize and any(resize):
         rw, rh = resize
-        rw = rw or round(width * rh / height)
-        rh = rh or round(height * rw / width)
+        if rw and rh:
+            crop = "center" if rw * height != rh * width else "disabled"
+        rw = rw or rh * width // height
+        rh = rh or rw * height // width
         target = (rw, rh)
     elif "Hires upscale" in p:
         scale = _number(p, "Hires upscale", float, 1.0, notes)
         target = (int(width * scale), int(height * scale))
     else:
         return None
-    return (max(64, target[0] // 8 * 8), max(64, target[1] // 8 * 8))
+    return max(64, target[0] // 8 * 8), max(64, target[1] // 8 * 8), crop
 
 
-def _add_hires(nodes: dict, params: dict, sampling: dict, target: tuple[int, int], vae: str,
+def _add_hires(nodes: dict, params: dict, sampling: dict, target: tuple[int, int, str], vae: str,
                p: dict[str, str], version, notes: list[str]) -> str:
     """The hires pass: A1111 passes its steps (`Hires steps`, else Steps) to img2img, which then runs
     them over a schedule of int(steps / strength) (setup_img2img_steps in sd_samplers_common.py) with
     the same seed: what ComfyUI's KSampler does with denoise = strength."""
-    params["hires_width"], params["hires_height"] = target
+    params["hires_width"], params["hires_height"], crop = target
     strength = _number(p, "Denoising strength", float, 0.7, notes)
     steps = _number(p, "Hires steps", int, 0, notes) or params["steps"]
     upscaler = p.get("Hires upscaler", "Latent").strip()
-    size_inputs = {"width": "$hires_width", "height": "$hires_height", "crop": "disabled"}
+    size_inputs = {"width": "$hires_width", "height": "$hires_height", "crop": crop}
     latent = "upscale.LATENT"
     method = LATENT_UPSCALERS.get(upscaler.lower())
     if method is None:

@@ -134,6 +134,15 @@ def test_hires_resize_and_steps_default():
     )
     assert (wf.params["hires_width"], wf.params["hires_height"], wf.params["hires_steps"]) == (1024, 1024, 12)
     assert wf.nodes["upscale"].inputs["upscale_method"] == "bilinear"
+    assert wf.nodes["upscale"].inputs["crop"] == "disabled"
+    both = workflow_from_infotext(
+        "a\nSteps: 12, Sampler: Euler, Seed: 1, Size: 512x768, Denoising strength: 0.5, "
+        "Hires resize: 1024x1024"
+    )
+    assert (both.params["hires_width"], both.params["hires_height"]) == (1024, 1024)
+    assert both.nodes["upscale"].inputs["crop"] == "center"  # A1111 scales to cover, then crops
+    tall = workflow_from_infotext("a\nSteps: 2, Sampler: Euler, Seed: 1, Size: 512x768, Hires resize: 0x1000")
+    assert (tall.params["hires_width"], tall.params["hires_height"]) == (664, 1000)  # 1000 * 512 // 768 = 666
 
 
 def test_model_upscalers_are_reported_when_their_nodes_are_missing():
@@ -252,8 +261,20 @@ def test_a_civitai_png_runs(world, tmp_path):
 def test_the_shipped_a1111_example_runs_after_demo(world):
     from sd_nodes_testing import WORKFLOWS
 
-    small = ["--set", "width=64", "--set", "height=64", "--set", "steps=2", "--set", "hires_width=96",
-             "--set", "hires_height=96", "--set", "hires_steps=1"]
+    small = [
+        "--set",
+        "width=64",
+        "--set",
+        "height=64",
+        "--set",
+        "steps=2",
+        "--set",
+        "hires_width=96",
+        "--set",
+        "hires_height=96",
+        "--set",
+        "hires_steps=1",
+    ]
     result = run(world, WORKFLOWS / "a1111_hires.png", *small)
     assert result.rc == 0, result.err
     [png] = world.pngs()
