@@ -382,6 +382,46 @@ def test_a_subgraph_input_linked_outside_reaches_the_inner_node():
     assert_same(g.data(), api)
 
 
+def test_nested_subgraphs_chain_instance_ids():
+    g = subgraph_graph()
+    inner_instance = g.node(12)
+    outer_id = "8c1f4a3e-0000-4000-8000-000000000002"
+    # the outer subgraph holds an instance (id 50) of the sampler subgraph, its 4 inputs and output wired
+    # through the outer subgraph's own input and output nodes
+    nested = {
+        "id": 50,
+        "type": SUBGRAPH_ID,
+        "mode": 0,
+        "properties": {},
+        "widgets_values": [123],
+        "inputs": [dict(inp, link=i + 1) for i, inp in enumerate(inner_instance["inputs"][:4])]
+        + [dict(inner_instance["inputs"][4], link=None)],
+        "outputs": [{"name": "LATENT", "type": "LATENT", "links": [9]}],
+    }
+    links = [
+        {"id": i + 1, "origin_id": -10, "origin_slot": i, "target_id": 50, "target_slot": i, "type": "*"}
+        for i in range(4)
+    ]
+    links.append(
+        {"id": 9, "origin_id": 50, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "LATENT"}
+    )
+    outer = copy.deepcopy(g.definitions[0]) | {
+        "id": outer_id,
+        "name": "Outer",
+        "nodes": [nested],
+        "links": links,
+    }
+    outer["inputs"] = outer["inputs"][:4]
+    g.definitions.append(outer)
+    inner_instance["type"] = outer_id
+    inner_instance["inputs"] = inner_instance["inputs"][:4]
+    inner_instance["widgets_values"] = []
+    api = txt2img_api(seed=123)
+    api["12:50:3"] = api.pop("3")
+    api["8"]["inputs"]["samples"] = ["12:50:3", 0]
+    assert_same(g.data(), api)
+
+
 def test_subgraph_proxy_widgets_carry_inner_widget_values():
     g = subgraph_graph(promoted_seed=None)
     instance = g.node(12)
