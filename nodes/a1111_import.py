@@ -45,12 +45,12 @@ LATENT_UPSCALERS = {  # A1111 hires latent upscaler -> LatentUpscale method (ant
 PIXEL_UPSCALERS = {"lanczos": "lanczos", "nearest": "nearest-exact"}
 USED = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Clip skip", "VAE",
         "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Hires resize",
-        "Hires sampler", "Hires schedule type", "Hires CFG Scale"}
+        "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Hires prompt", "Hires negative prompt",
+        "RNG"}
+# what identifies files or tools but does not change the image (A1111 writes most other keys only when
+# they differ from its defaults, so those are reported)
 INFORMATIONAL = {"Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes", "Version",
-                 "Hires upscaler hash", "Civitai resources", "Civitai metadata", "Created Date", "Emphasis",
-                 "Pad conds",
-                 "Schedule max sigma", "Schedule min sigma", "Schedule rho", "Downcast alphas_cumprod",
-                 "Discard penultimate sigma", "Module 1", "Module 2", "Module 3"}
+                 "Hires upscaler hash", "Civitai resources", "Civitai metadata", "Created Date"}
 DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -188,7 +188,12 @@ def _build(info: Infotext) -> tuple[dict, list[str]]:
     for key in p:
         if key not in USED and key not in INFORMATIONAL and key != "Batch size":
             notes.append(f"not mapped: {key}: {p[key]}")
-    notes.append("A1111's noise differs from ComfyUI's: the same seed gives a different image")
+    if p.get("RNG", "").strip().upper() == "CPU":  # torch.randn on the CPU after manual_seed, as ComfyUI
+        notes.append("RNG: CPU: the starting noise is ComfyUI's for this seed; A1111's prompt weighting and "
+                     "ancestral/SDE noise still differ, so the image may not match exactly")
+    else:
+        notes.append(f"RNG: {p.get('RNG', 'GPU')}: A1111 drew its noise on the GPU, ComfyUI and sdgraph on "
+                     "the CPU: the same seed gives a different image")
     description = "Converted from A1111 / civitai generation parameters"
     return {"description": description, "params": params, "nodes": nodes}, notes
 
@@ -248,6 +253,11 @@ def _add_hires(nodes: dict, params: dict, sampling: dict, target: tuple[int, int
                                                    own_schedule or p.get("Schedule type"), version, notes)
     cfg = _number(p, "Hires CFG Scale", float, None, notes)
     params["hires_steps"], params["denoise"] = steps, strength
+    for key, node_id in (("Hires prompt", "hires_positive"), ("Hires negative prompt", "hires_negative")):
+        if p.get(key, "").strip():  # written only when it differs from the first pass's prompt
+            clip = dict(nodes["positive"]["clip"])
+            nodes[node_id] = {"type": "CLIPTextEncode", "clip": clip, "text": p[key]}
+            sampling = sampling | {node_id.split("_")[1]: {"from": f"{node_id}.CONDITIONING"}}
     nodes["hires_sampler"] = {"type": "KSampler", **sampling, "latent_image": {"from": latent},
                               "steps": "$hires_steps", "cfg": "$cfg" if cfg is None else cfg,
                               "sampler_name": sampler, "scheduler": scheduler, "denoise": "$denoise"}

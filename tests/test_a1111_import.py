@@ -162,6 +162,19 @@ def test_model_upscalers_are_reported_when_their_nodes_are_missing():
         assert wf.nodes["vae"].inputs["vae_name"] == "vae-ft-mse-840000-ema-pruned.safetensors"
 
 
+def test_hires_prompts_and_rng():
+    wf = workflow_from_infotext(
+        "a\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, "
+        'Hires prompt: "a, sharp", Hires negative prompt: "", RNG: CPU'
+    )
+    validate(wf)
+    assert wf.nodes["hires_positive"].inputs["text"] == "a, sharp" and "hires_negative" not in wf.nodes
+    assert wf.nodes["hires_sampler"].inputs["positive"].node == "hires_positive"
+    assert wf.nodes["hires_sampler"].inputs["negative"].node == "negative"
+    assert any(n.startswith("RNG: CPU: the starting noise is ComfyUI's") for n in wf.notes)
+    assert any(n.startswith("RNG: GPU") for n in workflow_from_infotext(FULL).notes)
+
+
 def test_img2img_infotext_says_the_source_is_missing():
     wf = workflow_from_infotext(
         "a\nSteps: 12, Sampler: Euler, Seed: 1, Size: 512x512, Denoising strength: 0.5"
@@ -179,7 +192,7 @@ def test_forge_infotext():
     wf = workflow_from_infotext(text)
     assert wf.nodes["sampler"].inputs["scheduler"] == "normal"
     assert "not mapped: Beta schedule alpha: 0.6" in wf.notes
-    assert not any("Module 1" in n for n in wf.notes)
+    assert "not mapped: Module 1: sdxl_vae" in wf.notes
 
 
 def test_an_infotext_with_nothing_in_it_is_an_error():
