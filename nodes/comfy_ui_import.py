@@ -75,7 +75,9 @@ class _Graph:
 
 class _Converter:
     def __init__(self, data: dict):
-        self.subgraphs = {sg.get("id"): sg for sg in ((data.get("definitions") or {}).get("subgraphs") or [])}
+        definitions = (data.get("definitions") or {}).get("subgraphs") or []
+        self.subgraphs = {sg["id"]: sg for sg in definitions
+                          if isinstance(sg, dict) and isinstance(sg.get("id"), str)}
         self.groups = (data.get("extra") or {}).get("groupNodes") or {}
         self.notes: list[str] = []
         self.prompt: dict[str, dict] = {}
