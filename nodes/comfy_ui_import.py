@@ -104,7 +104,7 @@ class _Converter:
                 raise UIFormatError(f"subgraph {node['type']} contains itself")
             child = self.graph(sg.get("nodes") or [], sg.get("links") or [], (*g.path, str(node["id"])),
                                (node, g), sg.get("outputs") or [])
-            child.promoted, child.proxied = _promoted_values(node)
+            child.promoted, child.proxied = _promoted_values(node, _widget_slots(child))
             self.children[key] = child
         return self.children[key]
 
@@ -149,11 +149,8 @@ class _Converter:
         origin, origin_slot = g.links[link_id][:2]
         if g.instance is not None and origin == SUBGRAPH_IN:  # out of the subgraph, into its instance
             instance, parent = g.instance
-            outer = (instance.get("inputs") or [])
-            if not 0 <= origin_slot < len(outer):
-                raise UIFormatError(f"subgraph instance {parent.exec_id(instance['id'])} has no input "
-                                    f"{origin_slot}")
-            if outer[origin_slot].get("link") is None:
+            outer = instance.get("inputs") or []  # may be left out: the frontend rebuilds them
+            if origin_slot >= len(outer) or outer[origin_slot].get("link") is None:
                 return _Value(g.promoted[origin_slot]) if origin_slot in g.promoted else None
             return self.resolve_input(parent, instance, origin_slot, visited)
         source = g.nodes.get(str(origin))
@@ -294,13 +291,25 @@ def _link_ends(entry: Any) -> tuple:
     return tuple(entry[1:5])
 
 
-def _promoted_values(instance: dict) -> tuple[dict[int, Any], dict[tuple[str, str], Any]]:
-    """A subgraph instance's widget values: by instance input (one widget per input that is a widget, in
-    input order), and by inner widget when `properties.proxyWidgets` lists [inner node id, widget name]
-    per value ("-1": the instance's own input of that name)."""
+def _widget_slots(child: _Graph) -> list[int]:
+    """The subgraph inputs that feed a widget of an inner node: the instance shows a widget for each."""
+    slots = set()
+    for origin, origin_slot, target, target_slot in child.links.values():
+        node = child.nodes.get(str(target))
+        inputs = (node or {}).get("inputs") or []
+        if origin == SUBGRAPH_IN and isinstance(target_slot, int) and 0 <= target_slot < len(inputs) \
+                and inputs[target_slot].get("widget"):
+            slots.add(origin_slot)
+    return sorted(slots)
+
+
+def _promoted_values(instance: dict, widget_slots: list[int]) -> tuple[dict[int, Any], dict[tuple, Any]]:
+    """A subgraph instance's widget values: by subgraph input (one widget per input that feeds an inner
+    widget, in input order), and by inner widget when `properties.proxyWidgets` lists [inner node id,
+    widget name] per value ("-1": the instance's own input of that name)."""
     values = instance.get("widgets_values")
     inputs = instance.get("inputs") or []
-    slots = [i for i, inp in enumerate(inputs) if inp.get("widget")]
+    slots = widget_slots or [i for i, inp in enumerate(inputs) if inp.get("widget")]
     proxies = (instance.get("properties") or {}).get("proxyWidgets")
     if isinstance(proxies, list) and isinstance(values, list):
         by_input: dict[int, Any] = {}
@@ -310,15 +319,15 @@ def _promoted_values(instance: dict) -> tuple[dict[int, Any], dict[tuple[str, st
                 continue
             target, name = str(entry[0]), str(entry[1])
             if target == "-1":
-                index = next((i for i in slots if inputs[i]["widget"].get("name") == name
-                              or inputs[i].get("name") == name), None)
+                index = next((i for i in slots if i < len(inputs) and name in (
+                    (inputs[i].get("widget") or {}).get("name"), inputs[i].get("name"))), None)
                 if index is not None:
                     by_input[index] = value
             else:
                 by_widget[(target, name)] = value
         return by_input, by_widget
     if isinstance(values, dict):
-        names = {i: inputs[i]["widget"].get("name") for i in slots}
+        names = {i: (inputs[i].get("widget") or {}).get("name") for i in slots if i < len(inputs)}
         return {i: values[n] for i, n in names.items() if n in values}, {}
     return dict(zip(slots, values or [], strict=False)), {}  # fewer values: the rest keep inner values
 

@@ -422,6 +422,48 @@ def test_nested_subgraphs_chain_instance_ids():
     assert_same(g.data(), api)
 
 
+def test_a_subgraph_instance_saved_without_inputs_still_gives_its_widget_values():
+    # the frontend rebuilds an instance's inputs from the definition; files may leave them out
+    inner = UIGraph()
+    inner.add(
+        1,
+        "CheckpointLoaderSimple",
+        [("ckpt_name", "COMBO", "ckpt_name")],
+        ["MODEL", "CLIP", "VAE"],
+        ["inner.safetensors"],
+    )
+    inner.node(1)["inputs"][0]["link"] = 1
+    g = UIGraph()
+    g.definitions.append(
+        {
+            "id": "sg-loader",
+            "name": "Loader",
+            "nodes": inner.nodes,
+            "outputs": [],
+            "inputs": [{"id": "i0", "name": "ckpt_name", "type": "COMBO", "linkIds": [1]}],
+            "links": [
+                {
+                    "id": 1,
+                    "origin_id": -10,
+                    "origin_slot": 0,
+                    "target_id": 1,
+                    "target_slot": 0,
+                    "type": "COMBO",
+                }
+            ],
+        }
+    )
+    g.add(2, "sg-loader", widgets=["promoted.safetensors"])
+    prompt, _ = prompt_from_ui(g.data())
+    assert prompt == {
+        "2:1": {
+            "class_type": "CheckpointLoaderSimple",
+            "inputs": {"ckpt_name": "promoted.safetensors"},
+            "_meta": {"title": "CheckpointLoaderSimple"},
+        }
+    }
+
+
 def test_subgraph_proxy_widgets_carry_inner_widget_values():
     g = subgraph_graph(promoted_seed=None)
     instance = g.node(12)
