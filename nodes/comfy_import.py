@@ -62,7 +62,8 @@ def workflow_from_comfy(data: dict, filename: str | None = None, lines: dict | N
         first = next(iter(unsupported.values()))[0]
         raise ValidationFailed([Problem(
             f"{len(unsupported)} ComfyUI node type(s) have no sdgraph equivalent: {listed}",
-            filename, lines.get((first,)), hint=f"supported: {supported} (and `sdgraph nodes`)")])
+            filename, lines.get((first,)),
+            hint=f"supported: {supported}; `sdgraph nodes` lists every node type")])
     for cls, skipped_ids in sorted(skipped.items()):
         notes.append(f"left out {cls} (node {', '.join(skipped_ids)}): it only shows an image in ComfyUI's "
                      "window")
