@@ -182,6 +182,9 @@ def _build(info: Infotext) -> tuple[dict, list[str]]:
     for word, what in (("BREAK", "BREAK"), ("[", "[...] (A1111 de-emphasis / prompt editing)")):
         if word in info.prompt or word in info.negative:
             notes.append(f"not mapped: {what} in the prompt is read as ComfyUI reads it, not as A1111 does")
+    if re.search(r"\([^()]*:\s*[\d.]+\s*\)", info.prompt + info.negative):
+        notes.append("prompt weights such as (word:1.2) are applied as ComfyUI applies them (A1111 also "
+                     "rescales the weighted embedding to its old mean)")
     if "Batch size" in p and p["Batch size"].strip() not in ("1", ""):
         notes.append(f"not mapped: Batch size {p['Batch size']} (A1111 gives each image its own seed); "
                      "one image")

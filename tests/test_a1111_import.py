@@ -114,6 +114,7 @@ def test_full_infotext_becomes_a_hires_workflow():
     assert 'not mapped: ADetailer prompt: face, "smiling", eyes' in wf.notes
     assert "not mapped: <lora:style:1> (removed from the prompt)" in wf.notes
     assert not any("Lora hashes" in note or "Model hash" in note for note in wf.notes)  # informational
+    assert any(note.startswith("prompt weights such as (word:1.2)") for note in wf.notes)
 
 
 def test_plain_txt2img_without_hires():
