@@ -152,7 +152,7 @@ def test_model_upscalers_are_reported_when_their_nodes_are_missing():
         "Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+, VAE: vae-ft-mse-840000-ema-pruned"
     )
     validate(wf)
-    if get_spec("UpscaleModelLoader") is None:
+    if any(get_spec(t) is None for t in ("UpscaleModelLoader", "ImageUpscaleWithModel", "ImageScale")):
         assert any(n.startswith("not mapped: Hires upscaler 'R-ESRGAN 4x+'") for n in wf.notes)
         assert wf.nodes["upscale"].type == "LatentUpscale"
     else:
@@ -174,6 +174,33 @@ def test_hires_prompts_and_rng():
     assert wf.nodes["hires_sampler"].inputs["negative"].node == "negative"
     assert any(n.startswith("RNG: CPU: the starting noise is ComfyUI's") for n in wf.notes)
     assert any(n.startswith("RNG: GPU") for n in workflow_from_infotext(FULL).notes)
+
+
+def test_model_upscaler_wiring_once_the_nodes_exist(monkeypatch):
+    """With UpscaleModelLoader / ImageUpscaleWithModel / ImageScale registered (other node families add
+    them), the hires pass decodes, upscales with the model, resizes to the target and encodes again."""
+    import nodes.a1111_import as a1111
+
+    real = a1111.get_spec
+    later = {"UpscaleModelLoader", "ImageUpscaleWithModel", "ImageScale", "VAELoader"}
+    monkeypatch.setattr(a1111, "get_spec", lambda t: object() if t in later else real(t))
+    data, notes = a1111._build(
+        parse_infotext(
+            "a\nSteps: 12, Sampler: Euler, Seed: 1, Size: 512x512, Denoising strength: 0.5, "
+            "Hires upscale: 2, Hires upscaler: 4x-UltraSharp, VAE: vae-ft-mse-840000-ema-pruned.ckpt"
+        )
+    )
+    n = data["nodes"]
+    assert n["vae"] == {"type": "VAELoader", "vae_name": "vae-ft-mse-840000-ema-pruned.ckpt"}
+    assert n["first_decode"]["samples"] == {"from": "sampler.LATENT"} and n["first_decode"]["vae"] == {
+        "from": "vae.VAE"
+    }
+    assert n["upscale_model"] == {"type": "UpscaleModelLoader", "model_name": "4x-UltraSharp.pth"}
+    assert n["model_upscale"]["image"] == {"from": "first_decode.IMAGE"}
+    assert n["resize"]["image"] == {"from": "model_upscale.IMAGE"} and n["resize"]["width"] == "$hires_width"
+    assert n["hires_encode"]["pixels"] == {"from": "resize.IMAGE"}
+    assert n["hires_sampler"]["latent_image"] == {"from": "hires_encode.LATENT"}
+    assert "upscale" not in n and not any(note.startswith("not mapped: Hires") for note in notes)
 
 
 def test_img2img_infotext_says_the_source_is_missing():

@@ -572,9 +572,11 @@ def test_a_ui_file_runs_and_its_conversion_is_the_same_graph(world, tmp_path):
 def test_the_shipped_ui_example_runs_after_demo(world):
     from sd_nodes_testing import WORKFLOWS
 
+    from graph.declare import get_spec
+
     small = ["--set", "latent_5.width=64", "--set", "latent_5.height=64", "--set", "sampler_3.steps=2"]
     result = run(world, WORKFLOWS / "comfyui_ui.json", *small)
     assert result.rc == 0, result.err
-    assert "left out PreviewImage (node 12)" in result.err
-    [png] = world.pngs()
-    assert png.name == "comfyui_ui_00001_.png"
+    if get_spec("PreviewImage") is None:
+        assert "left out PreviewImage (node 12)" in result.err
+    assert "comfyui_ui_00001_.png" in [p.name for p in world.pngs()]
