@@ -83,6 +83,10 @@ def workflow_from_text(path: Path, text: dict[str, str]) -> Workflow:
         data = parse_text(text[COMFY_UI_KEY], name, "json")[0]
         if is_comfy_ui(data):
             return workflow_from_ui(data, name, f"Converted from the ComfyUI workflow in {path.name}")
+        from nodes.comfy_import import is_comfy_api, workflow_from_comfy
+
+        if is_comfy_api(data):  # some tools store the API prompt under this key
+            return workflow_from_comfy(data, name)
     if A1111_KEY in text:
         from nodes.a1111_import import workflow_from_infotext
 
