@@ -19,11 +19,12 @@ examples:
   sdgraph run workflows/txt2img.yaml --set seed=7 --set sampler.steps=30
   sdgraph run workflows/txt2img.yaml --sweep sampler.seed=1,2,3 --sweep positive.text=@prompts.txt
   sdgraph run image.png                     re-run the workflow embedded in an image
+  sdgraph run civitai.png                   run an A1111/civitai image's settings (JPEG/WebP too)
+  sdgraph convert comfy_ui.json -o wf.yaml  a ComfyUI UI or API workflow to sdgraph's YAML
   sdgraph run wf.yaml --sweep seed=@seeds.txt --distributed -n 2    one process (GPU) per rank
   mlx.launch --hostfile hosts.json -- sdgraph run wf.yaml --sweep ...      the same over several hosts
   sdgraph validate workflows/img2img.yaml
   sdgraph nodes KSampler
-  sdgraph convert comfy_api.json -o workflow.yaml
   sdgraph cache info
 
 exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted (Ctrl-C),
@@ -244,9 +245,16 @@ def _prepare(args):
 
     _check_workflow_file(args.workflow)
     wf = load_workflow(args.workflow)
+    _print_notes(wf)
     sets = [parse_assignment(s) for s in args.set]
     sweeps = [parse_sweep(s, Path(args.workflow).parent) for s in args.sweep]
     return prepare(wf, sets, sweeps, _folders(args))
+
+
+def _print_notes(wf) -> None:
+    """What an importer could not carry over (an A1111 image's unknown settings, a skipped node)."""
+    for note in wf.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_validate(args) -> int:
@@ -439,7 +447,9 @@ def cmd_convert(args) -> int:
     out = Path(args.output)
     _check_convert_target(Path(args.input), out, args.force)
     _check_workflow_file(args.input)
-    data = load_workflow(args.input).to_data()
+    wf = load_workflow(args.input)
+    _print_notes(wf)
+    data = wf.to_data()
     if out.suffix.lower() == ".json":
         text = json.dumps(data, indent=2) + "\n"
     else:

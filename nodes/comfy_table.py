@@ -7,6 +7,7 @@ and output names in sdgraph; the node's declared outputs translate one into the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -31,7 +32,8 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "CLIPTextEncode": Mapping("CLIPEncode", "encode"),
     "CLIPSetLastLayer": Mapping("CLIPSetLastLayer", "clip_skip"),
     "EmptyLatentImage": Mapping("EmptyLatent", "latent"),
-    "LoadImage": Mapping("LoadImage", "image", ignored=frozenset({"upload"})),
+    # `upload` (the upload button) and `choose file to upload` (its older name, in most ComfyUI PNGs)
+    "LoadImage": Mapping("LoadImage", "image", ignored=frozenset({"upload", "choose file to upload"})),
     "VAEEncode": Mapping("VAEEncode", "vae_encode"),
     "VAEDecode": Mapping("VAEDecode", "vae_decode"),
     "KSampler": Mapping("KSampler", "sampler"),
@@ -88,3 +90,21 @@ COMFY_TO_OURS: dict[str, Mapping] = {
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}
+
+
+# Nodes a ComfyUI workflow may hold that sdgraph can leave out without changing any result: an API file's
+# PreviewImage (a sink that shows an image in ComfyUI's UI) is dropped, with a note, until such a node exists.
+SKIPPABLE: frozenset[str] = frozenset({"PreviewImage"})
+
+
+def mapping_for(comfy_class: str) -> Mapping | None:
+    """The table's row, else a registered node of that name (new nodes carry ComfyUI's class names and
+    inputs, so they import without a row here); None when sdgraph has no such node."""
+    if comfy_class in COMFY_TO_OURS:
+        return COMFY_TO_OURS[comfy_class]
+    from graph.declare import canonical_type, get_spec
+
+    if get_spec(comfy_class) is None:
+        return None
+    slug = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", comfy_class).lower()
+    return Mapping(canonical_type(comfy_class), re.sub(r"[^a-z0-9_]", "_", slug))
