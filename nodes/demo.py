@@ -81,11 +81,12 @@ def write_example_image(path: Path, size: int = 512) -> Path:
 
 
 def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 512,
-              out: TextIO = sys.stdout) -> list[Path]:
+              out: TextIO | None = None) -> list[Path]:
     """Write the stand-in files that are missing; returns the paths written (existing files are kept)."""
     from sd.errors import SDGraphError
     from sd.synthetic import make_checkpoint
 
+    out = out or sys.stdout  # looked up now: a default bound at import would keep a replaced stream
     models_dir, input_dir = Path(models_dir), Path(input_dir)
     checkpoint = models_dir / "checkpoints" / CHECKPOINT_NAME
     written: list[Path] = []
@@ -120,7 +121,7 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     return written
 
 
-def copy_example_workflows(dest: str | Path, out: TextIO = sys.stdout) -> list[Path]:
+def copy_example_workflows(dest: str | Path, out: TextIO | None = None) -> list[Path]:
     """Copy the example workflows shipped with sdgraph into `dest` (./workflows), so that an installed
     sdgraph runs `sdgraph run workflows/txt2img.yaml` as the README says. Existing files are kept; in a
     checkout, where `dest` is the examples folder itself, nothing happens."""
@@ -128,6 +129,7 @@ def copy_example_workflows(dest: str | Path, out: TextIO = sys.stdout) -> list[P
 
     import workflows
 
+    out = out or sys.stdout
     source, dest = Path(workflows.__file__).resolve().parent, Path(dest)
     if dest.resolve() == source:
         return []
