@@ -9,6 +9,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     conditioning.py  CLIPEncode, CLIPSetLastLayer
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
+    model_patches.py ModelSamplingDiscrete (how a model is sampled, not its weights)
     images.py        LoadImage, SaveImage
     estimates.py     memory estimates of a plan, checked before it runs
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
@@ -16,7 +17,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
-from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
+from nodes import conditioning, images, latents, loaders, model_patches, sampling  # noqa: F401
 from nodes import comfy_import, estimates, png_workflow
 
 comfy_import.register()

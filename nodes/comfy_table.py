@@ -38,6 +38,7 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler"),
     "LatentUpscale": Mapping("LatentUpscale", "upscale"),
     "SaveImage": Mapping("SaveImage", "save"),
+    "ModelSamplingDiscrete": Mapping("ModelSamplingDiscrete", "model_sampling"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

@@ -6,22 +6,31 @@ import warnings
 
 from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
-from nodes.paths import resolve_checkpoint, resolve_lora
-from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
+from nodes.paths import checkpoint_files, resolve_checkpoint, resolve_lora
+from nodes.values import ClipRecipe, FileRef, ModelRecipe, SamplingPatch, VaeRecipe
 
 
-@node(category="loaders", outputs=(MODEL, CLIP, VAE), reads_files={"ckpt_name": resolve_checkpoint})
+@node(category="loaders", outputs=(MODEL, CLIP, VAE), reads_files={"ckpt_name": checkpoint_files})
 def LoadCheckpoint(ckpt_name: String(), ctx=None):
     """Load an SD1.x checkpoint from models/checkpoints (ComfyUI's CheckpointLoaderSimple).
 
     The outputs are recipes: each part's weights are read when a node first needs them, so a run
-    whose encodings are all cached never loads the text encoder."""
+    whose encodings are all cached never loads the text encoder. A v-prediction (and zero-terminal-
+    SNR) checkpoint is recognised by its 'v_pred'/'ztsnr' keys or a companion .yaml with
+    `parameterization: "v"`, and sampled as such (ModelSamplingDiscrete overrides it)."""
     from sd.io.checkpoint_io import open_tensors
     from sd.loading.detect import check_family
+    from sd.loading.prediction import detect_sampling
 
     ref = FileRef.of(resolve_checkpoint(ckpt_name, ctx.folders), ctx.fingerprint)
-    check_family(ref.path, open_tensors(ref.path).keys())  # header only: a wrong file fails here
-    return ModelRecipe(ref), ClipRecipe(ref), VaeRecipe(ref)
+    keys = open_tensors(ref.path).keys()
+    check_family(ref.path, keys)  # header only: a wrong file fails here
+    detected = detect_sampling(ref.path, keys)
+    if detected.evidence:
+        ctx.log(f"{ref.name}: sampled as {detected.prediction}" + (" with zero terminal SNR" if detected.zsnr
+                                                                    else "") + f" ({detected.evidence})")
+    model = ModelRecipe(ref, sampling=SamplingPatch(detected.prediction, detected.zsnr))
+    return model, ClipRecipe(ref), VaeRecipe(ref)
 
 
 @node(category="loaders", outputs=(MODEL, CLIP), reads_files={"lora_name": resolve_lora})

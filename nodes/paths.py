@@ -124,6 +124,17 @@ def resolve_checkpoint(name: str, folders: Folders) -> Path:
     return resolve(name, checkpoints_dir(folders), "checkpoint", MODEL_EXTENSIONS, "--models-dir")
 
 
+def checkpoint_files(name: str, folders: Folders) -> Path | list[Path]:
+    """The checkpoint, or [checkpoint, its companion .yaml] when there is one (it can make the model
+    v-prediction): LoadCheckpoint's reads_files resolver, so adding or editing the .yaml changes the cache
+    key (and a checkpoint without one keeps the key it always had)."""
+    from sd.loading.prediction import companion_config
+
+    path = resolve_checkpoint(name, folders)
+    config = companion_config(path)
+    return path if config is None else [path, config]
+
+
 def resolve_lora(name: str, folders: Folders) -> Path:
     return resolve(name, loras_dir(folders), "LoRA", MODEL_EXTENSIONS, "--models-dir")
 

@@ -12,6 +12,13 @@ MAX_SEED = 2**64 - 1
 ON_OFF = ("enable", "disable")
 
 
+def model_sampling_of(model: ModelRecipe):
+    """The schedule and prediction rules the recipe's sampling patch asks for."""
+    from sd.sampling.model_sampling import model_sampling_for
+
+    return model_sampling_for(model.sampling.prediction, model.sampling.zsnr)
+
+
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
     from sd.sampling.ksampler import sample
@@ -24,7 +31,7 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
         ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
 
     samples = sample(models.fast_unet(unet), positive.cond, negative.cond, latent.samples, callback=on_step,
-                     **kwargs)
+                     model_sampling=model_sampling_of(model), **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
     return Latent(samples, latent.batch_index)
 
