@@ -109,9 +109,13 @@ def validate(wf: Workflow, folders: Folders | None = None) -> dict[str, BoundNod
                 if name in b.literals:
                     try:
                         resolved = resolver(b.literals[name], folders)
-                        # a resolver may name several files (a model and its config, a prompt's files)
-                        b.files[name] = ([Path(p) for p in resolved] if isinstance(resolved, (list, tuple))
-                                         else Path(resolved))
+                        # a resolver may name several files (a model and its config, a prompt's files),
+                        # or none (a prompt without embeddings: its key stays what it was)
+                        if isinstance(resolved, (list, tuple)):
+                            if resolved:
+                                b.files[name] = [Path(p) for p in resolved]
+                        else:
+                            b.files[name] = Path(resolved)
                     except (OSError, ValueError) as e:
                         problem(_message(e), b.id, name)
             for name, checker in b.spec.writes_files.items():
