@@ -3,8 +3,9 @@ fresh machine (the images are noise until real weights are put in place).
 
 Writes models/checkpoints/v1-5-pruned-emaonly.safetensors (a tiny random SD1.5-layout checkpoint) —
 only when no file of that name exists: a user's real model is never overwritten — plus
-models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint) and
-input/example.png.
+models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint),
+models/embeddings/easynegative.safetensors (a random 8-vector textual-inversion embedding as wide as that
+checkpoint's text encoder) and input/example.png.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 EXAMPLE_IMAGE = "example.png"
+EMBEDDING_NAME = "easynegative.safetensors"
 
 # 2-D weights a kohya LoRA patches: UNet attention projections, CLIP attention and MLP
 _UNET_LAYERS = (".attn1.to_q.weight", ".attn1.to_k.weight", ".attn1.to_v.weight", ".attn1.to_out.0.weight",
@@ -49,6 +51,22 @@ def write_kohya_lora(path: Path, checkpoint: Path, seed: int, rank: int = 4, sca
         out[f"{name}.alpha"] = np.array(rank, dtype=np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))
+    return path
+
+
+def write_embedding(path: Path, checkpoint: Path, seed: int, vectors: int = 8) -> Path:
+    """A random textual-inversion embedding (A1111/kohya safetensors layout, `emb_params`) for `checkpoint`'s
+    text encoder, scaled like its token vectors."""
+    from safetensors.numpy import save_file
+
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.checkpoint import PREFIXES
+
+    tokens = open_tensors(checkpoint)[PREFIXES["clip"] + "text_model.embeddings.token_embedding.weight"]
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((vectors, tokens.shape[1])) * float(np.std(tokens))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": emb.astype(np.float32)}, str(path))
     return path
 
 
@@ -89,6 +107,12 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
                 written.append(write_kohya_lora(lora, checkpoint, seed))
             except SDGraphError as e:  # the LoRA's shapes come from the user's checkpoint
                 print(f"skipped {lora}: {e}", file=out)
+    embedding = models_dir / "embeddings" / EMBEDDING_NAME
+    if not embedding.exists():
+        try:
+            written.append(write_embedding(embedding, checkpoint, seed=3))
+        except (SDGraphError, KeyError) as e:  # its width comes from the user's checkpoint
+            print(f"skipped {embedding}: {e}", file=out)
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
@@ -97,5 +121,6 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     if any(p.suffix == ".safetensors" for p in written):
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint} and real LoRAs in "
-              f"{models_dir / 'loras'} under those names to get real images.", file=out)
+              f"{models_dir / 'loras'} and {models_dir / 'embeddings'} under those names to get real images.",
+              file=out)
     return written
