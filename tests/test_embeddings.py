@@ -57,6 +57,10 @@ def write_a1111_pt(path: Path, vec: np.ndarray, parameter: bool = False) -> Path
 LAYOUTS = {
     "a1111.pt": lambda p, v: write_a1111_pt(p, v),
     "a1111-parameter.pt": lambda p, v: write_a1111_pt(p, v, parameter=True),
+    # the original textual_inversion code saved an nn.ParameterDict (a module: read as a dict of its tensors)
+    "ldm-parameterdict.pt": lambda p, v: torch.save(
+        {"string_to_token": {"*": 265},
+         "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.from_numpy(v))})}, p),
     "kohya.safetensors": lambda p, v: save_file({"emb_params": v}, str(p)),
     "sdxl.safetensors": lambda p, v: save_file({"clip_g": vectors(len(v), 1280), "clip_l": v}, str(p)),
     "learned_embeds.bin": lambda p, v: torch.save({"<cat-toy>": torch.from_numpy(v)}, p),
