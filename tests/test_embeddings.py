@@ -127,6 +127,8 @@ def test_lookup_as_comfyui_subfolders_extensions_and_containment(tmp_path):
     assert find_embedding("style", folder) == folder / "neg" / "style.bin"
     assert find_embedding("../outside", folder) is None
     assert find_embedding("nothing", folder) is None and find_embedding("a\0b", folder) is None
+    (folder / "neg" / "loop").symlink_to(folder, target_is_directory=True)  # a link loop ends
+    assert find_embedding("badhands", folder) == folder / "neg" / "deep" / "badhands.safetensors"
 
 
 # --- ComfyUI's tokenize_with_weights, transcribed ---------------------------------------------------

@@ -33,12 +33,21 @@ MAX_VECTORS = 300  # real embeddings have 1-75; four chunks' worth bounds what a
 
 
 def embedding_folders(folder: str | os.PathLike) -> list[Path]:
-    """The folder, then every folder below it (links followed, as ComfyUI), sorted."""
+    """The folder, then every folder below it (links followed, as ComfyUI, but each real folder once, so a
+    link loop ends), sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    below = sorted(Path(root) for root, _, _ in os.walk(folder, followlinks=True) if Path(root) != folder)
-    return [folder, *below]
+    seen, below = {os.path.realpath(folder)}, []
+    for root, dirs, _ in os.walk(folder, followlinks=True):
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(root, name))
+            if real in seen:
+                dirs.remove(name)  # do not descend twice (a symlink back up would never end)
+            else:
+                seen.add(real)
+                below.append(Path(root) / name)
+    return [folder, *sorted(below)]
 
 
 def find_embedding(name: str, folder: str | os.PathLike) -> Path | None:
