@@ -10,6 +10,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     conditioning.py  CLIPEncode, CLIPSetLastLayer
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
+    model_patches.py ModelSamplingDiscrete (how a model is sampled, not its weights)
     images.py        LoadImage, SaveImage, PreviewImage (prefix_tokens.py: ComfyUI's %date%/%Node.input%)
     latent_files.py  SaveLatent, LoadLatent (ComfyUI's .latent files)
     vae_tiled.py     VAEDecodeTiled, VAEEncodeTiled
@@ -24,8 +25,8 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
-from nodes import conditioning, images, latent_files, latents, loaders, sampling, vae_tiled  # noqa: F401
-from nodes import image_ops, latent_ops, masks  # noqa: F401
+from nodes import conditioning, images, latent_files, latents, loaders, model_patches, sampling  # noqa: F401
+from nodes import image_ops, latent_ops, masks, vae_tiled  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()

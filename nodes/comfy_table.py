@@ -87,6 +87,7 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "LoadLatent": Mapping("LoadLatent", "load_latent"),
     "VAEDecodeTiled": Mapping("VAEDecodeTiled", "vae_decode"),
     "VAEEncodeTiled": Mapping("VAEEncodeTiled", "vae_encode"),
+    "ModelSamplingDiscrete": Mapping("ModelSamplingDiscrete", "model_sampling"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

@@ -5,7 +5,8 @@ Writes models/checkpoints/v1-5-pruned-emaonly.safetensors (a tiny random SD1.5-l
 only when no file of that name exists: a user's real model is never overwritten — plus
 models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint),
 models/vae/vae-ft-mse-840000-ema-pruned.safetensors (a random VAE in the LDM layout of the real file, for
-workflows/external_vae.yaml) and input/example.png.
+workflows/external_vae.yaml), models/embeddings/easynegative.safetensors (a random 8-vector textual-inversion
+embedding as wide as that checkpoint's text encoder) and input/example.png.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 EXAMPLE_IMAGE = "example.png"
 VAE_NAME = "vae-ft-mse-840000-ema-pruned.safetensors"
+EMBEDDING_NAME = "easynegative.safetensors"
 
 # 2-D weights a kohya LoRA patches: UNet attention projections, CLIP attention and MLP
 _UNET_LAYERS = (".attn1.to_q.weight", ".attn1.to_k.weight", ".attn1.to_v.weight", ".attn1.to_out.0.weight",
@@ -67,6 +69,22 @@ def write_vae(path: Path, seed: int = 3) -> Path:
     return path
 
 
+def write_embedding(path: Path, checkpoint: Path, seed: int, vectors: int = 8) -> Path:
+    """A random textual-inversion embedding (A1111/kohya safetensors layout, `emb_params`) for `checkpoint`'s
+    text encoder, scaled like its token vectors."""
+    from safetensors.numpy import save_file
+
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.checkpoint import PREFIXES
+
+    tokens = open_tensors(checkpoint)[PREFIXES["clip"] + "text_model.embeddings.token_embedding.weight"]
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((vectors, tokens.shape[1])) * float(np.std(tokens))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": emb.astype(np.float32)}, str(path))
+    return path
+
+
 def write_example_image(path: Path, size: int = 512) -> Path:
     """A smooth colour gradient with a disc: something recognisable to start img2img from."""
     from PIL import Image
@@ -108,6 +126,12 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     vae = models_dir / "vae" / VAE_NAME
     if not vae.exists():
         written.append(write_vae(vae))
+    embedding = models_dir / "embeddings" / EMBEDDING_NAME
+    if not embedding.exists():
+        try:
+            written.append(write_embedding(embedding, checkpoint, seed=3))
+        except (SDGraphError, KeyError) as e:  # its width comes from the user's checkpoint
+            print(f"skipped {embedding}: {e}", file=out)
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
@@ -116,8 +140,8 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     if any(p.suffix == ".safetensors" for p in written):
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint} and real LoRAs in "
-              f"{models_dir / 'loras'} (a real VAE in {models_dir / 'vae'}) under those names to get real "
-              "images.", file=out)
+              f"{models_dir / 'loras'}, {models_dir / 'embeddings'} (a real VAE in {models_dir / 'vae'}) "
+              "under those names to get real images.", file=out)
     return written
 
 

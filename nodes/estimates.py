@@ -110,6 +110,7 @@ def save_image(lit, inputs, files) -> Estimate:
 
 def load_checkpoint(lit, inputs, files) -> Estimate:
     path = files.get("ckpt_name")
+    path = path[0] if isinstance(path, list) else path  # [checkpoint, its companion .yaml]
     size = path.stat().st_size if path is not None else 0
     return Estimate(held=size, outputs=(None, None, None), detail="the checkpoint's weights")
 

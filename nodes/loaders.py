@@ -10,8 +10,8 @@ from pathlib import Path
 from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
 from nodes.checkpoint_configs import config_clip_layer, resolve_config
-from nodes.paths import resolve_checkpoint, resolve_lora, resolve_vae
-from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
+from nodes.paths import checkpoint_files, resolve_checkpoint, resolve_lora, resolve_vae
+from nodes.values import ClipRecipe, FileRef, ModelRecipe, SamplingPatch, VaeRecipe
 
 _PROBED: dict[tuple, str | None] = {}  # (path, size, mtime, kind) -> the error the header gave, or None
 
@@ -40,8 +40,11 @@ def probe_tensor_file(path: Path, kind: str) -> Path:
     return path
 
 
-def checkpoint_file(name: str, folders) -> Path:
-    return probe_tensor_file(resolve_checkpoint(name, folders), "checkpoint")
+def checkpoint_file(name: str, folders) -> Path | list[Path]:
+    """The checkpoint (with its companion .yaml, if any: nodes.paths.checkpoint_files), its header checked."""
+    found = checkpoint_files(name, folders)
+    probe_tensor_file(found[0] if isinstance(found, list) else found, "checkpoint")
+    return found
 
 
 def lora_file(name: str, folders) -> Path:
@@ -57,13 +60,22 @@ def LoadCheckpoint(ckpt_name: String(), ctx=None):
     """Load an SD1.x checkpoint from models/checkpoints (ComfyUI's CheckpointLoaderSimple).
 
     The outputs are recipes: each part's weights are read when a node first needs them, so a run
-    whose encodings are all cached never loads the text encoder."""
+    whose encodings are all cached never loads the text encoder. A v-prediction (and zero-terminal-
+    SNR) checkpoint is recognised by its 'v_pred'/'ztsnr' keys or a companion .yaml with
+    `parameterization: "v"`, and sampled as such (ModelSamplingDiscrete overrides it)."""
     from sd.io.checkpoint_io import open_tensors
     from sd.loading.detect import check_family
+    from sd.loading.prediction import detect_sampling
 
     ref = FileRef.of(resolve_checkpoint(ckpt_name, ctx.folders), ctx.fingerprint)
-    check_family(ref.path, open_tensors(ref.path).keys())  # header only: a wrong file fails here
-    return ModelRecipe(ref), ClipRecipe(ref), VaeRecipe(ref)
+    keys = open_tensors(ref.path).keys()
+    check_family(ref.path, keys)  # header only: a wrong file fails here
+    detected = detect_sampling(ref.path, keys)
+    if detected.evidence:
+        ctx.log(f"{ref.name}: sampled as {detected.prediction}" + (" with zero terminal SNR" if detected.zsnr
+                                                                    else "") + f" ({detected.evidence})")
+    model = ModelRecipe(ref, sampling=SamplingPatch(detected.prediction, detected.zsnr))
+    return model, ClipRecipe(ref), VaeRecipe(ref)
 
 
 @node(category="loaders", outputs=(MODEL, CLIP, VAE),

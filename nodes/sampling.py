@@ -35,6 +35,13 @@ class SamplerChoice(Choice):
         return {"enum": list(self.options) + list(SAMPLER_ALIASES)}
 
 
+def model_sampling_of(model: ModelRecipe):
+    """The schedule and prediction rules the recipe's sampling patch asks for."""
+    from sd.sampling.model_sampling import model_sampling_for
+
+    return model_sampling_for(model.sampling.prediction, model.sampling.zsnr)
+
+
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
     from sd.sampling.ksampler import sample
@@ -47,7 +54,7 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
         ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
 
     samples = sample(models.fast_unet(unet), positive.cond, negative.cond, latent.samples, callback=on_step,
-                     **kwargs)
+                     model_sampling=model_sampling_of(model), **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
     return Latent(samples, latent.batch_index)
 

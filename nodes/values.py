@@ -57,11 +57,22 @@ class LoRAPatch:
 
 
 @dataclass(frozen=True)
+class SamplingPatch:
+    """How sampling reads the UNet: its prediction type ("eps", "v_prediction", "lcm", "x0") and whether the
+    schedule is rescaled to zero terminal SNR (ComfyUI's ``model_sampling`` object patch). Not weights."""
+
+    prediction: str = "eps"
+    zsnr: bool = False
+
+
+@dataclass(frozen=True)
 class ModelRecipe:
-    """MODEL: a checkpoint's UNet plus LoRA patches applied in order (W + sum strength * delta)."""
+    """MODEL: a checkpoint's UNet plus LoRA patches applied in order (W + sum strength * delta), and the
+    model sampling KSampler uses with it (detected from the checkpoint, or set by ModelSamplingDiscrete)."""
 
     checkpoint: FileRef
     patches: tuple[LoRAPatch, ...] = ()
+    sampling: SamplingPatch = SamplingPatch()
 
     def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ModelRecipe:
         if strength == 0:

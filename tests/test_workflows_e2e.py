@@ -17,6 +17,8 @@ SIZES = {
     "multi_lora": SMALL,
     "prompt_sweep": SMALL,
     "external_vae": SMALL,
+    "embeddings": SMALL,  # the demo's random models/embeddings/easynegative.safetensors
+    "v_prediction": SMALL,
 }
 
 

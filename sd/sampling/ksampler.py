@@ -188,7 +188,7 @@ def sample(
     with the current latent and its prediction (unscaled NHWC); ``cancel()`` is polled between
     steps and raises :class:`sd.errors.Cancelled`. Returns the unscaled latent.
     """
-    sampler = get_sampler(sampler_name)
+    sampler = get_sampler(sampler_name, model_sampling)
     latent = latent if isinstance(latent, mx.array) else mx.array(latent)
     sigmas = select_sigmas(
         model_sampling, scheduler, sampler_name, steps, denoise, start_step, last_step, force_full_denoise
