@@ -10,13 +10,14 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
     images.py        LoadImage, SaveImage
+    upscale.py       UpscaleModelLoader, ImageUpscaleWithModel (ESRGAN-family upscale models)
     estimates.py     memory estimates of a plan, checked before it runs
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
     doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
-from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
+from nodes import conditioning, images, latents, loaders, sampling, upscale  # noqa: F401
 from nodes import comfy_import, estimates, png_workflow
 
 comfy_import.register()

@@ -38,6 +38,8 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler"),
     "LatentUpscale": Mapping("LatentUpscale", "upscale"),
     "SaveImage": Mapping("SaveImage", "save"),
+    "UpscaleModelLoader": Mapping("UpscaleModelLoader", "upscale_model"),
+    "ImageUpscaleWithModel": Mapping("ImageUpscaleWithModel", "upscale_image"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

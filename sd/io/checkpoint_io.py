@@ -22,8 +22,9 @@ from sd.io.torch_zip import read_torch_zip
 
 # torch.save before 1.6 wrote a bare pickle starting with this number as a protocol-2 LONG1.
 _LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-# Wrapper keys that hold the real state dict in training checkpoints.
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+# Wrapper keys that hold the real state dict in training checkpoints. BasicSR / Real-ESRGAN files keep the EMA
+# weights (the ones to run) in "params_ema", sometimes with the raw ones beside them in "params": EMA wins.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "params_ema", "params-ema", "params", "net")
 
 
 class _Entry(Protocol):
@@ -148,8 +149,9 @@ def _state_dict(path: Path, obj: object) -> dict[str, TensorRef]:
             wrapped = [
                 v for k, v in obj.items() if k in _WRAPPER_KEYS and isinstance(v, dict) and _has_tensors(v)
             ]
-            if len(wrapped) == 1:
-                obj = wrapped[0]
+            ema = obj.get("params_ema")
+            if len(wrapped) == 1 or (isinstance(ema, dict) and _has_tensors(ema)):
+                obj = wrapped[0] if len(wrapped) == 1 else ema
                 continue
         break
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, TensorRef)}
