@@ -95,13 +95,14 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
             return TensorFile(path, _state_dict(path, read_torch_zip(path, file_size)), {})
         if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
             return TensorFile(path, _state_dict(path, read_torch_legacy(path, file_size)), {})
+        # before the bare-pickle test: a safetensors header length whose low byte is 0x80 starts like a pickle
+        if len(head) >= 9 and head[8:9] == b"{":
+            entries, metadata = read_safetensors(path, file_size)
+            return TensorFile(path, entries, metadata)
         if head.startswith(b"\x80"):
             raise CheckpointError(
                 path, "this is a bare pickle, not a PyTorch zip checkpoint or safetensors file"
             )
-        if len(head) >= 9 and head[8:9] == b"{":
-            entries, metadata = read_safetensors(path, file_size)
-            return TensorFile(path, entries, metadata)
     except CheckpointError:
         raise
     except Exception as exc:  # a hostile file must never surface as some library's exception type
