@@ -20,11 +20,11 @@ def UpscaleModelLoader(model_name: String(), ctx=None):
     """Load an upscale model from models/upscale_models: ESRGAN (old ESRGAN, BSRGAN and Real-ESRGAN key
     layouts; 1x/2x/4x/8x, Real-ESRGAN x2plus/x1 included) or Real-ESRGAN Compact, `.pth`/`.pt` (read safely)
     or `.safetensors`. The architecture is read off the file's shapes; a file of another kind fails here."""
-    from sd.loading.upscale_models import inspect_upscale_model
+    from sd.loading.upscale_models import describe, inspect_upscale_model
 
     ref = FileRef.of(resolve_upscale_model(model_name, ctx.folders), ctx.fingerprint)
     config = inspect_upscale_model(ref.path)  # header only: a wrong file fails here, weights load on use
-    ctx.log(f"upscale model {ref.name}: {type(config).__name__[:-6]} x{config.scale}")
+    ctx.log(f"upscale model {ref.name}: {describe(config)}")
     return UpscaleModelRecipe(ref)
 
 

@@ -173,6 +173,14 @@ def _check_fit(path: Path, model, shapes: Mapping[str, tuple]) -> None:
                                     "sdgraph does not support.")
 
 
+def describe(config: RRDBConfig | CompactConfig) -> str:
+    """One line for logs: "ESRGAN x4 (64 features, 23 blocks)"."""
+    if isinstance(config, CompactConfig):
+        return f"Real-ESRGAN Compact x{config.scale} ({config.num_feat} features, {config.num_conv} convs)"
+    unshuffle = f", pixel-unshuffle {config.unshuffle}" if config.unshuffle > 1 else ""
+    return f"ESRGAN x{config.scale} ({config.num_feat} features, {config.num_blocks} blocks{unshuffle})"
+
+
 def default_dtype() -> mx.Dtype:
     """fp32 on the CPU (MLX has no fast fp16 there), fp16 on a GPU, as Real-ESRGAN runs its models."""
     from sd.accel.precision import on_gpu
