@@ -15,7 +15,7 @@ held pass a byte budget, arrays shared between entries counted once), keyed by i
                                                                     size; a strength change reuses them)
     ("skeleton", "unet" | "clip", checkpoint identity)              shapes only (unevaluated: weighs nothing)
     ("upscale", file identity)                                      an upscale model (ESRGAN, Compact)
-    ("fast" | "fast-vae", <a model's key>)                          sd.accel's accelerated wrapper of it
+    ("fast" | "fast-vae" | "fast-upscale", <a model's key>)         sd.accel's accelerated wrapper of it
 
 An identity is the engine's fingerprint of the file (FileRef.identity), patches are (LoRA identity, strength,
 allow_partial) in order. An accelerated wrapper depends on its model's entry: it leaves with it.
@@ -151,6 +151,13 @@ def vae_decoder(vae: Any) -> Callable[[Any], Any]:
 def vae_encoder(vae: Any) -> Callable[[Any], Any]:
     """The VAE's encode, accelerated for this device."""
     return _fast_vae(vae).encode
+
+
+def fast_upscaler(model: Any) -> Any:
+    """A callable like the upscale model, accelerated for this device (sd/accel/compiled.py)."""
+    from sd.accel.compiled import FastUpscaler
+
+    return _fast("fast-upscale", model, FastUpscaler) or model
 
 
 def skeleton(part: str, ref: FileRef) -> Any:

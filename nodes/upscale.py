@@ -34,7 +34,7 @@ def ImageUpscaleWithModel(upscale_model: UPSCALE_MODEL, image: IMAGE, ctx=None):
     halved on out-of-memory errors, down to 128). The output size is the model's scale times the input's."""
     from sd.image.upscale import upscale_image
 
-    model = models.upscale_model_for(upscale_model, ctx.log)
+    model = models.fast_upscaler(models.upscale_model_for(upscale_model, ctx.log))
     out = upscale_image(model, image.astype(mx.float32), progress=ctx.progress, log=ctx.log)
     mx.eval(out)
     check_finite(out, f"the images upscaled by {upscale_model.file.name}")

@@ -174,7 +174,7 @@ def test_out_of_memory_halves_the_tile_as_comfyui_does(tmp_path):
     calls = []
 
     class Limited:  # the model, but "out of memory" on any tile side above `limit`
-        scale, pad_multiple, body = model.scale, model.pad_multiple, model.body
+        scale, pad_multiple, dtype = model.scale, model.pad_multiple, model.dtype
 
         def __init__(self, limit):
             self.limit = limit
@@ -200,10 +200,9 @@ def test_out_of_memory_halves_the_tile_as_comfyui_does(tmp_path):
         tiled_scale(broken, x, 2)
 
 
-def test_large_images_are_tiled_by_default(tmp_path):
-    """The default 512-pixel tiles bound the model's working memory: a 4x ESRGAN never sees more than a
+def test_large_images_are_tiled_by_default():
+    """The default 512-pixel tiles bound the model's working memory: a 4x model never sees more than a
     512x512 tile, whatever the image size."""
-    model = load_upscale_model(write_upscale_model(tmp_path / "m.pth", esrgan_state("old", num_feat=4)))
     seen = []
 
     def spy(x):
@@ -211,7 +210,7 @@ def test_large_images_are_tiled_by_default(tmp_path):
         return mx.zeros((x.shape[0], x.shape[1] * 4, x.shape[2] * 4, 3))
 
     class Spy:
-        scale, pad_multiple, conv_first = 4, 1, model.conv_first
+        scale, pad_multiple, dtype = 4, 1, mx.float32
         __call__ = staticmethod(spy)
 
     out = upscale_image(Spy(), mx.zeros((1, 1100, 600, 3)))
@@ -278,3 +277,19 @@ def test_a_safetensors_header_whose_length_starts_like_a_pickle_loads(tmp_path):
             assert len(open_tensors(path)) == n
             return
     pytest.fail("no header length with a low byte of 0x80 was produced")
+
+
+@pytest.mark.parametrize("opts", ["here", "compiled", "im2col"])
+def test_the_accelerated_upscaler_equals_the_plain_model(tmp_path, opts):
+    """sd.accel's FastUpscaler (this device's levers: the C 3x3 convs on a CPU with 64+ channels; or
+    mx.compile; or im2col convs) against the plain forward, the oracle."""
+    from sd.accel.compiled import FastUpscaler
+    from sd.accel.ops import FastOptions
+
+    options = {"here": None, "compiled": FastOptions(), "im2col": FastOptions(conv="im2col")}[opts]
+    state = esrgan_state("old", scale=2, num_feat=64, num_blocks=1, seed=8)
+    model = load_upscale_model(write_upscale_model(tmp_path / "m.pth", state), dtype=mx.float32)
+    x = mx.array(_image(40, 36, seed=9).transpose(0, 2, 3, 1))  # 80x72 after the upsampling: C convs
+    fast = FastUpscaler(model, options)
+    assert (fast.scale, fast.dtype) == (2, mx.float32)
+    assert np.abs(np.array(run_model(fast, x)) - np.array(run_model(model, x))).max() <= 1e-4

@@ -40,14 +40,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def run_model(model, x: mx.array) -> mx.array:
     """One call of the model on x [B, H, W, C] in [0, 1]: padded to `model.pad_multiple`, clamped to [0, 1],
-    cropped to H*scale x W*scale; float32."""
+    cropped to H*scale x W*scale; float32. `model`: an upscale model or its sd.accel.compiled.FastUpscaler."""
     _, h, w, _ = x.shape
-    y = model(pad_to_multiple(x, model.pad_multiple).astype(_weights_dtype(model)))
+    y = model(pad_to_multiple(x, model.pad_multiple).astype(model.dtype))
     return mx.clip(y[:, :h * model.scale, :w * model.scale].astype(mx.float32), 0.0, 1.0)
-
-
-def _weights_dtype(model) -> mx.Dtype:
-    return model.conv_first.weight.dtype if hasattr(model, "conv_first") else model.body[0].weight.dtype
 
 
 def _ramp(length: int, feather: int) -> np.ndarray:
@@ -80,10 +76,10 @@ def tiled_scale(fn: Callable[[mx.array], mx.array], image: mx.array, scale: int,
     for b in range(image.shape[0]):
         one = image[b:b + 1]
         _, h, w, _ = one.shape
-        if h <= tile and w <= tile:
-            out = fn(one)
+        if h <= tile and w <= tile:  # one tile: the model's output as it is, left on the device
+            out = fn(one).astype(mx.float32)
             mx.eval(out)
-            outputs.append(np.array(out.astype(mx.float32)))
+            outputs.append(out)
             if progress:
                 progress()
             continue
@@ -103,8 +99,8 @@ def tiled_scale(fn: Callable[[mx.array], mx.array], image: mx.array, scale: int,
             weight[:, oy:oy + ph, ox:ox + pw] += mask
             if progress:
                 progress()
-        outputs.append(total / weight)
-    return mx.array(np.concatenate(outputs))
+        outputs.append(mx.array(total / weight))
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
 
 def _report(progress: Callable[[int, int], None], counter: itertools.count, total: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from sd.models.ops import PLAIN, PlainOps
 from sd.models.pixels import pixel_unshuffle, upsample_nearest
 
 SLOPE = 0.2  # LeakyReLU's negative slope throughout the network
@@ -51,11 +52,11 @@ class DenseBlock(nn.Module):
         self.conv3, self.conv4 = _conv(nf + 2 * gc, gc), _conv(nf + 3 * gc, gc)
         self.conv5 = _conv(nf + 4 * gc, nf)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
         features = [x]
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            features.append(nn.leaky_relu(conv(mx.concatenate(features, axis=-1)), SLOPE))
-        return self.conv5(mx.concatenate(features, axis=-1)) * 0.2 + x
+            features.append(nn.leaky_relu(ops.conv2d(conv, mx.concatenate(features, axis=-1)), SLOPE))
+        return ops.conv2d(self.conv5, mx.concatenate(features, axis=-1)) * 0.2 + x
 
 
 class RRDB(nn.Module):
@@ -65,8 +66,8 @@ class RRDB(nn.Module):
         super().__init__()
         self.rdb1, self.rdb2, self.rdb3 = DenseBlock(nf, gc), DenseBlock(nf, gc), DenseBlock(nf, gc)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        return self.rdb3(self.rdb2(self.rdb1(x, ops), ops), ops) * 0.2 + x
 
 
 class RRDBNet(nn.Module):
@@ -89,18 +90,23 @@ class RRDBNet(nn.Module):
         return self.config.scale
 
     @property
+    def dtype(self) -> mx.Dtype:
+        return self.conv_first.weight.dtype
+
+    @property
     def pad_multiple(self) -> int:
         """Input sides must be multiples of this; spandrel pads unshuffling models to multiples of 4."""
         return 4 if self.config.unshuffle > 1 else 1
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
+        conv = ops.conv2d
         if self.config.unshuffle > 1:
             x = pixel_unshuffle(x, self.config.unshuffle)
-        feat = self.conv_first(x)
+        feat = conv(self.conv_first, x)
         trunk = feat
         for block in self.body:
-            trunk = block(trunk)
-        feat = feat + self.conv_body(trunk)
+            trunk = block(trunk, ops)
+        feat = feat + conv(self.conv_body, trunk)
         for i in range(1, self.config.num_upsamples + 1):
-            feat = nn.leaky_relu(getattr(self, f"conv_up{i}")(upsample_nearest(feat, 2)), SLOPE)
-        return self.conv_last(nn.leaky_relu(self.conv_hr(feat), SLOPE))
+            feat = nn.leaky_relu(conv(getattr(self, f"conv_up{i}"), upsample_nearest(feat, 2)), SLOPE)
+        return conv(self.conv_last, nn.leaky_relu(conv(self.conv_hr, feat), SLOPE))

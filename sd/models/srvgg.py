@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from sd.models.ops import PLAIN, PlainOps
 from sd.models.pixels import pixel_shuffle, upsample_nearest
 
 
@@ -48,9 +49,13 @@ class SRVGGNetCompact(nn.Module):
 
     pad_multiple = 1
 
-    def __call__(self, x: mx.array) -> mx.array:
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.body[0].weight.dtype
+
+    def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
         out = x
         for layer in self.body:
-            out = layer(out)
+            out = ops.conv2d(layer, out) if isinstance(layer, nn.Conv2d) else layer(out)
         # the network learns the residual over the nearest-upsampled input
         return pixel_shuffle(out, self.config.upscale) + upsample_nearest(x, self.config.upscale)
