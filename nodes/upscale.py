@@ -34,7 +34,11 @@ def ImageUpscaleWithModel(upscale_model: UPSCALE_MODEL, image: IMAGE, ctx=None):
     halved on out-of-memory errors, down to 128). The output size is the model's scale times the input's."""
     from sd.image.upscale import upscale_image
 
-    model = models.fast_upscaler(models.upscale_model_for(upscale_model, ctx.log))
+    model = models.upscale_model_for(upscale_model, ctx.log)
+    if model.image_channels != image.shape[-1]:
+        raise ValueError(f"{upscale_model.file.name} upscales {model.image_channels}-channel images; "
+                         f"the image has {image.shape[-1]} channels")
+    model = models.fast_upscaler(model)
     out = upscale_image(model, image.astype(mx.float32), progress=ctx.progress, log=ctx.log)
     mx.eval(out)
     check_finite(out, f"the images upscaled by {upscale_model.file.name}")

@@ -121,3 +121,12 @@ def test_an_upscale_too_large_for_this_machine_is_refused_before_running(world, 
     result = run(world, flow, "--set", f"upscale_model={model}")
     assert result.rc == 2, result.err
     assert "enlarge" in result.err and "72000x72000" in result.err and "nothing was run" in result.err
+
+
+def test_a_model_for_other_channel_counts_is_a_clear_error(world, workflow, tmp_path):
+    from sd.synthetic.upscale import esrgan_state, write_upscale_model
+
+    grey = write_upscale_model(tmp_path / "1x-grey.pth", esrgan_state("old", scale=1, channels=1, num_feat=4))
+    result = run(world, workflow, "--set", f"upscale_model={grey}")
+    assert result.rc == 1
+    assert "1x-grey.pth upscales 1-channel images; the image has 3 channels" in result.err

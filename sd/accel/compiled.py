@@ -56,6 +56,7 @@ class FastUpscaler:
         self.model = model
         self.opts = opts or options_here("vae")
         self.scale, self.pad_multiple, self.dtype = model.scale, model.pad_multiple, model.dtype
+        self.image_channels = model.image_channels
         ops = FastOps(self.opts)
         fn = lambda x: model(x, ops=ops)  # noqa: E731
         self._fn = mx.compile(fn, inputs=model.state) if self.opts.compiles else fn

@@ -94,6 +94,10 @@ class RRDBNet(nn.Module):
         return self.conv_first.weight.dtype
 
     @property
+    def image_channels(self) -> int:
+        return self.config.image_channels
+
+    @property
     def pad_multiple(self) -> int:
         """Input sides must be multiples of this; spandrel pads unshuffling models to multiples of 4."""
         return 4 if self.config.unshuffle > 1 else 1

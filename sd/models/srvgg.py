@@ -53,6 +53,10 @@ class SRVGGNetCompact(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.body[0].weight.dtype
 
+    @property
+    def image_channels(self) -> int:
+        return self.config.in_channels
+
     def __call__(self, x: mx.array, ops: PlainOps = PLAIN) -> mx.array:
         out = x
         for layer in self.body:
