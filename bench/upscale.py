@@ -30,6 +30,7 @@ def _model_file(size: str):
 
 
 def section_upscale(ctx) -> None:
+    from bench.sections import mlx_working_memory, torch_working_memory
     from sd.accel.compiled import FastUpscaler
     from sd.image.upscale import upscale_image
     from sd.loading.upscale_models import load_upscale_model
@@ -44,6 +45,7 @@ def section_upscale(ctx) -> None:
     times = {"mlx": ctx.time_mlx(lambda: upscale_image(model, x), heavy=True),
              "mlx_fast": ctx.time_mlx(lambda: upscale_image(fast, x), heavy=True)}
     ours = np.array(upscale_image(fast, x)).transpose(0, 3, 1, 2)
+    memory = {"mlx_fast": mlx_working_memory(lambda: upscale_image(fast, x))}
     note = ""
     if not ctx.args.mlx_only:
         from tests.spandrel_reference import load
@@ -53,6 +55,8 @@ def section_upscale(ctx) -> None:
         tx = torch.from_numpy(image).to(ctx.tdev, ctx.tdtype)
         # a 512x512 image is one of ComfyUI's tiles: tiled_scale calls the model on it whole
         times["spandrel"] = ctx.time_torch(lambda: ref(tx), heavy=True)
+        if ctx.gpu:
+            memory["spandrel"] = torch_working_memory(ctx, lambda: ref(tx))
         with torch.inference_mode():
             theirs = ref(tx).float().cpu().numpy()
         diff = float(np.abs(ours - theirs).max())
@@ -61,5 +65,6 @@ def section_upscale(ctx) -> None:
         ctx.extra["upscale"] = {"mlx_over_spandrel": ratio, "max_abs_diff": diff}
         print(f"[bench] upscale: best MLX / spandrel (torch) = {ratio:.2f}", flush=True)
     dt = str(dtype).split(".")[-1]
-    ctx.add("upscale", f"4x ESRGAN ({feat} features, {blocks} blocks, {dt}) {size}x{size} -> "
-                       f"{4 * size}x{4 * size}", "s", times, note)
+    what = f"4x ESRGAN ({feat} features, {blocks} blocks, {dt}) {size}x{size} -> {4 * size}x{4 * size}"
+    ctx.add("upscale", what, "s", times, note)
+    ctx.add("memory", f"{what}: peak above resident memory", "MiB", memory)
