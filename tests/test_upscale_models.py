@@ -67,6 +67,19 @@ def test_upscale_model_equals_spandrel(tmp_path, name):
     assert expected.std() > 0.02 and 0.05 < expected.mean() < 0.95  # outputs carry signal, not clamped flat
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_fp16_files_load_as_stored(tmp_path, suffix):
+    """Most released models are fp16: loaded in fp32 they equal spandrel on the same fp16-rounded weights."""
+    state = esrgan_state("new", scale=2, seed=11)
+    path = write_upscale_model(tmp_path / f"2x-half{suffix}", state, dtype="float16")
+    ours = load_upscale_model(path, dtype=mx.float32)
+    ref = spandrel_load({k: v.astype(np.float16).astype(np.float32) for k, v in state.items()})
+    x = _image(20, 24, seed=12)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    assert np.abs(_nchw(run_model(ours, mx.array(x.transpose(0, 2, 3, 1)))) - expected).max() <= 1e-4
+
+
 def test_basicsr_wrappers_prefixes_and_config(tmp_path):
     """Real-ESRGAN .pth files wrap the weights: params_ema (the EMA weights) wins over params; a
     `module.` prefix (DataParallel) is dropped. Sizes are read off the shapes."""
@@ -82,7 +95,8 @@ def test_basicsr_wrappers_prefixes_and_config(tmp_path):
 
     compact = compact_state(scale=4, num_feat=12, num_conv=5)
     path = tmp_path / "realesr-general-x4v3.pth"
-    torch.save({"params": {f"module.{k}": torch.from_numpy(v) for k, v in compact.items()}}, path)
+    torch.save({"params": {f"module.{k}": torch.from_numpy(v) for k, v in compact.items()}}, path,
+               _use_new_zipfile_serialization=False)  # torch's pre-1.6 format, as older releases were saved
     config = inspect_upscale_model(path)
     assert (config.num_feat, config.num_conv, config.upscale, config.out_channels) == (12, 5, 4, 3)
 
