@@ -19,6 +19,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     latent_ops.py    LatentUpscaleBy, Repeat/FromBatch, LatentComposite(Masked), Blend, Crop, Flip, Rotate
     masks.py         LoadImageMask, ImageToMask, MaskToImage, Invert/Solid/Grow/Feather/ThresholdMask,
                      MaskComposite
+    upscale.py       UpscaleModelLoader, ImageUpscaleWithModel (ESRGAN-family upscale models)
     estimates.py     memory estimates of a plan, checked before it runs (image_estimates.py: the ops above)
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
     doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
@@ -26,7 +27,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
 from nodes import conditioning, images, latent_files, latents, loaders, model_patches, sampling  # noqa: F401
-from nodes import image_ops, latent_ops, masks, vae_tiled  # noqa: F401
+from nodes import image_ops, latent_ops, masks, upscale, vae_tiled  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()

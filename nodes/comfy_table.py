@@ -88,6 +88,8 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "VAEDecodeTiled": Mapping("VAEDecodeTiled", "vae_decode"),
     "VAEEncodeTiled": Mapping("VAEEncodeTiled", "vae_encode"),
     "ModelSamplingDiscrete": Mapping("ModelSamplingDiscrete", "model_sampling"),
+    "UpscaleModelLoader": Mapping("UpscaleModelLoader", "upscale_model"),
+    "ImageUpscaleWithModel": Mapping("ImageUpscaleWithModel", "upscale_image"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

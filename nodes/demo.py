@@ -6,7 +6,8 @@ only when no file of that name exists: a user's real model is never overwritten 
 models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint),
 models/vae/vae-ft-mse-840000-ema-pruned.safetensors (a random VAE in the LDM layout of the real file, for
 workflows/external_vae.yaml), models/embeddings/easynegative.safetensors (a random 8-vector textual-inversion
-embedding as wide as that checkpoint's text encoder) and input/example.png.
+embedding as wide as that checkpoint's text encoder), models/upscale_models/4x-UltraSharp.pth (a small random
+ESRGAN x4 in the old ESRGAN key layout, as the real file has it) and input/example.png.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
+UPSCALE_MODEL_NAME = "4x-UltraSharp.pth"
 EXAMPLE_IMAGE = "example.png"
 VAE_NAME = "vae-ft-mse-840000-ema-pruned.safetensors"
 EMBEDDING_NAME = "easynegative.safetensors"
@@ -98,6 +100,18 @@ def write_example_image(path: Path, size: int = 512) -> Path:
     return path
 
 
+def write_upscale_stand_in(path: Path) -> Path:
+    """A random ESRGAN x4 (16 features, 1 block; the real 4x-UltraSharp has 64 and 23) in the old ESRGAN
+    layout, written whole or not at all."""
+    from sd.synthetic.upscale import esrgan_state, write_upscale_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_upscale_model(tmp, esrgan_state("old", scale=4, num_feat=16, num_blocks=1, seed=7))
+    tmp.replace(path)
+    return path
+
+
 def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 512,
               out: TextIO | None = None) -> list[Path]:
     """Write the stand-in files that are missing; returns the paths written (existing files are kept)."""
@@ -132,16 +146,20 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
             written.append(write_embedding(embedding, checkpoint, seed=3))
         except (SDGraphError, KeyError) as e:  # its width comes from the user's checkpoint
             print(f"skipped {embedding}: {e}", file=out)
+    upscaler = models_dir / "upscale_models" / UPSCALE_MODEL_NAME
+    if not upscaler.exists():
+        written.append(write_upscale_stand_in(upscaler))
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
     for path in written:
         print(f"wrote {path}", file=out)
-    if any(p.suffix == ".safetensors" for p in written):
+    if any(p.suffix in (".safetensors", ".pth") for p in written):
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
-              f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint} and real LoRAs in "
-              f"{models_dir / 'loras'}, {models_dir / 'embeddings'} (a real VAE in {models_dir / 'vae'}) "
-              "under those names to get real images.", file=out)
+              f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint}, real LoRAs in "
+              f"{models_dir / 'loras'}, embeddings in {models_dir / 'embeddings'}, a real VAE in "
+              f"{models_dir / 'vae'} and a real upscale model at {upscaler} under those names to get real "
+              "images.", file=out)
     return written
 
 

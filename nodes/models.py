@@ -15,12 +15,13 @@ held pass a byte budget, arrays shared between entries counted once), keyed by i
     ("deltas", LoRA identity, component, allow_partial, <base key>) its fp32 deltas for that base (~1 GB full
                                                                     size; a strength change reuses them)
     ("skeleton", "unet" | "clip", checkpoint identity)              shapes only (unevaluated: weighs nothing)
-    ("fast" | "fast-vae", <a model's key>)                          sd.accel's accelerated wrapper of it
+    ("upscale", file identity)                                      an upscale model (ESRGAN, Compact)
+    ("fast" | "fast-vae" | "fast-upscale", <a model's key>)         sd.accel's accelerated wrapper of it
 
 An identity is the engine's fingerprint of the file (FileRef.identity), patches are (LoRA identity, strength,
 allow_partial) in order. An accelerated wrapper depends on its model's entry: it leaves with it.
 
-LOAD_COUNTS counts reads from disk per kind ("unet", "clip", "vae", "lora"): tests and
+LOAD_COUNTS counts reads from disk per kind ("unet", "clip", "vae", "lora", "upscale"): tests and
 `sdgraph doctor` use it to show what a run really loaded.
 """
 
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from nodes.values import ClipRecipe, FileRef, LoRAPatch, ModelRecipe, VaeRecipe
+from nodes.values import ClipRecipe, FileRef, LoRAPatch, ModelRecipe, UpscaleModelRecipe, VaeRecipe
 from sd.loading.store import ModelStore
 from sd.runtime import switches
 
@@ -166,9 +167,30 @@ def vae_encoder(vae: Any) -> Callable[[Any], Any]:
     return _fast_vae(vae).encode
 
 
+def fast_upscaler(model: Any) -> Any:
+    """A callable like the upscale model, accelerated for this device (sd/accel/compiled.py)."""
+    from sd.accel.compiled import FastUpscaler
+
+    return _fast("fast-upscale", model, FastUpscaler) or model
+
+
 def skeleton(part: str, ref: FileRef) -> Any:
     """The component's module built from the file's shapes with unevaluated weights (reads the header only):
     enough to match LoRA keys against. Stored unweighed: its arrays are never allocated."""
     from sd.loading.checkpoint import build_skeleton
 
     return STORE.get(("skeleton", part, ref.identity), lambda: build_skeleton(ref.path, part), weigh=False)
+
+
+def upscale_model_for(recipe: UpscaleModelRecipe, log: Log = lambda msg: None) -> Any:
+    """The upscale model's MLX module (sd/loading/upscale_models.py), kept for reuse by file identity."""
+    def build() -> Any:
+        from sd.loading.upscale_models import load_upscale_model
+
+        start = time.perf_counter()
+        model = load_upscale_model(recipe.file.path)
+        LOAD_COUNTS["upscale"] += 1
+        log(f"loaded upscale model {recipe.file.name} ({time.perf_counter() - start:.2f} s)")
+        return model
+
+    return STORE.get(("upscale", recipe.file.identity), build)

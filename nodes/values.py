@@ -1,7 +1,7 @@
 """The values that travel along SD sockets, and their disk serializers.
 
-MODEL, CLIP and VAE carry *recipes* (which file, which LoRA patches, which clip layer), never weights:
-the weights are built on first use by nodes/models.py. That keeps these values tiny, hashable and
+MODEL, CLIP, VAE and UPSCALE_MODEL carry *recipes* (which file, which LoRA patches, which clip layer), never
+weights: the weights are built on first use by nodes/models.py. That keeps these values tiny, hashable and
 cheap to pass around, and lets a cache hit downstream skip loading a model entirely.
 
 CONDITIONING, LATENT, IMAGE and MASK carry MLX arrays and are stored on disk as `.npz` bytes (float32
@@ -112,6 +112,13 @@ class VaeRecipe:
 
 
 @dataclass(frozen=True)
+class UpscaleModelRecipe:
+    """UPSCALE_MODEL: an upscale model file (ESRGAN, Real-ESRGAN Compact); nodes/models.py builds it."""
+
+    file: FileRef
+
+
+@dataclass(frozen=True)
 class Conditioning:
     """A prompt's encoding: cond [B, 77*k, C] and pooled [B, C] (float32)."""
 
@@ -216,6 +223,7 @@ def register_socket_types() -> None:
     socket_type("LATENT", to_bytes=latent_to_bytes, from_bytes=latent_from_bytes)
     socket_type("IMAGE", to_bytes=array_to_bytes, from_bytes=array_from_bytes)
     socket_type("MASK", to_bytes=array_to_bytes, from_bytes=array_from_bytes)
+    socket_type("UPSCALE_MODEL")  # a recipe: memory cache only
 
 
 register_socket_types()

@@ -11,6 +11,8 @@ from sd_nodes_testing import SMALL, WORKFLOWS, make_world, pixels, png_text, res
 
 from nodes import models
 
+HIRES = ["--set", "width=32", "--set", "height=32", "--set", "hires_width=64", "--set", "hires_height=64",
+         "--set", "steps=2", "--set", "hires_steps=2"]
 SIZES = {
     "txt2img": SMALL,
     "img2img": ["--set", "steps=2"],  # the size comes from input/example.png (64x64 here)
@@ -19,6 +21,9 @@ SIZES = {
     "external_vae": SMALL,
     "embeddings": SMALL,  # the demo's random models/embeddings/easynegative.safetensors
     "v_prediction": SMALL,
+    # hires fix: a 32x32 first pass, the second at 64x64 (LatentUpscale's smallest size)
+    "hires_fix_latent": HIRES,
+    "hires_fix_model": HIRES,  # 32 -> 128 pixels through the demo's 4x ESRGAN, latent resized to 64
 }
 
 

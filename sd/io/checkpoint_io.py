@@ -22,8 +22,9 @@ from sd.io.torch_zip import read_torch_zip
 
 # torch.save before 1.6 wrote a bare pickle starting with this number as a protocol-2 LONG1.
 _LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-# Wrapper keys that hold the real state dict in training checkpoints.
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+# Wrapper keys that hold the real state dict in training checkpoints. BasicSR / Real-ESRGAN files keep the EMA
+# weights (the ones to run) in "params_ema", sometimes with the raw ones beside them in "params": EMA wins.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "params_ema", "params-ema", "params", "net")
 
 
 class _Entry(Protocol):
@@ -94,7 +95,8 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
             return TensorFile(path, _state_dict(path, read_torch_zip(path, file_size)), {})
         if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
             return TensorFile(path, _state_dict(path, read_torch_legacy(path, file_size)), {})
-        if len(head) >= 9 and head[8:9] == b"{":  # before the pickle test: a header length may end in 0x80
+        # before the bare-pickle test: a safetensors header length whose low byte is 0x80 starts like a pickle
+        if len(head) >= 9 and head[8:9] == b"{":
             entries, metadata = read_safetensors(path, file_size)
             return TensorFile(path, entries, metadata)
         if head.startswith(b"\x80"):
@@ -168,8 +170,9 @@ def _state_dict(path: Path, obj: object) -> dict[str, TensorRef]:
             wrapped = [
                 v for k, v in obj.items() if k in _WRAPPER_KEYS and isinstance(v, dict) and _has_tensors(v)
             ]
-            if len(wrapped) == 1:
-                obj = wrapped[0]
+            ema = obj.get("params_ema")
+            if len(wrapped) == 1 or (isinstance(ema, dict) and _has_tensors(ema)):
+                obj = wrapped[0] if len(wrapped) == 1 else ema
                 continue
         break
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, TensorRef)}
