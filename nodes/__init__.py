@@ -5,7 +5,8 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     values.py        socket values (recipes for MODEL/CLIP/VAE; arrays) and their serializers
     models.py        weights built from recipes on first use, kept for reuse
     paths.py         ComfyUI-style file resolution (models/checkpoints, models/loras, input/)
-    loaders.py       LoadCheckpoint, LoadLoRA
+    loaders.py       LoadCheckpoint, LoadLoRA, HypernetworkLoader
+    merging.py       ModelMerge*, CLIPMerge* (merges as recipe patches), CheckpointSave
     conditioning.py  CLIPEncode, CLIPSetLastLayer
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
@@ -16,7 +17,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
-from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
+from nodes import conditioning, images, latents, loaders, merging, sampling  # noqa: F401
 from nodes import comfy_import, estimates, png_workflow
 
 comfy_import.register()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sd.merge.rules import SD1_BLOCKS
+
 
 @dataclass(frozen=True)
 class Mapping:
@@ -38,6 +40,17 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler"),
     "LatentUpscale": Mapping("LatentUpscale", "upscale"),
     "SaveImage": Mapping("SaveImage", "save"),
+    "HypernetworkLoader": Mapping("HypernetworkLoader", "hypernetwork"),
+    "ModelMergeSimple": Mapping("ModelMergeSimple", "merge"),
+    "ModelMergeBlocks": Mapping("ModelMergeBlocks", "merge"),
+    "ModelMergeSubtract": Mapping("ModelMergeSubtract", "merge"),
+    "ModelMergeAdd": Mapping("ModelMergeAdd", "merge"),
+    "ModelMergeSD1": Mapping("ModelMergeSD1", "merge", renames={
+        prefix: prefix.rstrip(".").replace(".", "_") for prefix in SD1_BLOCKS}),
+    "CLIPMergeSimple": Mapping("CLIPMergeSimple", "clip_merge"),
+    "CLIPMergeSubtract": Mapping("CLIPMergeSubtract", "clip_merge"),
+    "CLIPMergeAdd": Mapping("CLIPMergeAdd", "clip_merge"),
+    "CheckpointSave": Mapping("CheckpointSave", "save_checkpoint"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

@@ -79,10 +79,10 @@ def to_png_bytes(pixels: np.ndarray, text: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def next_counter(folder: Path, name: str) -> int:
-    """One past the highest counter of existing `{name}_{counter:05}_.png` files (1 when none)."""
-    pattern = re.compile(re.escape(name) + r"_(\d+)_\.png$")
-    counters = [int(m.group(1)) for p in folder.glob("*.png") if (m := pattern.fullmatch(p.name))]
+def next_counter(folder: Path, name: str, suffix: str = ".png") -> int:
+    """One past the highest counter of existing `{name}_{counter:05}_{suffix}` files (1 when none)."""
+    pattern = re.compile(re.escape(name) + r"_(\d+)_" + re.escape(suffix) + "$")
+    counters = [int(m.group(1)) for p in folder.glob("*" + suffix) if (m := pattern.fullmatch(p.name))]
     return max(counters, default=0) + 1
 
 

@@ -1,4 +1,5 @@
-"""LoadCheckpoint and LoadLoRA: they resolve files and build recipes; no weights are read here."""
+"""LoadCheckpoint, LoadLoRA and HypernetworkLoader: they resolve files and build recipes; no model weights are
+read here."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import warnings
 
 from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
-from nodes.paths import resolve_checkpoint, resolve_lora
-from nodes.values import ClipRecipe, FileRef, ModelRecipe, VaeRecipe
+from nodes.paths import resolve_checkpoint, resolve_hypernetwork, resolve_lora
+from nodes.values import ClipRecipe, FileRef, HypernetworkPatch, ModelRecipe, VaeRecipe
 
 
 @node(category="loaders", outputs=(MODEL, CLIP, VAE), reads_files={"ckpt_name": resolve_checkpoint})
@@ -54,3 +55,18 @@ def LoadLoRA(model: MODEL, clip: CLIP, lora_name: String(),
     if lora.layers("text_encoder"):
         clip = clip.with_lora(ref, strength_clip, allow_partial)
     return model, clip
+
+
+@node(category="loaders", outputs=(MODEL,), reads_files={"hypernetwork_name": resolve_hypernetwork})
+def HypernetworkLoader(model: MODEL, hypernetwork_name: String(), strength: Float(-10.0, 10.0) = 1.0,
+                       ctx=None):
+    """Add an A1111 hypernetwork (.pt) from models/hypernetworks to MODEL (ComfyUI's HypernetworkLoader).
+
+    Its small networks act on the k and v inputs of every UNet attention of a matching width (the text
+    context in cross-attention, the image tokens in self-attention): k + net_k(k) * strength. The file is
+    read through the safe unpickler and checked here; nothing in it is executed."""
+    ref = FileRef.of(resolve_hypernetwork(hypernetwork_name, ctx.folders), ctx.fingerprint)
+    hypernetwork = models.load_hypernetwork_file(ref)  # a malformed file fails here, naming itself
+    ctx.log(f"hypernetwork {ref.name}: widths {', '.join(str(w) for w in sorted(hypernetwork.modules))}, "
+            f"activation {hypernetwork.activation}" + (", layer norm" if hypernetwork.layer_norm else ""))
+    return model.with_patch(HypernetworkPatch(ref, strength))

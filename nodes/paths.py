@@ -128,6 +128,14 @@ def resolve_lora(name: str, folders: Folders) -> Path:
     return resolve(name, loras_dir(folders), "LoRA", MODEL_EXTENSIONS, "--models-dir")
 
 
+def hypernetworks_dir(folders: Folders) -> Path:
+    return Path(folders.models_dir) / "hypernetworks"
+
+
+def resolve_hypernetwork(name: str, folders: Folders) -> Path:
+    return resolve(name, hypernetworks_dir(folders), "hypernetwork", MODEL_EXTENSIONS, "--models-dir")
+
+
 def resolve_image(name: str, folders: Folders) -> Path:
     folder, flag = Path(folders.input_dir), "--input-dir"
     match = _ANNOTATION.search(name) if isinstance(name, str) else None
