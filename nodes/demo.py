@@ -3,8 +3,10 @@ fresh machine (the images are noise until real weights are put in place).
 
 Writes models/checkpoints/v1-5-pruned-emaonly.safetensors (a tiny random SD1.5-layout checkpoint) —
 only when no file of that name exists: a user's real model is never overwritten — plus
-models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint) and
-input/example.png.
+models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that checkpoint),
+input/example.png, and for the merging examples a second checkpoint (other-model.safetensors), a 9-channel
+inpainting one (sd-v1-5-inpainting.safetensors) and an A1111 hypernetwork (models/hypernetworks/
+demo-hypernetwork.pt, written by sdgraph's own torch-free pickle writer, for the main checkpoint's widths).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from typing import TextIO
 import numpy as np
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
+# (file name, synthetic size, seed): the second model and the inpainting model the merge examples name
+EXTRA_CHECKPOINTS = (("other-model.safetensors", "tiny", 1),
+                     ("sd-v1-5-inpainting.safetensors", "tiny-inpainting", 2))
+HYPERNETWORK_NAME = "demo-hypernetwork.pt"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 EXAMPLE_IMAGE = "example.png"
 
@@ -52,6 +58,30 @@ def write_kohya_lora(path: Path, checkpoint: Path, seed: int, rank: int = 4, sca
     return path
 
 
+def write_demo_hypernetwork(path: Path, checkpoint: Path, seed: int = 3) -> Path:
+    """A random A1111 hypernetwork with modules for every attention k/v input width of `checkpoint`."""
+    from sd.io.checkpoint_io import open_tensors
+    from sd.synthetic.hypernetwork import random_modules, write_hypernetwork
+
+    tensors = open_tensors(checkpoint)
+    widths = sorted({tensors.shape(k)[1] for k in tensors.keys() if k.endswith(".to_k.weight")})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_hypernetwork(tmp, random_modules(widths, seed=seed, scale=0.02), name="sdgraph demo")
+    tmp.replace(path)
+    return path
+
+
+def _write_checkpoint(path: Path, size: str, seed: int) -> Path:
+    from sd.synthetic import make_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    make_checkpoint(tmp, size, fmt="safetensors", seed=seed)
+    tmp.replace(path)  # whole file or none: a half-written checkpoint would look real
+    return path
+
+
 def write_example_image(path: Path, size: int = 512) -> Path:
     """A smooth colour gradient with a disc: something recognisable to start img2img from."""
     from PIL import Image
@@ -69,7 +99,6 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
               out: TextIO = sys.stdout) -> list[Path]:
     """Write the stand-in files that are missing; returns the paths written (existing files are kept)."""
     from sd.errors import SDGraphError
-    from sd.synthetic import make_checkpoint
 
     models_dir, input_dir = Path(models_dir), Path(input_dir)
     checkpoint = models_dir / "checkpoints" / CHECKPOINT_NAME
@@ -77,11 +106,10 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     if checkpoint.exists():
         print(f"kept {checkpoint} (exists; never overwritten)", file=out)
     else:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
-        make_checkpoint(tmp, "tiny", fmt="safetensors")
-        tmp.replace(checkpoint)  # whole file or none: a half-written checkpoint would look real
-        written.append(checkpoint)
+        written.append(_write_checkpoint(checkpoint, "tiny", 0))
+    for name, size, seed in EXTRA_CHECKPOINTS:
+        if not (models_dir / "checkpoints" / name).exists():
+            written.append(_write_checkpoint(models_dir / "checkpoints" / name, size, seed))
     for seed, name in enumerate(LORA_NAMES, start=1):
         lora = models_dir / "loras" / name
         if not lora.exists():
@@ -89,12 +117,18 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
                 written.append(write_kohya_lora(lora, checkpoint, seed))
             except SDGraphError as e:  # the LoRA's shapes come from the user's checkpoint
                 print(f"skipped {lora}: {e}", file=out)
+    hypernetwork = models_dir / "hypernetworks" / HYPERNETWORK_NAME
+    if not hypernetwork.exists():
+        try:
+            written.append(write_demo_hypernetwork(hypernetwork, checkpoint))
+        except SDGraphError as e:
+            print(f"skipped {hypernetwork}: {e}", file=out)
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
     for path in written:
         print(f"wrote {path}", file=out)
-    if any(p.suffix == ".safetensors" for p in written):
+    if any(p.suffix in (".safetensors", ".pt") for p in written):
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint} and real LoRAs in "
               f"{models_dir / 'loras'} under those names to get real images.", file=out)

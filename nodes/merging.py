@@ -45,9 +45,10 @@ def _report(ctx, first, second, part: str, rule: rules.MergeRule) -> None:
         return
     differing = [n for n in common if mine[n] != theirs[n]]
     for name in differing[:5]:
+        scale = rule.strengths(name)[1]
+        kept = f"{first.checkpoint.name}'s" + (f" times {scale:g}" if scale != 1.0 else "")
         ctx.log(f"warning: {name} is {mine[name]} in {first.checkpoint.name} but {theirs[name]} in "
-                f"{second.checkpoint.name}: not merged, kept from the first (scaled by its strength), "
-                "as ComfyUI does")
+                f"{second.checkpoint.name}: not merged, {kept} kept, as ComfyUI does")
     if len(differing) > 5:
         ctx.log(f"warning: {len(differing) - 5} more weights of different shapes not merged")
 

@@ -158,7 +158,9 @@ def unet_for(recipe: ModelRecipe, log: Log = lambda msg: None) -> Any:
         from sd.hypernetwork import attach_hypernetworks
 
         loaded = [(load_hypernetwork_file(p.hypernetwork), p.strength) for p in hypernetworks]
-        return attach_hypernetworks(weights, loaded)
+        model = attach_hypernetworks(weights, loaded)
+        log(f"attached {describe(tuple(hypernetworks))} to the UNet's attention")
+        return model
 
     return STORE.get(("unet", recipe.checkpoint.identity, _patches_key(recipe.patches)), build)
 
