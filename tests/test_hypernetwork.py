@@ -235,3 +235,59 @@ def test_bad_files_fail_naming_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil\.pt: .*'os\.system'"):
         load_hypernetwork(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("options", ["gpu", "cpu"])
+def test_accelerated_backends_honour_the_patch(tiny_unet, tmp_path, options):
+    """The fused/shared-projection levers (GPU defaults, compiled) and the CPU defaults give the plain
+    forward's output with hypernetworks attached, and differ from the unpatched model."""
+    from sd.accel.compiled import FastUNet
+    from sd.accel.ops import default_options
+
+    _, base = tiny_unet
+    # scale 0.1: far larger than trained hypernetworks' residuals, small enough that the k/v inputs stay in
+    # range (at 0.3 they reach ~10x, and column-sum GroupNorm's E[x^2] - E[x]^2 loses digits on them)
+    hn = load_hypernetwork(write_hypernetwork(tmp_path / "h.pt", random_modules([32, 64, 128], seed=5,
+                                                                                scale=0.1)))
+    ours = attach_hypernetworks(base, [(hn, 1.0)])
+    opts = default_options("unet", gpu=options == "gpu").with_(cuda_kernels=False)
+    rng = np.random.default_rng(2)
+    args = (mx.array(rng.standard_normal((1, 8, 8, 4)).astype(np.float32)), mx.array([300.0]),
+            mx.array(rng.standard_normal((1, 77, 64)).astype(np.float32)))
+    plain = np.array(ours(*args))
+    fast = np.array(FastUNet(ours, opts)(*args))
+    assert np.abs(fast - plain).max() <= 1e-4 * np.abs(plain).max()
+    assert np.abs(np.array(FastUNet(base, opts)(*args)) - plain).max() > 1e-2 * np.abs(plain).max()
+
+
+def test_loader_node_and_merges_keep_hypernetworks_where_comfyui_does(tmp_path):
+    from graph import Folders
+    from graph.fingerprint import FingerprintIndex
+    from nodes import loaders, merging, models
+    from nodes.values import FileRef, HypernetworkPatch, ModelRecipe
+    from sd.synthetic import make_checkpoint
+
+    class Ctx:
+        folders = Folders(tmp_path, tmp_path, tmp_path)
+        fingerprint = FingerprintIndex().fingerprint
+        messages: list[str] = []
+
+        def log(self, msg):
+            self.messages.append(msg)
+
+    (tmp_path / "checkpoints").mkdir()
+    a = FileRef.of(make_checkpoint(tmp_path / "checkpoints" / "a.safetensors", parts=("unet",), seed=0))
+    b = FileRef.of(make_checkpoint(tmp_path / "checkpoints" / "b.safetensors", parts=("unet",), seed=1))
+    (tmp_path / "hypernetworks").mkdir()
+    write_hypernetwork(tmp_path / "hypernetworks" / "h.pt", random_modules([64], seed=1))
+    ctx = Ctx()
+    with_hn = loaders.HypernetworkLoader(ModelRecipe(a), "h.pt", 0.6, ctx=ctx)
+    assert "widths 64" in ctx.messages[-1]
+    merged = merging.ModelMergeSimple(with_hn, ModelRecipe(b), 0.5, ctx=ctx)
+    assert isinstance(merged.patches[0], HypernetworkPatch) and merged.weight_patches == merged.patches[1:]
+    unet = models.unet_for(merged)
+    assert len(unet.middle_block[1].transformer_blocks[0].attn2.kv_patches) == 1  # model1's stays
+    into = merging.ModelMergeSimple(ModelRecipe(b), with_hn, 0.5, ctx=ctx)  # model2's weights only
+    assert "kv_patches" not in models.unet_for(into).middle_block[1].transformer_blocks[0].attn2
+    assert "kv_patches" not in models.unet_for(ModelRecipe(a)).middle_block[1].transformer_blocks[0].attn2
+    models.clear()

@@ -306,3 +306,26 @@ def test_ratio_one_is_a_pass_through_and_lora_loader_still_applies(files, tmp_pa
     merged = merging.ModelMergeSimple(ModelRecipe(a), ModelRecipe(b), 0.5, ctx=ctx)
     model, _ = loaders.LoadLoRA(merged, ClipRecipe(a), "l.safetensors", 1.0, 0.0, ctx=ctx)
     assert len(model.patches) == 2
+
+
+def test_comfyui_api_merge_workflows_import_and_export_with_comfyui_input_names():
+    from nodes.comfy_export import to_comfy_api
+    from nodes.comfy_import import workflow_from_comfy
+
+    data = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}},
+        "3": {"class_type": "ModelMergeSD1", "inputs": {"model1": ["1", 0], "model2": ["2", 0],
+                                                        "input_blocks.4.": 0.25, "out.": 0.5,
+                                                        "time_embed.": 0.75}},
+        "4": {"class_type": "HypernetworkLoader", "inputs": {"model": ["3", 0], "hypernetwork_name": "h.pt",
+                                                             "strength": 0.5}},
+        "5": {"class_type": "CheckpointSave", "inputs": {"model": ["4", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                         "filename_prefix": "checkpoints/x"}},
+    }
+    workflow = workflow_from_comfy(data)
+    merge = next(n for n in workflow.nodes.values() if n.type == "ModelMergeSD1")
+    assert [merge.inputs[k] for k in ("input_blocks_4", "out", "time_embed")] == [0.25, 0.5, 0.75]
+    exported = to_comfy_api(workflow)
+    back = next(n for n in exported.values() if n["class_type"] == "ModelMergeSD1")
+    assert back["inputs"]["input_blocks.4."] == 0.25 and "input_blocks_4" not in back["inputs"]
