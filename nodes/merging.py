@@ -81,8 +81,9 @@ def ModelMergeBlocks(model1: MODEL, model2: MODEL, input: RATIO = 1.0, middle: R
 
 @node(category="advanced/model_merging", outputs=(MODEL,))
 def ModelMergeSubtract(model1: MODEL, model2: MODEL, multiplier: MULTIPLIER = 1.0, ctx=None):
-    """multiplier * (model1 - model2): the difference of two UNets, e.g. a fine-tune minus its base for
-    "add difference" (ComfyUI's ModelMergeSubtract)."""
+    """multiplier * (model1 - model2), weight by weight (ComfyUI's ModelMergeSubtract).
+
+    The difference of two UNets, e.g. a fine-tune minus its base for "add difference"."""
     return _merge_models(ctx, model1, model2, rules.subtract(multiplier))
 
 
