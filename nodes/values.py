@@ -93,6 +93,8 @@ class ModelRecipe:
     def with_patch(self, patch: MergePatch | HypernetworkPatch) -> ModelRecipe:
         if isinstance(patch, MergePatch) and patch.rule.is_identity:
             return self  # e.g. ratio 1: every weight stays this model's
+        if isinstance(patch, HypernetworkPatch) and patch.strength == 0:
+            return self  # k + net(k) * 0 is k
         return replace(self, patches=self.patches + (patch,))
 
     @property
