@@ -90,19 +90,41 @@ def test_checkpoint_save_loads_back_identically_in_sdgraph(saved):
     assert max(float(np.abs(state[k].astype(np.float64) - expected[k]).max()) for k in expected) <= 1e-6
 
 
+def _diffusers_config(folder, name: str, class_name: str, config: dict):
+    import json
+
+    (folder / name).mkdir(parents=True)
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    (folder / name / "config.json").write_text(json.dumps({"_class_name": class_name, **config}))
+
+
 @pytest.mark.slow  # diffusers / transformers imports
-def test_checkpoint_save_loads_in_diffusers_single_file_conversion(saved):
+def test_checkpoint_save_loads_in_diffusers_single_file_loader(saved, tmp_path):
+    """UNet and VAE through diffusers' `from_single_file` (a local config: no hub), the text encoder through
+    the single-file CLIP conversion; each equals the model built from the numpy merge of the sources."""
     import torch
-    from reference import diffusers_unet, diffusers_vae, read_state, transformers_clip
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from reference import diffusers_unet, diffusers_unet_config, diffusers_vae, read_state, transformers_clip
 
     world, path = saved
     loaded = load_checkpoint(path)
     expected = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _expected(world).items()}
-    file_state = read_state(path)
-    for build, cfg in ((diffusers_unet, loaded.unet_config), (diffusers_vae, loaded.vae_config),
-                       (transformers_clip, loaded.clip_config)):
-        from_file, from_numpy = build(cfg, file_state).state_dict(), build(cfg, expected).state_dict()
-        assert from_file.keys() == from_numpy.keys()
-        for key in from_file:
-            if from_file[key].is_floating_point():
-                assert torch.allclose(from_file[key], from_numpy[key], atol=1e-6, rtol=0), key
+    config = tmp_path / "config"
+    _diffusers_config(config, "unet", "UNet2DConditionModel", diffusers_unet_config(loaded.unet_config))
+    reference_vae = diffusers_vae(loaded.vae_config, expected)
+    _diffusers_config(config, "vae", "AutoencoderKL", dict(reference_vae.config))
+    pairs = [
+        (UNet2DConditionModel.from_single_file(str(path), config=str(config), subfolder="unet",
+                                               local_files_only=True),
+         diffusers_unet(loaded.unet_config, expected)),
+        (AutoencoderKL.from_single_file(str(path), config=str(config), subfolder="vae",
+                                        local_files_only=True), reference_vae),
+        (transformers_clip(loaded.clip_config, read_state(path)),
+         transformers_clip(loaded.clip_config, expected)),
+    ]
+    for from_file, from_numpy in pairs:
+        ours, theirs = from_file.state_dict(), from_numpy.state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            if ours[key].is_floating_point():
+                assert torch.allclose(ours[key], theirs[key], atol=1e-6, rtol=0), key
