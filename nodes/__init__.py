@@ -5,8 +5,10 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     values.py        socket values (recipes for MODEL/CLIP/VAE; arrays) and their serializers
     models.py        weights built from recipes on first use, kept for reuse
     paths.py         ComfyUI-style file resolution (models/checkpoints, models/loras, input/)
-    loaders.py       LoadCheckpoint, CheckpointLoader, VAELoader, LoadLoRA, LoraLoaderModelOnly
+    loaders.py       LoadCheckpoint, CheckpointLoader, VAELoader, LoadLoRA, LoraLoaderModelOnly,
+                     HypernetworkLoader
     checkpoint_configs.py  what CheckpointLoader's config_name may say
+    merging.py       ModelMerge*, CLIPMerge* (merges as recipe patches), CheckpointSave
     conditioning.py  CLIPEncode, CLIPSetLastLayer
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
@@ -26,8 +28,8 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
-from nodes import conditioning, images, latent_files, latents, loaders, model_patches, sampling  # noqa: F401
-from nodes import image_ops, latent_ops, masks, upscale, vae_tiled  # noqa: F401
+from nodes import conditioning, images, latent_files, latents, loaders, merging, model_patches  # noqa: F401
+from nodes import image_ops, latent_ops, masks, sampling, upscale, vae_tiled  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from sd.merge.rules import SD1_BLOCKS
+
 
 @dataclass(frozen=True)
 class Mapping:
@@ -90,6 +92,17 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "ModelSamplingDiscrete": Mapping("ModelSamplingDiscrete", "model_sampling"),
     "UpscaleModelLoader": Mapping("UpscaleModelLoader", "upscale_model"),
     "ImageUpscaleWithModel": Mapping("ImageUpscaleWithModel", "upscale_image"),
+    "HypernetworkLoader": Mapping("HypernetworkLoader", "hypernetwork"),
+    "ModelMergeSimple": Mapping("ModelMergeSimple", "merge"),
+    "ModelMergeBlocks": Mapping("ModelMergeBlocks", "merge"),
+    "ModelMergeSubtract": Mapping("ModelMergeSubtract", "merge"),
+    "ModelMergeAdd": Mapping("ModelMergeAdd", "merge"),
+    "ModelMergeSD1": Mapping("ModelMergeSD1", "merge", renames={
+        prefix: prefix.rstrip(".").replace(".", "_") for prefix in SD1_BLOCKS}),
+    "CLIPMergeSimple": Mapping("CLIPMergeSimple", "clip_merge"),
+    "CLIPMergeSubtract": Mapping("CLIPMergeSubtract", "clip_merge"),
+    "CLIPMergeAdd": Mapping("CLIPMergeAdd", "clip_merge"),
+    "CheckpointSave": Mapping("CheckpointSave", "save_checkpoint"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

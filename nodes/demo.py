@@ -7,7 +7,10 @@ models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that 
 models/vae/vae-ft-mse-840000-ema-pruned.safetensors (a random VAE in the LDM layout of the real file, for
 workflows/external_vae.yaml), models/embeddings/easynegative.safetensors (a random 8-vector textual-inversion
 embedding as wide as that checkpoint's text encoder), models/upscale_models/4x-UltraSharp.pth (a small random
-ESRGAN x4 in the old ESRGAN key layout, as the real file has it) and input/example.png.
+ESRGAN x4 in the old ESRGAN key layout, as the real file has it), input/example.png, and for the merging
+examples a second checkpoint (other-model.safetensors), a 9-channel inpainting one
+(sd-v1-5-inpainting.safetensors) and an A1111 hypernetwork (models/hypernetworks/demo-hypernetwork.pt, written
+by sdgraph's own torch-free pickle writer, for the main checkpoint's widths).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from typing import TextIO
 import numpy as np
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
+# (file name, synthetic size, seed): the second model and the inpainting model the merge examples name
+EXTRA_CHECKPOINTS = (("other-model.safetensors", "tiny", 1),
+                     ("sd-v1-5-inpainting.safetensors", "tiny-inpainting", 2))
+HYPERNETWORK_NAME = "demo-hypernetwork.pt"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 UPSCALE_MODEL_NAME = "4x-UltraSharp.pth"
 EXAMPLE_IMAGE = "example.png"
@@ -71,6 +78,20 @@ def write_vae(path: Path, seed: int = 3) -> Path:
     return path
 
 
+def write_demo_hypernetwork(path: Path, checkpoint: Path, seed: int = 3) -> Path:
+    """A random A1111 hypernetwork with modules for every attention k/v input width of `checkpoint`."""
+    from sd.io.checkpoint_io import open_tensors
+    from sd.synthetic.hypernetwork import random_modules, write_hypernetwork
+
+    tensors = open_tensors(checkpoint)
+    widths = sorted({tensors.shape(k)[1] for k in tensors.keys() if k.endswith(".to_k.weight")})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_hypernetwork(tmp, random_modules(widths, seed=seed, scale=0.02), name="sdgraph demo")
+    tmp.replace(path)
+    return path
+
+
 def write_embedding(path: Path, checkpoint: Path, seed: int, vectors: int = 8) -> Path:
     """A random textual-inversion embedding (A1111/kohya safetensors layout, `emb_params`) for `checkpoint`'s
     text encoder, scaled like its token vectors."""
@@ -84,6 +105,16 @@ def write_embedding(path: Path, checkpoint: Path, seed: int, vectors: int = 8) -
     emb = rng.standard_normal((vectors, tokens.shape[1])) * float(np.std(tokens))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"emb_params": emb.astype(np.float32)}, str(path))
+    return path
+
+
+def _write_checkpoint(path: Path, size: str, seed: int) -> Path:
+    from sd.synthetic import make_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    make_checkpoint(tmp, size, fmt="safetensors", seed=seed)
+    tmp.replace(path)  # whole file or none: a half-written checkpoint would look real
     return path
 
 
@@ -116,7 +147,6 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
               out: TextIO | None = None) -> list[Path]:
     """Write the stand-in files that are missing; returns the paths written (existing files are kept)."""
     from sd.errors import SDGraphError
-    from sd.synthetic import make_checkpoint
 
     out = out or sys.stdout  # looked up now: a default bound at import would keep a replaced stream
     models_dir, input_dir = Path(models_dir), Path(input_dir)
@@ -125,11 +155,10 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     if checkpoint.exists():
         print(f"kept {checkpoint} (exists; never overwritten)", file=out)
     else:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
-        make_checkpoint(tmp, "tiny", fmt="safetensors")
-        tmp.replace(checkpoint)  # whole file or none: a half-written checkpoint would look real
-        written.append(checkpoint)
+        written.append(_write_checkpoint(checkpoint, "tiny", 0))
+    for name, size, seed in EXTRA_CHECKPOINTS:
+        if not (models_dir / "checkpoints" / name).exists():
+            written.append(_write_checkpoint(models_dir / "checkpoints" / name, size, seed))
     for seed, name in enumerate(LORA_NAMES, start=1):
         lora = models_dir / "loras" / name
         if not lora.exists():
@@ -149,12 +178,18 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     upscaler = models_dir / "upscale_models" / UPSCALE_MODEL_NAME
     if not upscaler.exists():
         written.append(write_upscale_stand_in(upscaler))
+    hypernetwork = models_dir / "hypernetworks" / HYPERNETWORK_NAME
+    if not hypernetwork.exists():
+        try:
+            written.append(write_demo_hypernetwork(hypernetwork, checkpoint))
+        except SDGraphError as e:
+            print(f"skipped {hypernetwork}: {e}", file=out)
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
     for path in written:
         print(f"wrote {path}", file=out)
-    if any(p.suffix in (".safetensors", ".pth") for p in written):
+    if any(p.suffix in (".safetensors", ".pth", ".pt") for p in written):
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint}, real LoRAs in "
               f"{models_dir / 'loras'}, embeddings in {models_dir / 'embeddings'}, a real VAE in "

@@ -44,12 +44,11 @@ def _blame(recipe: Any, part: str) -> str | None:
     if name is not None:
         kind = "VAE file" if getattr(recipe, "source", "checkpoint") == "vae_file" else "checkpoint"
         return f"the {kind} {recipe.checkpoint.path} has non-finite {label} weights ('{name}')"
-    patches = getattr(recipe, "patches", ())
+    patches = getattr(recipe, "weight_patches", ())
     if patches:
         patched = models._patched(part, "unet" if part == "unet" else "text_encoder", recipe.checkpoint,
                                   patches, lambda msg: None)
         name = _first_non_finite(patched)
         if name is not None:
-            files = ", ".join(str(p.lora.path) for p in patches)
-            return f"the {label} weights are non-finite after applying the LoRA file(s) {files} ('{name}')"
+            return f"the {label} weights are non-finite after applying {models.describe(patches)} ('{name}')"
     return None

@@ -1,5 +1,5 @@
-"""Loader nodes (LoadCheckpoint, CheckpointLoader, VAELoader, LoadLoRA, LoraLoaderModelOnly): they resolve
-files and build recipes; no weights are read here."""
+"""Loader nodes (LoadCheckpoint, CheckpointLoader, VAELoader, LoadLoRA, LoraLoaderModelOnly,
+HypernetworkLoader): they resolve files and build recipes; no model weights are read here."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from graph import CLIP, MODEL, VAE, Boolean, Float, String, node
 from nodes import models
 from nodes.checkpoint_configs import config_clip_layer, resolve_config
-from nodes.paths import checkpoint_files, resolve_checkpoint, resolve_lora, resolve_vae
-from nodes.values import ClipRecipe, FileRef, ModelRecipe, SamplingPatch, VaeRecipe
+from nodes.paths import checkpoint_files, resolve_checkpoint, resolve_hypernetwork, resolve_lora, resolve_vae
+from nodes.values import ClipRecipe, FileRef, HypernetworkPatch, ModelRecipe, SamplingPatch, VaeRecipe
 
 _PROBED: dict[tuple, str | None] = {}  # (path, size, mtime, kind) -> the error the header gave, or None
 
@@ -152,3 +152,18 @@ def LoraLoaderModelOnly(model: MODEL, lora_name: String(), strength_model: Float
     """Add a LoRA from models/loras to MODEL only (ComfyUI's LoraLoaderModelOnly); its text-encoder layers,
     if any, are not applied. As LoadLoRA otherwise."""
     return _with_lora(ctx, lora_name, model, None, strength_model, 0.0, allow_partial)[0]
+
+
+@node(category="loaders", outputs=(MODEL,), reads_files={"hypernetwork_name": resolve_hypernetwork})
+def HypernetworkLoader(model: MODEL, hypernetwork_name: String(), strength: Float(-10.0, 10.0) = 1.0,
+                       ctx=None):
+    """Add an A1111 hypernetwork (.pt) from models/hypernetworks to MODEL (ComfyUI's HypernetworkLoader).
+
+    Its small networks act on the k and v inputs of every UNet attention of a matching width (the text
+    context in cross-attention, the image tokens in self-attention): k + net_k(k) * strength. The file is
+    read through the safe unpickler and checked here; nothing in it is executed."""
+    ref = FileRef.of(resolve_hypernetwork(hypernetwork_name, ctx.folders), ctx.fingerprint)
+    hypernetwork = models.load_hypernetwork_file(ref)  # a malformed file fails here, naming itself
+    ctx.log(f"hypernetwork {ref.name}: widths {', '.join(str(w) for w in sorted(hypernetwork.modules))}, "
+            f"activation {hypernetwork.activation}" + (", layer norm" if hypernetwork.layer_norm else ""))
+    return model.with_patch(HypernetworkPatch(ref, strength))

@@ -161,12 +161,22 @@ def resolve_latent(name: str, folders: Folders) -> Path:
         if match.group(1) == "output":
             folder, flag = Path(folders.output_dir), "--output-dir"
     return resolve(name, folder, "latent", (".latent",), flag)
+
+
 def upscale_models_dir(folders: Folders) -> Path:
     return Path(folders.models_dir) / "upscale_models"
 
 
 def resolve_upscale_model(name: str, folders: Folders) -> Path:
     return resolve(name, upscale_models_dir(folders), "upscale model", MODEL_EXTENSIONS, "--models-dir")
+
+
+def hypernetworks_dir(folders: Folders) -> Path:
+    return Path(folders.models_dir) / "hypernetworks"
+
+
+def resolve_hypernetwork(name: str, folders: Folders) -> Path:
+    return resolve(name, hypernetworks_dir(folders), "hypernetwork", MODEL_EXTENSIONS, "--models-dir")
 
 
 def resolve_image(name: str, folders: Folders) -> Path:

@@ -1,7 +1,8 @@
 """The values that travel along SD sockets, and their disk serializers.
 
-MODEL, CLIP, VAE and UPSCALE_MODEL carry *recipes* (which file, which LoRA patches, which clip layer), never
-weights: the weights are built on first use by nodes/models.py. That keeps these values tiny, hashable and
+MODEL, CLIP, VAE and UPSCALE_MODEL carry *recipes* (which file, which patches — LoRAs, merges with other
+recipes, hypernetworks — which clip layer), never weights:
+the weights are built on first use by nodes/models.py. That keeps these values tiny, hashable and
 cheap to pass around, and lets a cache hit downstream skip loading a model entirely.
 
 CONDITIONING, LATENT, IMAGE and MASK carry MLX arrays and are stored on disk as `.npz` bytes (float32
@@ -20,12 +21,14 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Union
 
 import mlx.core as mx
 import numpy as np
 
 from graph import socket_type
 from graph.fingerprint import FingerprintIndex
+from sd.merge.rules import MergeRule
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,31 @@ class SamplingPatch:
 
 
 @dataclass(frozen=True)
+class MergePatch:
+    """Another recipe's weights (its own patches applied) merged in with `rule` (sd/merge/rules.py): ComfyUI's
+    ModelMerge*/CLIPMerge* nodes. Only the other's *weights* come along, as in ComfyUI (not its
+    hypernetworks)."""
+
+    other: Union[ModelRecipe, ClipRecipe]  # noqa: UP007 - a forward reference to the recipes below
+    rule: MergeRule
+
+
+@dataclass(frozen=True)
+class HypernetworkPatch:
+    """An A1111 hypernetwork on the UNet's attention k/v inputs (sd/hypernetwork), at `strength`."""
+
+    hypernetwork: FileRef
+    strength: float
+
+
+@dataclass(frozen=True)
 class ModelRecipe:
-    """MODEL: a checkpoint's UNet plus LoRA patches applied in order (W + sum strength * delta), and the
-    model sampling KSampler uses with it (detected from the checkpoint, or set by ModelSamplingDiscrete)."""
+    """MODEL: a checkpoint's UNet plus patches in order: LoRAs (W + strength * delta) and merges rewrite the
+    weights, one after the other; hypernetworks patch the attention of the weights that result. `sampling`:
+    the model sampling KSampler uses (detected from the checkpoint, or set by ModelSamplingDiscrete)."""
 
     checkpoint: FileRef
-    patches: tuple[LoRAPatch, ...] = ()
+    patches: tuple[LoRAPatch | MergePatch | HypernetworkPatch, ...] = ()
     sampling: SamplingPatch = SamplingPatch()
 
     def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ModelRecipe:
@@ -79,19 +101,39 @@ class ModelRecipe:
             return self  # a zero strength is a pass-through, and must not change the identity
         return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
 
+    def with_patch(self, patch: MergePatch | HypernetworkPatch) -> ModelRecipe:
+        if isinstance(patch, MergePatch) and patch.rule.is_identity:
+            return self  # e.g. ratio 1: every weight stays this model's
+        if isinstance(patch, HypernetworkPatch) and patch.strength == 0:
+            return self  # k + net(k) * 0 is k
+        return replace(self, patches=self.patches + (patch,))
+
+    @property
+    def weight_patches(self) -> tuple[LoRAPatch | MergePatch, ...]:
+        return tuple(p for p in self.patches if not isinstance(p, HypernetworkPatch))
+
 
 @dataclass(frozen=True)
 class ClipRecipe:
-    """CLIP: a checkpoint's text encoder, LoRA patches, and the layer to stop at (-1 = last)."""
+    """CLIP: a checkpoint's text encoder, its patches (LoRAs, merges) and the layer to stop at (-1 = last)."""
 
     checkpoint: FileRef
-    patches: tuple[LoRAPatch, ...] = ()
+    patches: tuple[LoRAPatch | MergePatch, ...] = ()
     stop_at_layer: int = -1
 
     def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ClipRecipe:
         if strength == 0:
             return self
         return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
+
+    def with_patch(self, patch: MergePatch) -> ClipRecipe:
+        if patch.rule.is_identity:
+            return self
+        return replace(self, patches=self.patches + (patch,))
+
+    @property
+    def weight_patches(self) -> tuple[LoRAPatch | MergePatch, ...]:
+        return self.patches
 
 
 VAE_SOURCES = ("checkpoint", "vae_file")

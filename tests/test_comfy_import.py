@@ -64,7 +64,8 @@ def test_unsupported_classes_are_listed_in_one_error(world):
     assert lines[-1] == "1 error; nothing was run."
     message = lines[0]
     assert message.startswith(f"{COMFY / 'unsupported_api.json'}:4: 2 ComfyUI node type(s)")
-    for part in ("ControlNetApply (node 5, 6)", "ControlNetLoader (node 3)", "supported: CLIPSetLastLayer"):
+    for part in ("ControlNetApply (node 5, 6)", "ControlNetLoader (node 3)",
+                 "supported: CLIP", "CLIPSetLastLayer, "):  # the supported list, sorted
         assert part in message
     assert "ImageUpscaleWithModel (node" not in message  # supported since the upscale nodes
     assert not world.output.exists()

@@ -24,7 +24,10 @@ SIZES = {
     # hires fix: a 32x32 first pass, the second at 64x64 (LatentUpscale's smallest size)
     "hires_fix_latent": HIRES,
     "hires_fix_model": HIRES,  # 32 -> 128 pixels through the demo's 4x ESRGAN, latent resized to 64
+    "model_merge": SMALL,
+    "hypernetwork": SMALL,
 }
+SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ MODEL_FREE = {"outpaint_canvas"}  # image operations only: run by tests/test_ima
 
 
 def test_every_shipped_workflow_is_covered():
-    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES) | MODEL_FREE
+    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES) | MODEL_FREE | SAVE_ONLY
 
 
 @pytest.mark.slow

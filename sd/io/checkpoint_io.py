@@ -116,15 +116,19 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
     )
 
 
-def read_pickled(path: str | os.PathLike) -> object:
-    """The whole unpickled object of a PyTorch zip or legacy file (``.pt``/``.bin``), through the same
-    restricted unpickler, tensors as lazy ``TensorRef``s (``.read()`` gives the array). For files whose
-    tensors sit in nested containers (textual-inversion embeddings); ``CheckpointError`` for anything else."""
+def load_pickled(path: str | os.PathLike) -> object:
+    """The whole object a PyTorch `.pt`/`.ckpt`/`.bin` file pickles (zip or legacy), tensors as lazy
+    ``TensorRef``s (``.read()`` gives the array), through the same restricted unpickler: for files that are
+    not a flat state dict, such as A1111 hypernetworks ({768: (state dict, state dict), "activation_func"})
+    and textual-inversion embeddings. ``CheckpointError`` for anything else, including a safetensors file."""
     path = Path(path)
     file_size = _check_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open the file: {exc.strerror or exc}") from exc
+    try:
         if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
             return read_torch_zip(path, file_size)
         if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
@@ -133,7 +137,8 @@ def read_pickled(path: str | os.PathLike) -> object:
         raise
     except Exception as exc:  # a hostile file must never surface as some library's exception type
         raise CheckpointError(path, f"unreadable file ({type(exc).__name__}: {str(exc)[:200]})") from exc
-    raise CheckpointError(path, f"not a PyTorch file (zip or legacy pickle): it starts with {head[:12]!r}")
+    raise CheckpointError(path, f"not a PyTorch .pt file (a zip or legacy pickle); it starts with "
+                                f"{head[:12]!r}")
 
 
 def _check_file(path: Path) -> int:

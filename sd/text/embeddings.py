@@ -98,7 +98,7 @@ def _pick(path: Path, obj: Any, width: int) -> list[Any]:
 
 def load_embedding(path: str | os.PathLike, width: int) -> np.ndarray:
     """The embedding's vectors, float32 [n, width]; ``CheckpointError`` naming the file for anything else."""
-    from sd.io.checkpoint_io import open_tensors, read_pickled
+    from sd.io.checkpoint_io import load_pickled, open_tensors
 
     path = Path(path)
     try:
@@ -107,7 +107,7 @@ def load_embedding(path: str | os.PathLike, width: int) -> np.ndarray:
     except OSError as e:
         raise CheckpointError(path, f"cannot read the embedding: {e.strerror or e}") from e
     if head.startswith((b"PK", b"\x80")):
-        obj = read_pickled(path)
+        obj = load_pickled(path)
     else:
         tensors = open_tensors(path)
         obj = {key: _Lazy(tensors, key) for key in tensors}
