@@ -23,8 +23,8 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
     def on_step(i: int, total: int, x, denoised) -> None:
         ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
 
-    samples = sample(models.fast_unet(unet), positive.cond, negative.cond, latent.samples, callback=on_step,
-                     **kwargs)
+    samples = sample(models.fast_unet(unet), positive.for_sampling(), negative.for_sampling(), latent.samples,
+                     callback=on_step, **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
     return Latent(samples, latent.batch_index)
 

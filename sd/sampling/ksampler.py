@@ -17,12 +17,13 @@ full-area conds of strength 1.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from sd.sampling.conds import Cond, as_entries, resolve
+from sd.sampling.guidance import NO_PATCHES, SamplingPatches, make_denoiser
 from sd.sampling.model_sampling import LATENT_SCALE_FACTOR, SD1_MODEL_SAMPLING, ModelSamplingDiscrete
 from sd.sampling.noise import torch_randn
 from sd.sampling.samplers import SAMPLERS, get_sampler
@@ -32,9 +33,6 @@ __all__ = ["SAMPLERS", "SCHEDULERS", "sample", "prepare_noise", "select_sigmas"]
 
 UNetFn = Callable[[mx.array, mx.array, mx.array], mx.array]
 ProgressCallback = Callable[[int, int, mx.array, mx.array], None]
-
-_MAX_TOKEN_PADDING = 4  # ComfyUI's limit on LCM / shortest length when batching conds
-
 
 def prepare_noise(seed: int, latent_shape_nhwc: Sequence[int]) -> mx.array:
     """ComfyUI's initial noise for a latent batch, drawn NCHW (as ComfyUI does) and returned NHWC."""
@@ -66,40 +64,6 @@ def select_sigmas(
     return sigmas if len(sigmas) > 0 else None
 
 
-def _as_entries(conditioning: mx.array | Sequence[mx.array], batch: int) -> list[mx.array]:
-    entries = [conditioning] if isinstance(conditioning, mx.array) else list(conditioning)
-    out = []
-    for entry in entries:
-        entry = mx.array(entry) if not isinstance(entry, mx.array) else entry
-        if entry.shape[0] not in (1, batch):
-            raise ValueError(f"conditioning batch {entry.shape[0]} does not match the latent batch {batch}")
-        out.append(mx.repeat(entry, batch, axis=0) if entry.shape[0] != batch else entry)
-    return out
-
-
-def _can_batch(a: mx.array, b: mx.array) -> bool:
-    la, lb = a.shape[1], b.shape[1]
-    return la == lb or math.lcm(la, lb) // min(la, lb) <= _MAX_TOKEN_PADDING
-
-
-def _group_for_calls(entries: list[mx.array]) -> list[list[int]]:
-    """Indices of entries that share one UNet call (each compatible with the group's first)."""
-    groups: list[list[int]] = []
-    for index, entry in enumerate(entries):
-        for group in groups:
-            if all(_can_batch(entries[g], entry) for g in group):
-                group.append(index)
-                break
-        else:
-            groups.append([index])
-    return groups
-
-
-def _padded_context(contexts: list[mx.array]) -> mx.array:
-    length = math.lcm(*(c.shape[1] for c in contexts))
-    return mx.concatenate([mx.tile(c, (1, length // c.shape[1], 1)) for c in contexts], axis=0)
-
-
 class StepPipeline:
     """One run's step hook, given to the sampler as its callback (always, so that pipelining happens without
     a user callback too): it starts evaluating step i, then waits for step i-1, so the device computes step i
@@ -123,39 +87,21 @@ class StepPipeline:
 
 def make_cfg_denoiser(
     unet_fn: UNetFn,
-    positive: list[mx.array],
-    negative: list[mx.array],
+    positive,
+    negative,
     cfg: float,
     ms: ModelSamplingDiscrete,
+    latent_shape: Sequence[int] | None = None,
+    patches: SamplingPatches = NO_PATCHES,
 ) -> Callable[[mx.array, float], mx.array]:
-    """denoise(x, sigma) for the samplers: batched UNet calls, eps -> x0, then CFG."""
-    skip_uncond = math.isclose(cfg, 1.0)
-    entries = positive + ([] if skip_uncond else negative)
-    groups = _group_for_calls(entries)
-    contexts = [_padded_context([entries[g] for g in group]) for group in groups]  # fixed for all steps
-
-    def denoise(x: mx.array, sigma: float) -> mx.array:
-        batch = x.shape[0]
-        sigma_b = mx.full((batch,), sigma, dtype=mx.float32)
-        x_in = ms.calculate_input(sigma_b, x)
-        timestep = float(ms.timestep(np.float32(sigma)))
-        denoised: list[mx.array | None] = [None] * len(entries)
-        for group, context in zip(groups, contexts, strict=True):
-            n = len(group)
-            eps = unet_fn(
-                mx.concatenate([x_in] * n, axis=0),
-                mx.full((batch * n,), timestep, dtype=mx.float32),
-                context,
-            )
-            for k, g in enumerate(group):
-                denoised[g] = ms.calculate_denoised(sigma_b, eps[k * batch : (k + 1) * batch], x)
-        cond = sum(denoised[: len(positive)]) / len(positive)
-        if skip_uncond:
-            return cond
-        uncond = sum(denoised[len(positive) :]) / len(negative)
-        return uncond + (cond - uncond) * cfg
-
-    return denoise
+    """denoise(x, sigma) for the samplers: the entries resolved (areas, masks, timestep ranges), batched
+    UNet calls, eps -> x0, then CFG (sd/sampling/conds.py, sd/sampling/guidance.py). `positive`/`negative`:
+    lists of `Cond`, or of arrays / (array, options) pairs resolved here for a latent of `latent_shape`."""
+    if not all(isinstance(c, Cond) for c in [*positive, *negative]):
+        batch = latent_shape[0]
+        sides = [as_entries(positive, batch), as_entries(negative, batch)]
+        positive, negative = resolve(sides, latent_shape, ms)
+    return make_denoiser(unet_fn, positive, negative, cfg, ms, patches)
 
 
 def sample(
@@ -177,6 +123,7 @@ def sample(
     callback: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
     model_sampling: ModelSamplingDiscrete = SD1_MODEL_SAMPLING,
+    patches: SamplingPatches = NO_PATCHES,
 ) -> mx.array:
     """Sample like ComfyUI's KSampler (and KSamplerAdvanced through the step arguments).
 
@@ -197,7 +144,8 @@ def sample(
         return latent
 
     batch = latent.shape[0]
-    pos, neg = _as_entries(positive, batch), _as_entries(negative, batch)
+    sides = [as_entries(positive, batch), as_entries(negative, batch)]
+    pos, neg = resolve(sides, latent.shape, model_sampling)
     noise = prepare_noise(seed, latent.shape) if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
     first_sigma = float(sigmas[0])
     x = model_sampling.noise_scaling(
@@ -211,7 +159,7 @@ def sample(
     def on_step(i: int, x_step: mx.array, denoised: mx.array) -> None:
         callback(i, total, x_step / LATENT_SCALE_FACTOR, denoised / LATENT_SCALE_FACTOR)
 
-    denoiser = make_cfg_denoiser(unet_fn, pos, neg, cfg, model_sampling)
+    denoiser = make_denoiser(unet_fn, pos, neg, cfg, model_sampling, patches)
     steps_hook = StepPipeline(on_step if callback is not None else None)
     x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed)
     x = model_sampling.inverse_noise_scaling(float(sigmas[-1]), x)
