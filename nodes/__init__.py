@@ -7,6 +7,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     paths.py         ComfyUI-style file resolution (models/checkpoints, models/loras, input/)
     loaders.py       LoadCheckpoint, LoadLoRA
     conditioning.py  CLIPEncode, CLIPSetLastLayer
+    conditioning_ops.py  ConditioningCombine/Concat/Average/ZeroOut/SetArea*/SetMask/SetTimestepRange
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
     images.py        LoadImage, SaveImage
@@ -17,6 +18,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
 from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
+from nodes import conditioning_ops  # noqa: F401
 from nodes import comfy_import, estimates, png_workflow
 
 comfy_import.register()

@@ -38,6 +38,15 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler"),
     "LatentUpscale": Mapping("LatentUpscale", "upscale"),
     "SaveImage": Mapping("SaveImage", "save"),
+    "ConditioningCombine": Mapping("ConditioningCombine", "combine"),
+    "ConditioningConcat": Mapping("ConditioningConcat", "concat"),
+    "ConditioningAverage": Mapping("ConditioningAverage", "average"),
+    "ConditioningZeroOut": Mapping("ConditioningZeroOut", "zero_out"),
+    "ConditioningSetArea": Mapping("ConditioningSetArea", "area"),
+    "ConditioningSetAreaPercentage": Mapping("ConditioningSetAreaPercentage", "area"),
+    "ConditioningSetAreaStrength": Mapping("ConditioningSetAreaStrength", "area_strength"),
+    "ConditioningSetMask": Mapping("ConditioningSetMask", "cond_mask"),
+    "ConditioningSetTimestepRange": Mapping("ConditioningSetTimestepRange", "timestep_range"),
 }
 
 OURS_TO_COMFY: dict[str, str] = {m.ours: comfy for comfy, m in COMFY_TO_OURS.items()}

@@ -131,7 +131,11 @@ def _clip_area(area: Sequence[int] | None, hw: tuple[int, int]) -> Area | None:
     if area is None:
         return None
     h, w, y, x = (int(v) for v in area)
-    return (min(hw[0] - y, h), min(hw[1] - x, w), y, x)
+    clipped = (min(hw[0] - y, h), min(hw[1] - x, w), y, x)
+    if min(clipped[:2]) <= 0 or min(y, x) < 0:
+        raise ValueError(f"a conditioning area of {h}x{w} at y={y}, x={x} (latent pixels: image pixels / 8) "
+                         f"lies outside the {hw[0]}x{hw[1]} latent")
+    return clipped
 
 
 def _mult(opts: Mapping[str, Any], area: Area | None, hw: tuple[int, int], batch: int) -> mx.array | None:
