@@ -10,6 +10,8 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     conditioning_ops.py  ConditioningCombine/Concat/Average/ZeroOut/SetArea*/SetMask/SetTimestepRange
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
+    sampling_values.py, custom_sampling.py   SIGMAS/SAMPLER/NOISE/GUIDER and ComfyUI's custom sampling nodes
+    model_patches.py RescaleCFG, FreeU_V2, SelfAttentionGuidance, PerturbedAttentionGuidance
     images.py        LoadImage, SaveImage
     estimates.py     memory estimates of a plan, checked before it runs
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
@@ -18,7 +20,8 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
 from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
-from nodes import conditioning_ops  # noqa: F401
+from nodes import sampling_values  # noqa: F401, I001  (the custom-sampling socket types)
+from nodes import conditioning_ops, custom_sampling, model_patches  # noqa: F401
 from nodes import comfy_import, estimates, png_workflow
 
 comfy_import.register()

@@ -12,19 +12,31 @@ MAX_SEED = 2**64 - 1
 ON_OFF = ("enable", "disable")
 
 
+def model_sampling_of(model: ModelRecipe):
+    """The noise schedule the model samples with (one place to ask, for KSampler and custom sampling)."""
+    from sd.sampling.model_sampling import SD1_MODEL_SAMPLING
+
+    return SD1_MODEL_SAMPLING
+
+
+def progress_callback(ctx):
+    def on_step(i: int, total: int, x, denoised) -> None:
+        ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
+
+    return on_step
+
+
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
+    from nodes.model_patches import sampling_patches
     from sd.sampling.ksampler import sample
 
     if latent.noise_mask is not None:
         raise ValueError("latents with a noise mask (inpainting) are not supported yet")
     unet = models.unet_for(model, ctx.log)
-
-    def on_step(i: int, total: int, x, denoised) -> None:
-        ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
-
     samples = sample(models.fast_unet(unet), positive.for_sampling(), negative.for_sampling(), latent.samples,
-                     callback=on_step, **kwargs)
+                     callback=progress_callback(ctx), model_sampling=model_sampling_of(model),
+                     patches=sampling_patches(model, unet), **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
     return Latent(samples, latent.batch_index)
 

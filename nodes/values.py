@@ -59,16 +59,35 @@ class LoRAPatch:
 
 
 @dataclass(frozen=True)
+class SamplingPatch:
+    """A model patch that is maths, not weights (ComfyUI's RescaleCFG, FreeU_V2, SelfAttentionGuidance,
+    PerturbedAttentionGuidance): the node's name and its settings; nodes/model_patches.py turns it into
+    sd.sampling's patches when sampling."""
+
+    kind: str
+    settings: tuple[tuple[str, float], ...] = ()
+
+    def setting(self, name: str) -> float:
+        return dict(self.settings)[name]
+
+
+@dataclass(frozen=True)
 class ModelRecipe:
-    """MODEL: a checkpoint's UNet plus LoRA patches applied in order (W + sum strength * delta)."""
+    """MODEL: a checkpoint's UNet plus LoRA patches applied in order (W + sum strength * delta), and sampling
+    patches applied in order when it samples (they change no weights)."""
 
     checkpoint: FileRef
     patches: tuple[LoRAPatch, ...] = ()
+    sampling_patches: tuple[SamplingPatch, ...] = ()
 
     def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ModelRecipe:
         if strength == 0:
             return self  # a zero strength is a pass-through, and must not change the identity
         return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
+
+    def with_sampling_patch(self, kind: str, **settings: float) -> ModelRecipe:
+        patch = SamplingPatch(kind, tuple(sorted(settings.items())))
+        return replace(self, sampling_patches=self.sampling_patches + (patch,))
 
 
 @dataclass(frozen=True)

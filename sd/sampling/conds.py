@@ -255,6 +255,8 @@ class CondBatcher:
     sides: list[list[Cond]]
     ms: Any
     extras: UNetExtras = NO_EXTRAS  # what every call carries (model patches such as FreeU)
+    call_extras: Callable[[tuple[int, ...]], UNetExtras] | None = None  # per call, from its chunks' sides
+    side_ids: tuple[int, ...] | None = None  # what call_extras is told each side is (default: its index)
     _plans: dict = field(default_factory=dict)
 
     def _plan(self, active: tuple[tuple[int, int], ...]):
@@ -267,9 +269,13 @@ class CondBatcher:
             self._plans[active] = plan
         return plan
 
-    def _call(self, x_in: mx.array, timestep: float, context: mx.array, conds: list[Cond]) -> mx.array:
+    def _call(self, x_in: mx.array, timestep: float, context: mx.array, conds: list[Cond],
+              sides: tuple[int, ...]) -> mx.array:
         t = mx.full((x_in.shape[0],), timestep, dtype=mx.float32)
         extras = self.extras
+        if self.call_extras is not None:
+            ids = self.side_ids or tuple(range(len(self.sides)))
+            extras = extras.merged(self.call_extras(tuple(ids[s] for s in sides)))
         for source in conds[0].sources:
             extras = extras.merged(source.unet_extras(x_in, t, context, [c.area for c in conds]))
         if extras.is_empty:
@@ -288,7 +294,7 @@ class CondBatcher:
             conds = [self.sides[s][i] for s, i in members]
             crops = [c.crop(x) for c in conds]
             x_in = self.ms.calculate_input(mx.concatenate([sigma_b] * len(conds)), mx.concatenate(crops))
-            eps = self._call(x_in, timestep, context, conds)
+            eps = self._call(x_in, timestep, context, conds, tuple(s for s, _ in members))
             for k, (member, crop) in enumerate(zip(members, crops, strict=True)):
                 outputs[member] = self.ms.calculate_denoised(sigma_b, eps[k * batch : (k + 1) * batch], crop)
         return [None if (s < len(skip) and skip[s]) else

@@ -29,7 +29,7 @@ from sd.sampling.noise import torch_randn
 from sd.sampling.samplers import SAMPLERS, get_sampler
 from sd.sampling.schedulers import SCHEDULERS, ksampler_sigmas
 
-__all__ = ["SAMPLERS", "SCHEDULERS", "sample", "prepare_noise", "select_sigmas"]
+__all__ = ["SAMPLERS", "SCHEDULERS", "sample", "run_sampler", "prepare_noise", "select_sigmas"]
 
 UNetFn = Callable[[mx.array, mx.array, mx.array], mx.array]
 ProgressCallback = Callable[[int, int, mx.array, mx.array], None]
@@ -147,6 +147,28 @@ def sample(
     sides = [as_entries(positive, batch), as_entries(negative, batch)]
     pos, neg = resolve(sides, latent.shape, model_sampling)
     noise = prepare_noise(seed, latent.shape) if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
+    denoiser = make_denoiser(unet_fn, pos, neg, cfg, model_sampling, patches)
+    out, _ = run_sampler(denoiser, latent, noise, sigmas, sampler, seed=seed, model_sampling=model_sampling,
+                         callback=callback, cancel=cancel)
+    return out
+
+
+def run_sampler(
+    denoiser: Callable[[mx.array, float], mx.array],
+    latent: mx.array,
+    noise: mx.array,
+    sigmas: np.ndarray,
+    sampler: Callable[..., mx.array],
+    *,
+    seed: int,
+    model_sampling: ModelSamplingDiscrete = SD1_MODEL_SAMPLING,
+    callback: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+    sampler_options: dict | None = None,
+) -> tuple[mx.array, mx.array | None]:
+    """The sampler loop from given pieces (ComfyUI's KSAMPLER.sample, what SamplerCustomAdvanced runs):
+    noise scaled onto the (unscaled) latent at sigmas[0], the sampler over `sigmas` with `denoiser`, and
+    back. Returns the unscaled latent and the last step's unscaled x0 prediction (None without steps)."""
     first_sigma = float(sigmas[0])
     x = model_sampling.noise_scaling(
         first_sigma,
@@ -155,14 +177,17 @@ def sample(
         max_denoise=model_sampling.is_max_denoise(first_sigma),
     )
     total = len(sigmas) - 1
+    last: list[mx.array] = []
 
     def on_step(i: int, x_step: mx.array, denoised: mx.array) -> None:
-        callback(i, total, x_step / LATENT_SCALE_FACTOR, denoised / LATENT_SCALE_FACTOR)
+        last[:] = [denoised]
+        if callback is not None:
+            callback(i, total, x_step / LATENT_SCALE_FACTOR, denoised / LATENT_SCALE_FACTOR)
 
-    denoiser = make_denoiser(unet_fn, pos, neg, cfg, model_sampling, patches)
-    steps_hook = StepPipeline(on_step if callback is not None else None)
-    x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed)
+    steps_hook = StepPipeline(on_step)
+    x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed, **(sampler_options or {}))
     x = model_sampling.inverse_noise_scaling(float(sigmas[-1]), x)
     out = x / LATENT_SCALE_FACTOR
-    mx.eval(out)
-    return out
+    denoised = last[0] / LATENT_SCALE_FACTOR if last else None
+    mx.eval(out, *([denoised] if denoised is not None else []))
+    return out, denoised
