@@ -162,6 +162,10 @@ def create_blur_map(x0: mx.array, scores: mx.array, sigma: float, threshold: flo
                 break
         if xx is not None:
             break
+    if xx is None:  # ComfyUI fails here (middle maps of 1 or 2 tokens): take the exact factor, else no blur
+        if total % max(x, 1):
+            return x0
+        xx = max(x, 1)
     rows = xx
     cols = total // rows
     mask = mask.reshape(b, rows, cols)
