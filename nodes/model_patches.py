@@ -15,8 +15,11 @@ from nodes.values import ModelRecipe
 @node(category="advanced/model", outputs=(MODEL,))
 def RescaleCFG(model: MODEL, multiplier: Float(0.0, 1.0) = 0.7):
     """Rescale the CFG result's spread to the positive prediction's (less burn at high cfg; meant for
-    v-prediction / zero-terminal-SNR models): multiplier 0 = plain CFG."""
+    v-prediction / zero-terminal-SNR models). Multiplier 0 is plain CFG: the model is passed through
+    unpatched (ComfyUI computes the same through the patch, up to rounding)."""
     recipe: ModelRecipe = model
+    if multiplier == 0:
+        return recipe
     return recipe.with_sampling_patch("RescaleCFG", multiplier=multiplier)
 
 

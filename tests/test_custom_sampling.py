@@ -187,3 +187,57 @@ def test_custom_sampling_values_round_trip():
     back = SOCKET_TYPES["SIGMAS"].from_bytes(SOCKET_TYPES["SIGMAS"].to_bytes(sigmas))
     assert np.array_equal(np.array(back), np.array(sigmas)) and back.dtype == mx.float32
     assert not SOCKET_TYPES["GUIDER"].serializable  # it holds a MODEL recipe: memory only
+
+
+def test_custom_sampling_workflow_is_txt2img_pixel_for_pixel(tmp_path_factory, tmp_path):
+    from sd_nodes_testing import SMALL, WORKFLOWS, pixels, run
+
+    world = make_world(tmp_path_factory, tmp_path)
+    shared = [*SMALL, "--set", "seed=9", "--set", "sampler=dpmpp_2m", "--set", "scheduler=karras"]
+    assert run(world, WORKFLOWS / "custom_sampling.yaml", *shared).rc == 0
+    assert run(world, WORKFLOWS / "txt2img.yaml", *shared).rc == 0
+    rescaled = run(world, WORKFLOWS / "custom_sampling.yaml", *shared, "--set", "rescale=0.7")
+    assert rescaled.rc == 0, rescaled.err
+    images = {p.name: pixels(p) for p in world.pngs()}
+    assert np.array_equal(images["custom_sampling_00001_.png"], images["txt2img_00001_.png"])
+    assert not np.array_equal(images["custom_sampling_00002_.png"], images["txt2img_00001_.png"])
+
+
+def test_comfyui_api_workflow_with_custom_sampling_and_areas_runs(tmp_path_factory, tmp_path):
+    """A ComfyUI API-format file using these nodes (links by output index: SplitSigmas' low_sigmas is 1)."""
+    import json
+
+    from sd_nodes_testing import run
+
+    world = make_world(tmp_path_factory, tmp_path)
+    def n(class_type, **inputs):
+        return {"class_type": class_type, "inputs": inputs}
+
+    api = {
+        "1": n("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors"),
+        "2": n("CLIPTextEncode", clip=["1", 1], text="a castle"),
+        "3": n("CLIPTextEncode", clip=["1", 1], text="a dragon"),
+        "4": n("ConditioningSetArea", conditioning=["3", 0], width=64, height=64, x=0, y=0, strength=1.2),
+        "5": n("ConditioningCombine", conditioning_1=["2", 0], conditioning_2=["4", 0]),
+        "6": n("ConditioningZeroOut", conditioning=["2", 0]),
+        "7": n("EmptyLatentImage", width=96, height=64, batch_size=1),
+        "8": n("BasicScheduler", model=["1", 0], scheduler="karras", steps=3, denoise=1.0),
+        "9": n("SplitSigmas", sigmas=["8", 0], step=1),
+        "10": n("CFGGuider", model=["1", 0], positive=["5", 0], negative=["6", 0], cfg=6.0),
+        "11": n("KSamplerSelect", sampler_name="euler_ancestral"),
+        "12": n("RandomNoise", noise_seed=4),
+        "13": n("SamplerCustomAdvanced", noise=["12", 0], guider=["10", 0], sampler=["11", 0],
+                sigmas=["9", 0],
+                latent_image=["7", 0]),
+        "14": n("DisableNoise"),
+        "15": n("SamplerCustomAdvanced", noise=["14", 0], guider=["10", 0], sampler=["11", 0],
+                sigmas=["9", 1],
+                latent_image=["13", 0]),
+        "16": n("VAEDecode", samples=["15", 1], vae=["1", 2]),
+        "17": n("SaveImage", images=["16", 0], filename_prefix="api"),
+    }
+    path = tmp_path / "api.json"
+    path.write_text(json.dumps(api))
+    result = run(world, path)
+    assert result.rc == 0, result.err
+    assert [p.name for p in world.pngs()] == ["api_00001_.png"]

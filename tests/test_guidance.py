@@ -273,6 +273,7 @@ def test_every_patch_changes_the_image_and_stays_finite(tiny_run):
         out = run(patched)
         assert np.isfinite(out).all() and not np.array_equal(out, plain), patched.sampling_patches
     assert model.sampling_patches == () and len(RescaleCFG(FreeU_V2(model)).sampling_patches) == 2
+    assert RescaleCFG(model, 0.0) is model  # plain CFG: no patch
 
 
 def test_sag_records_the_negative_middle_attention(tiny_run):

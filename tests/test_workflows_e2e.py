@@ -17,6 +17,7 @@ SIZES = {
     "multi_lora": SMALL,
     "prompt_sweep": SMALL,
     "area_composition": SMALL,
+    "custom_sampling": SMALL,
 }
 
 
