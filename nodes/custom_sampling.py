@@ -14,7 +14,7 @@ import numpy as np
 from graph import CONDITIONING, LATENT, MODEL, Boolean, Choice, Float, Int, node
 from nodes import models
 from nodes.finite import check_finite
-from nodes.sampling import MAX_SEED, model_sampling_of, progress_callback
+from nodes.sampling import MAX_SEED, model_sampling_of, progress_callback, sampling_entries
 from nodes.sampling_values import GUIDER, NOISE, SAMPLER, SIGMAS, GuiderRecipe, NoiseRecipe, SamplerRecipe
 from nodes.values import Conditioning, Latent, ModelRecipe
 from sd.sampling.ksampler import SAMPLERS, SCHEDULERS
@@ -175,7 +175,7 @@ def _denoiser(guider: GuiderRecipe, latent_shape, ctx):
     batch = latent_shape[0]
 
     def sides(*conds: Conditioning):
-        return resolve([as_entries(c.for_sampling(), batch) for c in conds], latent_shape, ms)
+        return resolve([as_entries(e, batch) for e in sampling_entries(ctx, *conds)], latent_shape, ms)
 
     if guider.kind == "cfg":
         pos, neg = sides(*guider.conds)

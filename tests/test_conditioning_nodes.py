@@ -120,3 +120,32 @@ def test_area_composition_runs_and_zero_strength_areas_are_plain_txt2img(world):
     [txt] = [images[n] for n in images if n.startswith("txt2img")]
     assert np.array_equal(area_images[1], txt)  # strength-0 areas add nothing, bit for bit
     assert not np.array_equal(area_images[0], txt)  # real areas change the image
+
+
+def test_entry_resolvers_turn_recipes_into_one_shared_source():
+    """The node-level seam for per-entry extras: a registered resolver turns an option's recipe into what
+    sd.sampling evaluates, once per equal recipe across positive and negative."""
+    from nodes.sampling import ENTRY_RESOLVERS, register_entry_resolver, sampling_entries
+
+    made = []
+
+    class Source:
+        def unet_extras(self, x, timestep, context, areas):
+            raise AssertionError("not called here")
+
+    def resolve(recipe, ctx):
+        made.append(recipe)
+        return Source()
+
+    register_entry_resolver("test_control", resolve)
+    try:
+        rng = np.random.default_rng(7)
+        pos = ConditioningCombine(_cond(rng, options={"test_control": ("cn", 0.5)}),
+                                  _cond(rng, options={"test_control": ("cn", 0.8)}))
+        neg = _cond(rng, options={"test_control": ("cn", 0.5), "strength": 1.0})
+        (p1, p2), (n1,) = sampling_entries(None, pos, neg)
+        assert made == [("cn", 0.5), ("cn", 0.8)]
+        assert p1[1]["test_control"] is n1[1]["test_control"] is not p2[1]["test_control"]
+        assert n1[1]["strength"] == 1.0 and p1[0] is pos.entries[0].cond
+    finally:
+        ENTRY_RESOLVERS.pop("test_control")

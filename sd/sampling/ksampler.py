@@ -6,13 +6,12 @@ not scaled). The initial noise is ComfyUI's ``prepare_noise``: one ``torch.randn
 whole NCHW batch from ``seed`` on the CPU generator (sd/sampling/noise.py), so a batch of B images uses
 the same numbers as ComfyUI's batch of B.
 
-CFG works on the denoised prediction: ``uncond + (cond - uncond) * cfg``. Positive and
-negative entries are evaluated in one UNet call (batch 2B) when their token lengths can be
-padded to a common length (ComfyUI's ``CONDCrossAttn``: repeat each to the LCM of the lengths,
-allowed while LCM / shortest <= 4; repeating keys and values leaves attention unchanged);
-otherwise they get separate calls. With cfg == 1 the negative is not evaluated at all.
-Several entries on one side (a list of conditionings) are averaged, as ComfyUI averages
-full-area conds of strength 1.
+CFG works on the denoised prediction: ``uncond + (cond - uncond) * cfg`` (sd/sampling/guidance.py).
+Conditioning entries (areas, masks, strengths, timestep ranges) are evaluated as ComfyUI's
+``calc_cond_batch`` does (sd/sampling/conds.py): positive and negative entries share one UNet call
+when their crops have one shape and their token lengths pad to a common length (LCM / shortest <= 4);
+with cfg == 1 the negative is not evaluated at all. ``run_sampler`` is the loop from given pieces
+(noise, sigmas, sampler, denoiser) that KSampler and SamplerCustomAdvanced both run.
 """
 
 from __future__ import annotations
