@@ -128,3 +128,22 @@ def test_extras_sources_reach_the_unet_call():
     (want,) = comfy_calc_cond_batch([side], x, sigma)
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want.numpy(), rtol=2e-5, atol=2e-5)
     assert source.seen and all(n == 1 for n in source.seen)  # different crop shapes: separate calls
+
+
+def test_same_size_areas_share_one_unet_call_with_their_counterparts():
+    """Area composition's halves and the negative's same-area counterparts are one batched call per step;
+    the full-image entries another (ComfyUI's can_concat_cond: equal crop shapes)."""
+    rng = np.random.default_rng(8)
+    scene, left, right, negative = (mx.array(_context(rng)) for _ in range(4))
+    positive = [(scene, {}), (left, {"area": ("percentage", 1.0, 0.5, 0.0, 0.0)}),
+                (right, {"area": ("percentage", 1.0, 0.5, 0.0, 0.5)})]
+    pos, neg = resolve([as_entries(positive, 1), as_entries([negative], 1)], (1, 16, 16, 4), MS)
+    assert len(neg) == 3  # the negative got a counterpart for each area
+    calls = []
+
+    def unet(x, t, context, extras=None):
+        calls.append(x.shape)
+        return mx.zeros(x.shape)
+
+    make_denoiser(unet, pos, neg, 7.0, MS)(mx.zeros((1, 16, 16, 4)), float(MS.sigmas[500]))
+    assert sorted(calls) == [(2, 16, 16, 4), (4, 16, 8, 4)]
