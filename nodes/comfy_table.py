@@ -103,6 +103,8 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "CLIPMergeSubtract": Mapping("CLIPMergeSubtract", "clip_merge"),
     "CLIPMergeAdd": Mapping("CLIPMergeAdd", "clip_merge"),
     "CheckpointSave": Mapping("CheckpointSave", "save_checkpoint"),
+    "GLIGENLoader": Mapping("GLIGENLoader", "gligen"),
+    "GLIGENTextBoxApply": Mapping("GLIGENTextBoxApply", "gligen_box"),
     "ConditioningCombine": Mapping("ConditioningCombine", "combine"),
     "ConditioningConcat": Mapping("ConditioningConcat", "concat"),
     "ConditioningAverage": Mapping("ConditioningAverage", "average"),

@@ -10,7 +10,9 @@ embedding as wide as that checkpoint's text encoder), models/upscale_models/4x-U
 ESRGAN x4 in the old ESRGAN key layout, as the real file has it), input/example.png, and for the merging
 examples a second checkpoint (other-model.safetensors), a 9-channel inpainting one
 (sd-v1-5-inpainting.safetensors) and an A1111 hypernetwork (models/hypernetworks/demo-hypernetwork.pt, written
-by sdgraph's own torch-free pickle writer, for the main checkpoint's widths).
+by sdgraph's own torch-free pickle writer, for the main checkpoint's widths), and a random GLIGEN model
+(models/gligen/gligen_sd14_textbox_pruned.safetensors, the layout of ComfyUI's repackaged file, float16, sized
+for the main checkpoint).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 EXTRA_CHECKPOINTS = (("other-model.safetensors", "tiny", 1),
                      ("sd-v1-5-inpainting.safetensors", "tiny-inpainting", 2))
 HYPERNETWORK_NAME = "demo-hypernetwork.pt"
+GLIGEN_NAME = "gligen_sd14_textbox_pruned.safetensors"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 UPSCALE_MODEL_NAME = "4x-UltraSharp.pth"
 EXAMPLE_IMAGE = "example.png"
@@ -184,6 +187,14 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
             written.append(write_demo_hypernetwork(hypernetwork, checkpoint))
         except SDGraphError as e:
             print(f"skipped {hypernetwork}: {e}", file=out)
+    gligen = models_dir / "gligen" / GLIGEN_NAME
+    if not gligen.exists():
+        from sd.synthetic.gligen import gligen_for_checkpoint
+
+        try:
+            written.append(gligen_for_checkpoint(gligen, checkpoint, seed=5, dtype=np.float16))
+        except (SDGraphError, StopIteration) as e:  # its sizes come from the user's checkpoint
+            print(f"skipped {gligen}: {e}", file=out)
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
