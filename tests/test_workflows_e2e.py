@@ -28,6 +28,7 @@ SIZES = {
     "hypernetwork": SMALL,
     "area_composition": SMALL,
     "custom_sampling": SMALL,
+    "gligen": SMALL,  # the demo's random models/gligen/gligen_sd14_textbox_pruned.safetensors
 }
 SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
 
