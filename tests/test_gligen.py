@@ -292,12 +292,17 @@ def test_gligen_on_an_area_entry_changes_only_that_area(files, unet):
 
 @pytest.mark.parametrize("compiles", [True, False])
 def test_fast_unet_runs_gligen_like_the_plain_forward(files, unet, compiles):
+    """GLIGEN is a ModulePatch: compiled (one graph for the arrangement), new box tokens reach that graph."""
     rng = np.random.default_rng(5)
     x, t, c = _inputs(rng)
-    extras = GligenSource(load_gligen(files[1]), _boxes(rng)).unet_extras(x, t, c, [None])
+    gligen = load_gligen(files[1])
     fast = FastUNet(unet, FastOptions(compile=compiles, fused_qkv=True, shared_projections=True))
-    want = np.array(unet(x, t, c, extras=extras))
-    assert _rel(fast(x, t, c, extras), want) < 1e-4
+    for boxes in (_boxes(rng), _boxes(rng, 1)):
+        extras = GligenSource(gligen, boxes).unet_extras(x, t, c, [None])
+        assert not extras.has_hooks
+        want = np.array(unet(x, t, c, extras=extras))
+        assert _rel(fast(x, t, c, extras), want) < 1e-4
+    assert len(fast._with_extras) == (1 if compiles else 0)
     assert _rel(fast(x, t, c), want) > 1e-3
 
 

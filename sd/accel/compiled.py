@@ -13,14 +13,15 @@ from functools import partial
 import mlx.core as mx
 
 from sd.accel.ops import FastOps, FastOptions, FusedProjections, options_here
-from sd.models.unet_extras import ControlResiduals, UNetExtras
+from sd.models.unet_extras import ControlResiduals, ModulePatch, UNetExtras
 
 
 class FastUNet:
     """`fast(x, timesteps, context, extras=None)`, as `unet(x, timesteps, context, extras=...)`; compiled per
-    input shape. Extras that are arrays (concat channels, control residuals) are inputs of a compiled graph
-    of their own; extras with Python hooks (attention or block patches) run the same forward uncompiled, since
-    a compiled graph would keep the first hook it saw."""
+    input shape. Extras that are arrays (concat channels, control residuals) or module patches (GLIGEN: a
+    module's state and arrays) are inputs of a compiled graph of their own; extras with Python hooks
+    (attention or block patches) run the same forward uncompiled, since a compiled graph would keep the first
+    hook it saw."""
 
     def __init__(self, unet, opts: FastOptions | None = None):
         self.unet = unet
@@ -32,12 +33,14 @@ class FastUNet:
         def forward(x, t, c, fused):  # the fused weights are arguments, so new ones reach the compiled graph
             return unet(x, t, c, ops=FastOps(self.opts, fused, layout))
 
-        def forward_extras(x, t, c, fused, arrays, shape):
-            return unet(x, t, c, ops=FastOps(self.opts, fused, layout), extras=_extras_from(arrays, shape))
+        def forward_extras(x, t, c, fused, arrays, shape, modules):
+            extras = _extras_from(arrays, shape, modules)
+            return unet(x, t, c, ops=FastOps(self.opts, fused, layout), extras=extras)
 
         self._forward_extras = forward_extras
         self._fn = mx.compile(forward, inputs=unet.state) if self.opts.compiles else forward
-        self._with_extras: dict[tuple, object] = {}  # one compiled graph per arrangement of array extras
+        # one compiled graph per arrangement of array extras (and of the patch modules, kept alive here)
+        self._with_extras: dict[tuple, tuple] = {}
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
                  extras: UNetExtras | None = None) -> mx.array:
@@ -47,16 +50,18 @@ class FastUNet:
         if extras.has_hooks or not self.opts.compiles:
             layout = self.fused.layout if self.fused else None
             return self.unet(x, timesteps, context, ops=FastOps(self.opts, fused, layout), extras=extras)
-        arrays, shape = _arrays_of(extras)
-        fn = self._with_extras.get(shape)
-        if fn is None:
-            fn = self._with_extras[shape] = mx.compile(partial(self._forward_extras, shape=shape),
-                                                       inputs=self.unet.state)
-        return fn(x, timesteps, context, fused, arrays)
+        arrays, shape, modules = _arrays_of(extras)
+        entry = self._with_extras.get(shape)
+        if entry is None:
+            inputs = [self.unet.state, *(m.state for m in modules)]
+            fn = mx.compile(partial(self._forward_extras, shape=shape, modules=modules), inputs=inputs)
+            entry = self._with_extras[shape] = (fn, modules)
+        return entry[0](x, timesteps, context, fused, arrays)
 
 
-def _arrays_of(extras: UNetExtras) -> tuple[list[mx.array], tuple]:
-    """The arrays of hook-free extras as a flat list, and the arrangement that rebuilds them."""
+def _arrays_of(extras: UNetExtras) -> tuple[list[mx.array], tuple, tuple]:
+    """The arrays of hook-free extras as a flat list, the arrangement that rebuilds them and the patch
+    modules (by identity in the arrangement)."""
     control = extras.control or ControlResiduals()
     parts = {"concat": [extras.concat], "input": list(control.input), "middle": [control.middle],
              "output": list(control.output)}
@@ -65,20 +70,28 @@ def _arrays_of(extras: UNetExtras) -> tuple[list[mx.array], tuple]:
         present = tuple(i for i, v in enumerate(values) if v is not None)
         shape.append((name, len(values), present, extras.control is not None))
         arrays += [values[i] for i in present]
-    return arrays, tuple(shape)
+    modules = tuple(p.module for p in extras.middle_patch)
+    counts = tuple(len(p.arrays) for p in extras.middle_patch)
+    shape.append(("modules", tuple(id(m) for m in modules), counts))
+    for p in extras.middle_patch:
+        arrays += list(p.arrays)
+    return arrays, tuple(shape), modules
 
 
-def _extras_from(arrays: list[mx.array], shape: tuple) -> UNetExtras:
+def _extras_from(arrays: list[mx.array], shape: tuple, modules: tuple = ()) -> UNetExtras:
     it = iter(arrays)
     parts = {}
-    for name, length, present, _ in shape:
+    for name, length, present, _ in shape[:-1]:
         values = [None] * length
         for i in present:
             values[i] = next(it)
         parts[name] = values
     control = (ControlResiduals(tuple(parts["input"]), parts["middle"][0], tuple(parts["output"]))
                if shape[0][3] else None)
-    return UNetExtras(concat=parts["concat"][0], control=control)
+    counts = shape[-1][2]
+    patches = tuple(ModulePatch(m, tuple(next(it) for _ in range(n)))
+                    for m, n in zip(modules, counts, strict=True))
+    return UNetExtras(concat=parts["concat"][0], control=control, middle_patch=patches)
 
 
 class FastVAE:

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from sd.models.ops import PLAIN, PlainOps
 from sd.models.unet_blocks import LAYER_NORM_EPS, Attention, FeedForward
-from sd.models.unet_extras import Site, UNetExtras
+from sd.models.unet_extras import ModulePatch, Site, UNetExtras
 
 MAX_OBJECTS = 30  # ComfyUI's Gligen.max_objs: the position net always sees 30 tokens
 FOURIER_FREQS = 8  # PositionNet(fourier_freqs=8): 8 frequencies x (sin, cos) x 4 box coordinates
@@ -48,13 +49,13 @@ class GatedSelfAttentionDense(nn.Module):
     def query_dim(self) -> int:
         return self.linear.weight.shape[0]
 
-    def __call__(self, x: mx.array, objs: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, objs: mx.array, ops: PlainOps = PLAIN) -> mx.array:
         n_visual = x.shape[1]
         objs = self.linear(objs.astype(x.dtype))
         objs = mx.broadcast_to(objs, (x.shape[0], *objs.shape[1:]))  # the same boxes for every sample
         joint = self.norm1(mx.concatenate([x, objs], axis=1))
-        x = x + mx.tanh(self.alpha_attn).astype(x.dtype) * self.attn(joint)[:, :n_visual]
-        return x + mx.tanh(self.alpha_dense).astype(x.dtype) * self.ff(self.norm2(x))
+        x = x + mx.tanh(self.alpha_attn).astype(x.dtype) * self.attn(joint, None, ops)[:, :n_visual]
+        return x + mx.tanh(self.alpha_dense).astype(x.dtype) * self.ff(self.norm2(x), ops)
 
 
 class PositionNet(nn.Module):
@@ -107,7 +108,8 @@ class Gligen(nn.Module):
         pooled.append(mx.zeros((MAX_OBJECTS - len(boxes), self.key_dim), dtype=mx.float32))
         return self.position_net(mx.array([coords], dtype=mx.float32), masks, mx.concatenate(pooled)[None])
 
-    def fuse(self, x: mx.array, objs: mx.array, site: Site) -> mx.array:
+    def middle_patch(self, x: mx.array, site: Site, objs: mx.array, ops: PlainOps | None = None) -> mx.array:
+        """After a transformer block's self-attention (the UNet's `middle_patch`, as a ModulePatch)."""
         if site is None or site.ordinal >= len(self.fusers):
             raise ValueError(f"this GLIGEN model has {len(self.fusers)} gated attention blocks; the UNet has "
                              "more transformer blocks (a GLIGEN file for another model?)")
@@ -115,12 +117,13 @@ class Gligen(nn.Module):
         if fuser.query_dim != x.shape[-1]:
             raise ValueError(f"GLIGEN block {site.ordinal} is {fuser.query_dim} wide, the UNet's transformer "
                              f"block there {x.shape[-1]} (a GLIGEN file for another model?)")
-        return fuser(x, objs)
+        return fuser(x, objs, ops or PLAIN)
 
 
 class GligenSource:
     """An extras source (sd/sampling/conds.py) for one conditioning entry's boxes: each UNet call gets the
-    fusers as a `middle_patch`, fed the box tokens for the call's latent size (computed once per size)."""
+    fusers as a `middle_patch`, fed the box tokens for the call's latent size (computed once per size). It is
+    a ModulePatch, so FastUNet keeps the call compiled."""
 
     def __init__(self, gligen: Gligen, boxes: Sequence[Box]):
         self.gligen = gligen
@@ -135,4 +138,4 @@ class GligenSource:
 
     def unet_extras(self, x: mx.array, timestep, context, areas) -> UNetExtras:
         objs = self.objects(x.shape[1], x.shape[2])  # x is the call's NHWC input: crops of one size
-        return UNetExtras(middle_patch=(lambda h, site: self.gligen.fuse(h, objs, site),))
+        return UNetExtras(middle_patch=(ModulePatch(self.gligen, (objs,)),))

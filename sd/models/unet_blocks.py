@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from sd.models.ops import PLAIN, PlainOps, upsample_nearest_2x
-from sd.models.unet_extras import NO_EXTRAS, AttentionFn, Site, UNetExtras
+from sd.models.unet_extras import NO_EXTRAS, AttentionFn, ModulePatch, Site, UNetExtras
 
 # LDM's GroupNorm32 uses 32 groups everywhere; ResBlocks use eps 1e-5, SpatialTransformer's norm 1e-6.
 RESBLOCK_NORM_EPS = 1e-5
@@ -121,7 +121,7 @@ class BasicTransformerBlock(nn.Module):
                        or extras.attn1_replace.get((site.block, site.index)))
         x = x + self.attn1(self.norm1(x), None, ops, replace)
         for patch in extras.middle_patch:
-            x = patch(x, site)
+            x = patch(x, site, ops) if isinstance(patch, ModulePatch) else patch(x, site)
         x = x + self.attn2(self.norm2(x), context, ops)
         return x + self.ff(self.norm3(x), ops)
 

@@ -12,7 +12,8 @@ The UNet forward (sd/models/unet.py) exists once and reads these at fixed places
     output_block_patch  fn(h, skip, site) -> (h, skip), before an output block concatenates them (FreeU)
     attn1_replace       {(block, index, depth) or (block, index): fn(q, k, v, heads, scale) -> out}: replaces
                         the self-attention softmax(q k^T) v there (SAG records it, PAG makes it the identity)
-    middle_patch        fn(x, site) -> x inside every transformer block, after self-attention (GLIGEN)
+    middle_patch        fn(x, site) -> x inside every transformer block, after self-attention (GLIGEN); a
+                        `ModulePatch` (a module's method fed arrays) is one that a compiled graph can take
 
 A `Site` names where a patch runs with ComfyUI's block names: ("input", i), ("middle", 0), ("output", i);
 `depth` is the transformer block within a SpatialTransformer and `ordinal` counts transformer blocks over
@@ -41,6 +42,19 @@ class Site:
 AttentionFn = Callable[[mx.array, mx.array, mx.array, int, float], mx.array]
 OutputBlockPatch = Callable[[mx.array, mx.array, Site], tuple[mx.array, mx.array]]
 MiddlePatch = Callable[[mx.array, Site], mx.array]
+
+
+@dataclass(frozen=True, eq=False)
+class ModulePatch:
+    """A middle patch that is a module's `middle_patch(x, site, *arrays, ops=ops)`: its weights and `arrays`
+    are all it reads, so FastUNet can compile it (the module's state and the arrays become the graph's
+    inputs); it computes with the forward's `ops` (sd/models/ops.py), which the UNet passes it."""
+
+    module: object  # an mlx.nn.Module with a `middle_patch` method
+    arrays: tuple[mx.array, ...] = ()
+
+    def __call__(self, x: mx.array, site: Site, ops=None) -> mx.array:
+        return self.module.middle_patch(x, site, *self.arrays, ops=ops)
 
 
 @dataclass(frozen=True)
@@ -80,8 +94,10 @@ class UNetExtras:
 
     @property
     def has_hooks(self) -> bool:
-        """Python callables inside the forward (a compiled graph could not see a new one)."""
-        return bool(self.output_block_patch or self.attn1_replace or self.middle_patch)
+        """Python callables inside the forward (a compiled graph could not see a new one); ModulePatches are
+        not: their module and arrays are what they read."""
+        return bool(self.output_block_patch or self.attn1_replace
+                    or any(not isinstance(p, ModulePatch) for p in self.middle_patch))
 
     def merged(self, other: UNetExtras | None) -> UNetExtras:
         if other is None or other.is_empty:
