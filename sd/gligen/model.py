@@ -16,7 +16,9 @@ MAX_OBJECTS = 30  # ComfyUI's Gligen.max_objs: the position net always sees 30 t
 FOURIER_FREQS = 8  # PositionNet(fourier_freqs=8): 8 frequencies x (sin, cos) x 4 box coordinates
 POSITION_DIM = FOURIER_FREQS * 2 * 4
 POSITION_HIDDEN = 512
-HEADS = 8  # SD1.x's head count (ComfyUI: 8 heads when the box tokens are 768 wide)
+# ComfyUI: 8 heads for 768-wide box tokens (SD1.x); other widths are SD2.x files (64-wide heads there), whose
+# text features no SD1.x text encoder gives: GLIGENTextBoxApply refuses them.
+HEADS = 8
 
 Box = tuple[mx.array, int, int, int, int]  # (pooled [1, C], h, w, y, x) in latent pixels, ComfyUI's order
 
