@@ -25,6 +25,7 @@ import numpy as np
 
 from sd.sampling.model_sampling import LATENT_SCALE_FACTOR, SD1_MODEL_SAMPLING, ModelSamplingDiscrete
 from sd.sampling.noise import torch_randn
+from sd.sampling.rng import NoiseSource, resolve_rng
 from sd.sampling.samplers import SAMPLERS, get_sampler
 from sd.sampling.schedulers import SCHEDULERS, ksampler_sigmas
 
@@ -177,6 +178,8 @@ def sample(
     callback: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
     model_sampling: ModelSamplingDiscrete = SD1_MODEL_SAMPLING,
+    rng: str | None = None,
+    eta_noise_seed_delta: int = 0,
 ) -> mx.array:
     """Sample like ComfyUI's KSampler (and KSamplerAdvanced through the step arguments).
 
@@ -186,7 +189,9 @@ def sample(
     ``force_full_denoise=(return_with_leftover_noise == "disable")``; the plain KSampler node is
     the defaults. ``callback(i, total, x, denoised)`` is called at each step i = 0..total-1
     with the current latent and its prediction (unscaled NHWC); ``cancel()`` is polled between
-    steps and raises :class:`sd.errors.Cancelled`. Returns the unscaled latent.
+    steps and raises :class:`sd.errors.Cancelled`. ``rng`` picks whose noise to reproduce ("cpu": ComfyUI
+    on the CPU, "cuda": ComfyUI on NVIDIA, "a1111": A1111's GPU seeds; None: ``$SDGRAPH_RNG``, else cpu;
+    see sd/sampling/rng.py). Returns the unscaled latent.
     """
     sampler = get_sampler(sampler_name)
     latent = latent if isinstance(latent, mx.array) else mx.array(latent)
@@ -198,7 +203,8 @@ def sample(
 
     batch = latent.shape[0]
     pos, neg = _as_entries(positive, batch), _as_entries(negative, batch)
-    noise = prepare_noise(seed, latent.shape) if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
+    source = NoiseSource(resolve_rng(rng), seed, latent.shape, eta_noise_seed_delta)
+    noise = source.initial() if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
     first_sigma = float(sigmas[0])
     x = model_sampling.noise_scaling(
         first_sigma,
@@ -213,7 +219,9 @@ def sample(
 
     denoiser = make_cfg_denoiser(unet_fn, pos, neg, cfg, model_sampling)
     steps_hook = StepPipeline(on_step if callback is not None else None)
-    x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed)
+    noise_sampler = source.sampler(sampler_name, sigmas)  # None: the sampler's own (ComfyUI on the CPU)
+    x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed,
+                noise_sampler=noise_sampler)
     x = model_sampling.inverse_noise_scaling(float(sigmas[-1]), x)
     out = x / LATENT_SCALE_FACTOR
     mx.eval(out)

@@ -7,6 +7,7 @@ The samplers themselves live in sd/sampling/ode.py (deterministic), sd/sampling/
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import mlx.core as mx
 
@@ -41,9 +42,14 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "lms": sample_lms,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_sde_gpu": sample_dpmpp_sde,  # _gpu twins differ only in their tree device (sd/sampling/rng.py)
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": partial(sample_dpmpp_2m_sde, solver_type="heun"),
+    "dpmpp_2m_sde_heun_gpu": partial(sample_dpmpp_2m_sde, solver_type="heun"),
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde,
     "lcm": sample_lcm,
     "ddim": sample_euler,  # ComfyUI's "ddim" is Euler (exactly DDIM's update for eps models)
     "uni_pc": sample_uni_pc,
@@ -61,9 +67,14 @@ SAMPLERS = (
     "lms",
     "dpmpp_2s_ancestral",
     "dpmpp_sde",
+    "dpmpp_sde_gpu",
     "dpmpp_2m",
     "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_2m_sde_heun_gpu",
     "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu",
     "lcm",
     "ddim",
     "uni_pc",
