@@ -34,8 +34,9 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "LoadImage": Mapping("LoadImage", "image", ignored=frozenset({"upload"})),
     "VAEEncode": Mapping("VAEEncode", "vae_encode"),
     "VAEDecode": Mapping("VAEDecode", "vae_decode"),
-    "KSampler": Mapping("KSampler", "sampler"),
-    "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler"),
+    "KSampler": Mapping("KSampler", "sampler", ours_only=frozenset({"noise_device", "eta_noise_seed_delta"})),
+    "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler",
+                                ours_only=frozenset({"noise_device", "eta_noise_seed_delta"})),
     "LatentUpscale": Mapping("LatentUpscale", "upscale"),
     "SaveImage": Mapping("SaveImage", "save"),
 }
