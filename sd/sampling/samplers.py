@@ -12,6 +12,16 @@ from functools import partial
 import mlx.core as mx
 
 from sd.sampling.common import get_ancestral_step
+from sd.sampling.multistep import (
+    sample_ddpm,
+    sample_er_sde,
+    sample_gradient_estimation,
+    sample_ipndm,
+    sample_ipndm_v,
+    sample_res_multistep,
+    sample_res_multistep_ancestral,
+    sample_seeds_2,
+)
 from sd.sampling.ode import (
     linear_multistep_coeff,
     sample_dpm_2,
@@ -50,7 +60,15 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "dpmpp_2m_sde_heun_gpu": partial(sample_dpmpp_2m_sde, solver_type="heun"),
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde,
+    "ddpm": sample_ddpm,
     "lcm": sample_lcm,
+    "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "gradient_estimation": sample_gradient_estimation,
+    "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
     "ddim": sample_euler,  # ComfyUI's "ddim" is Euler (exactly DDIM's update for eps models)
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
@@ -75,7 +93,15 @@ SAMPLERS = (
     "dpmpp_2m_sde_heun_gpu",
     "dpmpp_3m_sde",
     "dpmpp_3m_sde_gpu",
+    "ddpm",
     "lcm",
+    "ipndm",
+    "ipndm_v",
+    "res_multistep",
+    "res_multistep_ancestral",
+    "gradient_estimation",
+    "er_sde",
+    "seeds_2",
     "ddim",
     "uni_pc",
     "uni_pc_bh2",
