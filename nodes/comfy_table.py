@@ -28,7 +28,7 @@ class Mapping:
 COMFY_TO_OURS: dict[str, Mapping] = {
     "CheckpointLoaderSimple": Mapping("LoadCheckpoint", "ckpt"),
     "LoraLoader": Mapping("LoadLoRA", "lora", ours_only=frozenset({"allow_partial"})),
-    "CLIPTextEncode": Mapping("CLIPEncode", "encode"),
+    "CLIPTextEncode": Mapping("CLIPEncode", "encode", ours_only=frozenset({"weighting"})),
     "CLIPSetLastLayer": Mapping("CLIPSetLastLayer", "clip_skip"),
     "EmptyLatentImage": Mapping("EmptyLatent", "latent"),
     "LoadImage": Mapping("LoadImage", "image", ignored=frozenset({"upload"})),

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from graph import CLIP, CONDITIONING, Int, String, node
+from graph import CLIP, CONDITIONING, Choice, Int, String, node
 from nodes import models
 from nodes.finite import check_finite
 from nodes.values import ClipRecipe, Conditioning
@@ -28,12 +28,18 @@ class Prompt(String):
 
 
 @node(category="conditioning", outputs=(CONDITIONING,))
-def CLIPEncode(clip: CLIP, text: Prompt(multiline=True), ctx=None):
-    """Encode a prompt with the text encoder (ComfyUI's CLIPTextEncode; `(word:1.2)` weights work)."""
+def CLIPEncode(clip: CLIP, text: Prompt(multiline=True), weighting: Choice(("comfy", "a1111")) = "comfy",
+               ctx=None):
+    """Encode a prompt with the text encoder (ComfyUI's CLIPTextEncode; `(word:1.2)` weights work).
+
+    weighting (sdgraph's) "a1111" reads and applies weights as AUTOMATIC1111 does: (x) x1.1, [x] /1.1,
+    (x:w) multiplies, BREAK starts a new 75-token chunk, and each chunk's mean is restored after weighting."""
+    from sd.text.a1111_weights import encode_prompt_a1111
     from sd.text.encode import encode_prompt
 
     recipe: ClipRecipe = clip
-    cond, pooled = encode_prompt(models.clip_for(recipe, ctx.log), text, clip_skip=recipe.stop_at_layer)
+    encode = encode_prompt_a1111 if weighting == "a1111" else encode_prompt
+    cond, pooled = encode(models.clip_for(recipe, ctx.log), text, clip_skip=recipe.stop_at_layer)
     mx.eval(cond, pooled)  # MLX is lazy: compute here, so the time is this node's
     check_finite(cond, "the prompt's encodings", recipe, "clip")
     return Conditioning(cond, pooled)
