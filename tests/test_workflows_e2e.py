@@ -16,6 +16,7 @@ SIZES = {
     "img2img": ["--set", "steps=2"],  # the size comes from input/example.png (64x64 here)
     "multi_lora": SMALL,
     "prompt_sweep": SMALL,
+    "same_seed_elsewhere": SMALL,
 }
 
 
