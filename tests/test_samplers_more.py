@@ -37,6 +37,7 @@ STOCHASTIC = [
     ("ddpm", 100, 0.03),
     ("er_sde", 50, 0.015),
     ("seeds_2", 50, 0.015),
+    ("seeds_3", 50, 0.015),
     ("res_multistep_ancestral", 50, 0.02),
 ]
 
@@ -271,6 +272,50 @@ def comfy_seeds_2(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r=0.5):
     return x
 
 
+def comfy_seeds_3(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
+    def ei_h_phi_1(h):
+        return torch.expm1(h)
+
+    def ei_h_phi_2(h):
+        return (torch.expm1(h) - h) / h
+
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lambda_s, lambda_t = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+        h = lambda_t - lambda_s
+        h_eta = h * (eta + 1)
+        lambda_s_1 = torch.lerp(lambda_s, lambda_t, r_1)
+        lambda_s_2 = torch.lerp(lambda_s, lambda_t, r_2)
+        sigma_s_1, sigma_s_2 = lambda_s_1.neg().exp(), lambda_s_2.neg().exp()
+        x_2 = sigma_s_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - ei_h_phi_1(-r_1 * h_eta) * denoised
+        sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
+        x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        denoised_2 = model(x_2, sigma_s_1)
+        a3_2 = r_2 / r_1 * ei_h_phi_2(-r_2 * h_eta)
+        a3_1 = ei_h_phi_1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_s_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - (a3_1 * denoised + a3_2 * denoised_2)
+        segment_factor = (r_1 - r_2) * h * eta
+        sde_noise = sde_noise * segment_factor.exp()
+        sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(
+            sigma_s_1, sigma_s_2
+        )
+        x_3 = x_3 + sde_noise * sigma_s_2 * s_noise
+        denoised_3 = model(x_3, sigma_s_2)
+        b3 = ei_h_phi_2(-h_eta) / r_2
+        b1 = ei_h_phi_1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - (b1 * denoised + b3 * denoised_3)
+        segment_factor = (r_2 - 1) * h * eta
+        sde_noise = sde_noise * segment_factor.exp()
+        sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(
+            sigma_s_2, sigmas[i + 1]
+        )
+        x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
 COMFY = {
     "ipndm": comfy_ipndm,
     "ipndm_v": lambda *a: comfy_ipndm(*a, variable=True),
@@ -280,6 +325,7 @@ COMFY = {
     "ddpm": comfy_ddpm,
     "er_sde": comfy_er_sde,
     "seeds_2": comfy_seeds_2,
+    "seeds_3": comfy_seeds_3,
 }
 
 

@@ -4,8 +4,8 @@ Deterministic: ``ipndm`` / ``ipndm_v`` (improved pseudo-numerical Adams-Bashfort
 variable step), ``res_multistep`` (second-order exponential multistep, arXiv 2308.02157),
 ``gradient_estimation`` (Euler plus a correction from the change of the derivative, arXiv openreview
 o2ND9v0CeK). Stochastic: ``res_multistep_ancestral``, ``ddpm``, ``er_sde`` (ER-SDE-Solver-3,
-arXiv 2309.06169), ``seeds_2`` (SEEDS-2, arXiv 2305.14267); their per-step noise is ComfyUI's default
-(sd/sampling/noise.py). The sampler contract is in sd/sampling/common.py.
+arXiv 2309.06169), ``seeds_2`` / ``seeds_3`` (SEEDS, arXiv 2305.14267); their per-step noise is
+ComfyUI's default (sd/sampling/noise.py). The sampler contract is in sd/sampling/common.py.
 """
 
 from __future__ import annotations
@@ -330,5 +330,68 @@ def sample_seeds_2(
             sde_noise = sde_noise * math.exp(segment)
             fresh = noise_sampler(sigma_mid, sigmas[i + 1]) * math.sqrt(-math.expm1(2 * segment))
             sde_noise = sde_noise + fresh
+            x = x + sde_noise * (sigmas[i + 1] * s_noise)
+    return x
+
+
+def _ei_phi1(h: float) -> float:
+    return math.expm1(h)  # h * phi_1(h)
+
+
+def _ei_phi2(h: float) -> float:
+    return (math.expm1(h) - h) / h  # h * phi_2(h)
+
+
+def sample_seeds_3(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r_1: float = 1.0 / 3,
+    r_2: float = 2.0 / 3,
+) -> mx.array:
+    """SEEDS-3: stochastic stages at ratios r_1 and r_2 of the step, then the full step (3 evaluations)."""
+    sigmas = sigma_list(sigmas)
+    noise_sampler = ancestral_noise(x, noise_sampler, seed)
+    inject = eta > 0 and s_noise > 0
+
+    def carried(noise, segment: float, sigma_from: float, sigma_to: float):
+        fresh = noise_sampler(sigma_from, sigma_to) * math.sqrt(-math.expm1(2 * segment))
+        return noise * math.exp(segment) + fresh
+
+    for i in step_indices(sigmas, cancel):
+        denoised = denoise(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = t_of(sigmas[i]), t_of(sigmas[i + 1])
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        sigma_1, sigma_2 = math.exp(-(lam_s + r_1 * h)), math.exp(-(lam_s + r_2 * h))
+        x_2 = x * (sigma_1 / sigmas[i] * math.exp(-r_1 * h * eta)) - denoised * _ei_phi1(-r_1 * h_eta)
+        if inject:
+            sde_noise = noise_sampler(sigmas[i], sigma_1) * math.sqrt(-math.expm1(-2 * r_1 * h * eta))
+            x_2 = x_2 + sde_noise * (sigma_1 * s_noise)
+        denoised_2 = denoise(x_2, sigma_1)
+        a3_2 = r_2 / r_1 * _ei_phi2(-r_2 * h_eta)
+        a3_1 = _ei_phi1(-r_2 * h_eta) - a3_2
+        x_3 = x * (sigma_2 / sigmas[i] * math.exp(-r_2 * h * eta)) - (denoised * a3_1 + denoised_2 * a3_2)
+        if inject:
+            sde_noise = carried(sde_noise, (r_1 - r_2) * h * eta, sigma_1, sigma_2)
+            x_3 = x_3 + sde_noise * (sigma_2 * s_noise)
+        denoised_3 = denoise(x_3, sigma_2)
+        b3 = _ei_phi2(-h_eta) / r_2
+        b1 = _ei_phi1(-h_eta) - b3
+        x = x * (sigmas[i + 1] / sigmas[i] * math.exp(-h * eta)) - (denoised * b1 + denoised_3 * b3)
+        if inject:
+            sde_noise = carried(sde_noise, (r_2 - 1) * h * eta, sigma_2, sigmas[i + 1])
             x = x + sde_noise * (sigmas[i + 1] * s_noise)
     return x

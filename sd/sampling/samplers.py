@@ -21,6 +21,7 @@ from sd.sampling.multistep import (
     sample_res_multistep,
     sample_res_multistep_ancestral,
     sample_seeds_2,
+    sample_seeds_3,
 )
 from sd.sampling.ode import (
     linear_multistep_coeff,
@@ -69,6 +70,7 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "gradient_estimation": sample_gradient_estimation,
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
     "ddim": sample_euler,  # ComfyUI's "ddim" is Euler (exactly DDIM's update for eps models)
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
@@ -102,6 +104,7 @@ SAMPLERS = (
     "gradient_estimation",
     "er_sde",
     "seeds_2",
+    "seeds_3",
     "ddim",
     "uni_pc",
     "uni_pc_bh2",
