@@ -22,6 +22,7 @@ ORDERS = [  # (sampler, minimum error ratio 40 -> 80 steps, error bound at 80 st
     ("ipndm_v", 4.5, 1e-3),  # variable-step weights: higher order
     ("res_multistep", 3.5, 1e-3),
     ("gradient_estimation", 1.8, 3e-2),
+    ("heunpp2", 1.8, 3e-2),  # its sigma-weighted slope mix is first order
 ]
 
 
@@ -316,6 +317,35 @@ def comfy_seeds_3(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r_1=1.0
     return x
 
 
+def comfy_heunpp2(model, x, sigmas, noise_sampler):
+    s_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        sigma_hat = sigmas[i]  # s_churn = 0: no noise added
+        denoised = model(x, sigma_hat)
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+        elif sigmas[i + 2] == s_end:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))
+            w = 2 * sigmas[0]
+            w2 = sigmas[i + 1] / w
+            w1 = 1 - w2
+            x = x + (d * w1 + d_2 * w2) * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))
+            dt_2 = sigmas[i + 2] - sigmas[i + 1]
+            x_3 = x_2 + d_2 * dt_2
+            d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2]))
+            w = 3 * sigmas[0]
+            w2, w3 = sigmas[i + 1] / w, sigmas[i + 2] / w
+            w1 = 1 - w2 - w3
+            x = x + (w1 * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
 COMFY = {
     "ipndm": comfy_ipndm,
     "ipndm_v": lambda *a: comfy_ipndm(*a, variable=True),
@@ -326,6 +356,7 @@ COMFY = {
     "er_sde": comfy_er_sde,
     "seeds_2": comfy_seeds_2,
     "seeds_3": comfy_seeds_3,
+    "heunpp2": comfy_heunpp2,
 }
 
 

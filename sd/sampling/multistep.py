@@ -3,7 +3,7 @@
 Deterministic: ``ipndm`` / ``ipndm_v`` (improved pseudo-numerical Adams-Bashforth steps in sigma, fixed and
 variable step), ``res_multistep`` (second-order exponential multistep, arXiv 2308.02157),
 ``gradient_estimation`` (Euler plus a correction from the change of the derivative, arXiv openreview
-o2ND9v0CeK). Stochastic: ``res_multistep_ancestral``, ``ddpm``, ``er_sde`` (ER-SDE-Solver-3,
+o2ND9v0CeK), ``heunpp2``. Stochastic: ``res_multistep_ancestral``, ``ddpm``, ``er_sde`` (ER-SDE-Solver-3,
 arXiv 2309.06169), ``seeds_2`` / ``seeds_3`` (SEEDS, arXiv 2305.14267); their per-step noise is
 ComfyUI's default (sd/sampling/noise.py). The sampler contract is in sd/sampling/common.py.
 """
@@ -394,4 +394,40 @@ def sample_seeds_3(
         if inject:
             sde_noise = carried(sde_noise, (r_2 - 1) * h * eta, sigma_2, sigmas[i + 1])
             x = x + sde_noise * (sigmas[i + 1] * s_noise)
+    return x
+
+
+def sample_heunpp2(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
+    """Heun++ (sd-webui-samplers-scheduler): the slope mixes derivatives at this, the next and the one after
+    next sigma, weighted by those sigmas over 3 * sigma_max; Heun's mix one step from the end, then Euler."""
+    sigmas = sigma_list(sigmas)
+    s_end = sigmas[-1]
+    for i in step_indices(sigmas, cancel):
+        denoised = denoise(x, sigmas[i])
+        d = to_d(x, sigmas[i], denoised)
+        if callback is not None:
+            callback(i, x, denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = to_d(x_2, sigmas[i + 1], denoise(x_2, sigmas[i + 1]))
+        if sigmas[i + 2] == s_end:
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            d_3 = to_d(x_3, sigmas[i + 2], denoise(x_3, sigmas[i + 2]))
+            w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + (d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3) * dt
     return x
