@@ -23,6 +23,7 @@ ORDERS = [  # (sampler, minimum error ratio 40 -> 80 steps, error bound at 80 st
     ("res_multistep", 3.5, 1e-3),
     ("gradient_estimation", 1.8, 3e-2),
     ("heunpp2", 1.8, 3e-2),  # its sigma-weighted slope mix is first order
+    ("deis", 6.0, 2e-4),  # third order
 ]
 
 
@@ -346,6 +347,77 @@ def comfy_heunpp2(model, x, sigmas, noise_sampler):
     return x
 
 
+def comfy_deis_coeff_list(t_steps, max_order, N=10000):
+    def vp_sigma_inv(beta_d, beta_min):
+        return lambda sigma: ((beta_min**2 + 2 * beta_d * (sigma**2 + 1).log()).sqrt() - beta_min) / beta_d
+
+    epsilon_s, sigma_min, sigma_max = 1e-3, 0.002, 80
+    log_min = torch.log(torch.tensor(sigma_min) ** 2 + 1)
+    log_max = torch.log(torch.tensor(sigma_max) ** 2 + 1)
+    vp_beta_d = 2 * (log_min / epsilon_s - log_max) / (epsilon_s - 1)
+    vp_beta_min = log_max - 0.5 * vp_beta_d
+    t_steps = vp_sigma_inv(vp_beta_d.clone(), vp_beta_min.clone())(t_steps.clone())
+    beta_0, beta_1 = vp_beta_min, vp_beta_d + vp_beta_min
+
+    def integrand_fn(taus):
+        taus = taus.clone().requires_grad_(True)
+        with torch.enable_grad():
+            alpha = torch.exp(-0.5 * taus**2 * (beta_1 - beta_0) - taus * beta_0)
+            alpha.log().sum().backward()
+        return -0.5 * taus.grad / torch.sqrt(alpha.detach() * (1 - alpha.detach()))
+
+    C = []
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):
+        order = min(i + 1, max_order)
+        if order == 1:
+            C.append([])
+            continue
+        taus = torch.linspace(t_cur, t_next, N)
+        dtau = (t_next - t_cur) / N
+        prev_t = t_steps[[i - k for k in range(order)]]
+        integrand = integrand_fn(taus)
+        coeff_temp = []
+        for j in range(order):
+            poly = 1
+            for k in range(prev_t.shape[0]):
+                if k != j:
+                    poly *= (taus - prev_t[k]) / (prev_t[j] - prev_t[k])
+            coeff_temp.append(torch.sum(integrand * poly) * dtau)
+        C.append(coeff_temp)
+    return C
+
+
+def comfy_deis(model, x, sigmas, noise_sampler, max_order=3):
+    x_next = x
+    coeff_list = comfy_deis_coeff_list(sigmas, max_order)
+    buffer_model = []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next <= 0:
+            order = 1
+        if order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            coeff_cur, coeff_prev1 = coeff_list[i]
+            x_next = x_cur + coeff_cur * d_cur + coeff_prev1 * buffer_model[-1]
+        else:
+            coeff_cur, coeff_prev1, coeff_prev2 = coeff_list[i]
+            x_next = (
+                x_cur + coeff_cur * d_cur + coeff_prev1 * buffer_model[-1] + coeff_prev2 * buffer_model[-2]
+            )
+        if len(buffer_model) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer_model[k] = buffer_model[k + 1]
+            buffer_model[-1] = d_cur
+        else:
+            buffer_model.append(d_cur)
+    return x_next
+
+
 COMFY = {
     "ipndm": comfy_ipndm,
     "ipndm_v": lambda *a: comfy_ipndm(*a, variable=True),
@@ -357,6 +429,7 @@ COMFY = {
     "seeds_2": comfy_seeds_2,
     "seeds_3": comfy_seeds_3,
     "heunpp2": comfy_heunpp2,
+    "deis": comfy_deis,
 }
 
 

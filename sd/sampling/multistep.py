@@ -3,9 +3,9 @@
 Deterministic: ``ipndm`` / ``ipndm_v`` (improved pseudo-numerical Adams-Bashforth steps in sigma, fixed and
 variable step), ``res_multistep`` (second-order exponential multistep, arXiv 2308.02157),
 ``gradient_estimation`` (Euler plus a correction from the change of the derivative, arXiv openreview
-o2ND9v0CeK), ``heunpp2``. Stochastic: ``res_multistep_ancestral``, ``ddpm``, ``er_sde`` (ER-SDE-Solver-3,
-arXiv 2309.06169), ``seeds_2`` / ``seeds_3`` (SEEDS, arXiv 2305.14267); their per-step noise is
-ComfyUI's default (sd/sampling/noise.py). The sampler contract is in sd/sampling/common.py.
+o2ND9v0CeK), ``heunpp2``, ``deis`` (tAB). Stochastic: ``res_multistep_ancestral``, ``ddpm``, ``er_sde``
+(ER-SDE-Solver-3, arXiv 2309.06169), ``seeds_2`` / ``seeds_3`` (SEEDS, arXiv 2305.14267); their per-step
+noise is ComfyUI's default (sd/sampling/noise.py). The sampler contract is in sd/sampling/common.py.
 """
 
 from __future__ import annotations
@@ -430,4 +430,72 @@ def sample_heunpp2(
             d_3 = to_d(x_3, sigmas[i + 2], denoise(x_3, sigmas[i + 2]))
             w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
             x = x + (d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3) * dt
+    return x
+
+
+# DEIS ("tab" mode, zju-pi diff-sampler as ComfyUI ships it): sigmas are mapped to the time t of a VP SDE
+# fitted to EDM's range (these constants, whatever the model's), and each step's weights are integrals over
+# [t_i, t_{i+1}] of the Lagrange basis times the VP integrand, by a Riemann sum over this many points.
+_DEIS_POINTS = 10_000
+_DEIS_EPSILON_S, _DEIS_SIGMA_MIN, _DEIS_SIGMA_MAX = 1e-3, 0.002, 80.0
+
+
+def deis_coefficients(sigmas: list[float], max_order: int) -> list[list[float]]:
+    """Per step, the weights of d_i, d_{i-1}, ... (empty for the Euler steps)."""
+    log_max = math.log(_DEIS_SIGMA_MAX**2 + 1)
+    beta_d = 2 * (math.log(_DEIS_SIGMA_MIN**2 + 1) / _DEIS_EPSILON_S - log_max) / (_DEIS_EPSILON_S - 1)
+    beta_min = log_max - 0.5 * beta_d
+    beta_0, beta_1 = beta_min, beta_d + beta_min
+    t = [(math.sqrt(beta_min**2 + 2 * beta_d * math.log(s * s + 1)) - beta_min) / beta_d for s in sigmas]
+    out: list[list[float]] = []
+    for i in range(len(sigmas) - 1):
+        order = min(i + 1, max_order)
+        if order == 1 or sigmas[i + 1] <= 0:  # the last step to 0 is Euler
+            out.append([])
+            continue
+        taus = np.linspace(t[i], t[i + 1], _DEIS_POINTS)
+        dtau = (t[i + 1] - t[i]) / _DEIS_POINTS
+        alpha = np.exp(-0.5 * taus**2 * (beta_1 - beta_0) - taus * beta_0)
+        integrand = 0.5 * (taus * (beta_1 - beta_0) + beta_0) / np.sqrt(alpha * (1 - alpha))
+        nodes = [t[i - k] for k in range(order)]
+        weights = []
+        for j in range(order):
+            basis = np.ones_like(taus)
+            for k in range(order):
+                if k != j:
+                    basis *= (taus - nodes[k]) / (nodes[j] - nodes[k])
+            weights.append(float(np.sum(integrand * basis) * dtau))
+        out.append(weights)
+    return out
+
+
+def sample_deis(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    max_order: int = 3,
+) -> mx.array:
+    """DEIS (tAB, arXiv 2204.13902): multistep with weights integrated in the VP time of each step."""
+    sigmas = sigma_list(sigmas)
+    coefficients = deis_coefficients(sigmas, max_order)
+    history: list[mx.array] = []
+    for i in step_indices(sigmas, cancel):
+        denoised = denoise(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised)
+        d = to_d(x, sigmas[i], denoised)
+        weights = coefficients[i]
+        if not weights:
+            x_next = x + d * (sigmas[i + 1] - sigmas[i])
+        else:
+            x_next = x + d * weights[0]
+            for weight, old in zip(weights[1:], reversed(history), strict=False):
+                x_next = x_next + old * weight
+        history = (history + [d])[-(max_order - 1) :]
+        x = x_next
     return x

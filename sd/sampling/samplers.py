@@ -14,6 +14,7 @@ import mlx.core as mx
 from sd.sampling.common import get_ancestral_step
 from sd.sampling.multistep import (
     sample_ddpm,
+    sample_deis,
     sample_er_sde,
     sample_gradient_estimation,
     sample_heunpp2,
@@ -67,6 +68,7 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "lcm": sample_lcm,
     "ipndm": sample_ipndm,
     "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
     "res_multistep": sample_res_multistep,
     "res_multistep_ancestral": sample_res_multistep_ancestral,
     "gradient_estimation": sample_gradient_estimation,
@@ -102,6 +104,7 @@ SAMPLERS = (
     "lcm",
     "ipndm",
     "ipndm_v",
+    "deis",
     "res_multistep",
     "res_multistep_ancestral",
     "gradient_estimation",
