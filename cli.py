@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -17,11 +19,12 @@ examples:
   sdgraph run workflows/txt2img.yaml --set seed=7 --set sampler.steps=30
   sdgraph run workflows/txt2img.yaml --sweep sampler.seed=1,2,3 --sweep positive.text=@prompts.txt
   sdgraph run image.png                     re-run the workflow embedded in an image
+  sdgraph run civitai.png                   run an A1111/civitai image's settings (JPEG/WebP too)
+  sdgraph convert comfy_ui.json -o wf.yaml  a ComfyUI UI or API workflow to sdgraph's YAML
   sdgraph run wf.yaml --sweep seed=@seeds.txt --distributed -n 2    one process (GPU) per rank
   mlx.launch --hostfile hosts.json -- sdgraph run wf.yaml --sweep ...      the same over several hosts
   sdgraph validate workflows/img2img.yaml
   sdgraph nodes KSampler
-  sdgraph convert comfy_api.json -o workflow.yaml
   sdgraph cache info
 
 exit status: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 interrupted (Ctrl-C),
@@ -135,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="report the environment and run a tiny workflow end to end")
 
+    warm = sub.add_parser(
+        "warmup", help="compile the GPU (or CPU) kernels for a checkpoint and image sizes ahead of time",
+        description="Run a 2-step txt2img for each size, discarding the images, so later runs find every "
+                    "kernel compiled (on NVIDIA a first run otherwise compiles for about a minute). Kernels "
+                    "are kept in the cache folder's kernels/ (see `sdgraph cache info`).")
+    warm.add_argument("--ckpt", default="v1-5-pruned-emaonly.safetensors",
+                      help="checkpoint whose shapes and dtypes to compile for (default: %(default)s)")
+    warm.add_argument("--size", action="append", default=[], metavar="WxH",
+                      help="image size, repeatable (default 512x512)")
+    warm.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    warm.add_argument("--models-dir", help="model folder (default $SDGRAPH_MODELS_DIR or ./models)")
+    cache_dir(warm)
+
     cache = sub.add_parser("cache", help="inspect or clear the disk cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache_dir(cache)
@@ -205,15 +221,40 @@ def _folders(args):
     return Folders.from_env(args.models_dir, args.input_dir, args.output_dir)
 
 
+def _check_workflow_file(path: str | Path) -> None:
+    """A missing `workflows/<example>` outside a checkout: say where the installed examples are."""
+    from graph.errors import Problem, ValidationFailed
+
+    path = Path(path)
+    if path.exists():
+        return
+    import workflows
+
+    installed = Path(workflows.__file__).resolve().parent / path.name
+    if installed.is_file() and installed != path.resolve():
+        raise ValidationFailed([Problem(
+            f"cannot read workflow: no such file; '{path.name}' is one of sdgraph's examples, installed at "
+            f"{installed}: run `sdgraph demo` here to copy the examples to ./workflows (with stand-in "
+            f"models), or give that path", str(path))])
+
+
 def _prepare(args):
     from graph.importers import load_workflow
     from graph.runner import prepare
     from graph.sweep import parse_assignment, parse_sweep
 
+    _check_workflow_file(args.workflow)
     wf = load_workflow(args.workflow)
+    _print_notes(wf)
     sets = [parse_assignment(s) for s in args.set]
     sweeps = [parse_sweep(s, Path(args.workflow).parent) for s in args.sweep]
     return prepare(wf, sets, sweeps, _folders(args))
+
+
+def _print_notes(wf) -> None:
+    """What an importer could not carry over (an A1111 image's unknown settings, a skipped node)."""
+    for note in wf.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_validate(args) -> int:
@@ -405,7 +446,10 @@ def cmd_convert(args) -> int:
 
     out = Path(args.output)
     _check_convert_target(Path(args.input), out, args.force)
-    data = load_workflow(args.input).to_data()
+    _check_workflow_file(args.input)
+    wf = load_workflow(args.input)
+    _print_notes(wf)
+    data = wf.to_data()
     if out.suffix.lower() == ".json":
         text = json.dumps(data, indent=2) + "\n"
     else:
@@ -463,15 +507,71 @@ def cmd_cache(args) -> int:
     print(f"cache dir:     {info['cache_dir']}")
     print(f"entries:       {info['entries']}")
     print(f"size:          {human_size(info['bytes'])} of {human_size(info['max_bytes'])}")
+    kernels = _kernel_counts(store.root / "kernels")
+    shown = ", ".join(f"{n} {what}" for what, (n, _) in kernels.items() if n) or "none yet"
+    total = human_size(sum(b for _, b in kernels.values()))
+    print(f"kernels:       {shown} ({total}; `cache clear` removes them)")
+    return 0
+
+
+def _kernel_counts(folder: Path) -> dict[str, tuple[int, int]]:
+    """Compiled kernels kept in the cache folder: (files, bytes) for the CPU library, sdgraph's CUDA kernels
+    and MLX's own GPU kernels."""
+    counts = {"CPU kernel libraries": [0, 0], "sdgraph GPU kernels": [0, 0], "MLX GPU kernels": [0, 0]}
+    if folder.is_dir():
+        for p in folder.rglob("*"):
+            kind = {".so": "CPU kernel libraries", ".cubin": "sdgraph GPU kernels",
+                    ".ptx": "MLX GPU kernels"}.get(p.suffix)
+            if kind and p.is_file() and not p.name.startswith("."):
+                counts[kind][0] += 1
+                counts[kind][1] += p.stat().st_size
+    return {k: (n, b) for k, (n, b) in counts.items()}
+
+
+def cmd_warmup(args) -> int:
+    """`sdgraph warmup`: the packaged txt2img workflow, 2 steps per size, into a temporary folder."""
+    import re
+    import tempfile
+    import time
+
+    import workflows
+    from graph.errors import Problem, ValidationFailed
+
+    sizes = args.size or ["512x512"]
+    parsed = []
+    for size in sizes:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+        if not m:
+            raise ValidationFailed([Problem(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 512x512")])
+        parsed.append((int(m.group(1)), int(m.group(2))))
+    workflow = Path(workflows.__file__).resolve().parent / "txt2img.yaml"
+    for width, height in parsed:
+        with tempfile.TemporaryDirectory(prefix="sdgraph-warmup-") as out:
+            start = time.perf_counter()
+            argv = ["run", str(workflow), "--set", f"ckpt={args.ckpt}", "--set", f"width={width}",
+                    "--set", f"height={height}", "--set", "steps=2", "--set", f"batch_size={args.batch_size}",
+                    "--output-dir", out, "--no-cache", "--quiet"]
+            if args.models_dir:
+                argv += ["--models-dir", args.models_dir]
+            if args.cache_dir:
+                argv += ["--cache-dir", args.cache_dir]
+            with contextlib.redirect_stdout(io.StringIO()):  # the discarded image's path
+                code = main(argv)
+            if code != 0:
+                return code
+            seconds = time.perf_counter() - start
+            print(f"warmed up {width}x{height} (batch {args.batch_size}) in {seconds:.1f} s")
+    print("later runs of these sizes find their kernels compiled (`sdgraph cache info` lists them)")
     return 0
 
 
 def cmd_demo(args) -> int:
     from graph.context import Folders
-    from nodes.demo import make_demo
+    from nodes.demo import copy_example_workflows, make_demo
 
     folders = Folders.from_env(args.models_dir, args.input_dir)
     make_demo(folders.models_dir, folders.input_dir)
+    copy_example_workflows("workflows")
     return 0
 
 
@@ -482,7 +582,8 @@ def cmd_doctor(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "schema": cmd_schema,
-            "convert": cmd_convert, "cache": cmd_cache, "demo": cmd_demo, "doctor": cmd_doctor}
+            "convert": cmd_convert, "cache": cmd_cache, "demo": cmd_demo, "doctor": cmd_doctor,
+            "warmup": cmd_warmup}
 
 
 if __name__ == "__main__":

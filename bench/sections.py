@@ -406,12 +406,18 @@ def section_txt2img(ctx: Context):
         ctx.add("memory", f"txt2img {size}x{size}: weights of the models it runs", "MiB", weights)
 
 
+def section_upscale(ctx: Context):
+    from bench.upscale import section_upscale as run
+
+    run(ctx)
+
+
 SECTIONS = {"unet": section_unet, "unet_rr": section_unet_rr, "vae": section_vae, "clip": section_clip,
-            "txt2img": section_txt2img}
+            "txt2img": section_txt2img, "upscale": section_upscale}
 
 
 def ratio_table(rows: list[Row]) -> str:
-    refs = ["diffusers", "diffusers_cl", "diffusers_compile"]
+    refs = ["diffusers", "diffusers_cl", "diffusers_compile", "spandrel"]
     impls = []
     for r in rows:
         for k in r.values:

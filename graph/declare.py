@@ -25,9 +25,10 @@ from graph.types import PYTHON_LITERALS, SOCKET_TYPES, LiteralType, SocketType, 
 
 CACHE_TIERS = ("disk", "memory", "never")
 
-FileResolver = Callable[[str, Any], Path]
-"""reads_files resolver: (literal value, Folders) -> the path of the file the node will read.
-Raise FileNotFoundError with a helpful message (e.g. listing what is available) when it is missing."""
+FileResolver = Callable[[str, Any], "Path | list[Path]"]
+"""reads_files resolver: (literal value, Folders) -> the path of the file the node will read, or a list of
+paths when the value names several (each is fingerprinted, in order). Raise FileNotFoundError with a
+helpful message (e.g. listing what is available) when one is missing."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import networkx as nx
 
@@ -44,7 +45,8 @@ def make_plan(bound: dict[str, BoundNode], fingerprints: FingerprintIndex | None
     for node_id in order:
         b = bound[node_id]
         upstream = {name: (planned[src].key, index) for name, (src, index) in b.links.items()}
-        files = {name: fingerprints.fingerprint(path) for name, path in b.files.items()}
+        files = {name: fingerprints.fingerprint(path) if isinstance(path, Path)
+                 else [fingerprints.fingerprint(p) for p in path] for name, path in b.files.items()}
         key = node_key(b.spec.type_name, b.spec.version, b.literals, upstream, files, b.spec.volatile)
         planned[node_id] = PlannedNode(b, key)
     unreachable = [n for n in bound if n not in needed]

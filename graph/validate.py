@@ -27,7 +27,7 @@ class BoundNode:
     spec: NodeSpec
     links: dict[str, tuple[str, int]]
     literals: dict[str, Any]
-    files: dict[str, Path]
+    files: dict[str, Path | list[Path]]
 
 
 def validate(wf: Workflow, folders: Folders | None = None) -> dict[str, BoundNode]:
@@ -108,7 +108,14 @@ def validate(wf: Workflow, folders: Folders | None = None) -> dict[str, BoundNod
             for name, resolver in b.spec.reads_files.items():
                 if name in b.literals:
                     try:
-                        b.files[name] = Path(resolver(b.literals[name], folders))
+                        resolved = resolver(b.literals[name], folders)
+                        # a resolver may name several files (a model and its config, a prompt's files),
+                        # or none (a prompt without embeddings: its key stays what it was)
+                        if isinstance(resolved, (list, tuple)):
+                            if resolved:
+                                b.files[name] = [Path(p) for p in resolved]
+                        else:
+                            b.files[name] = Path(resolved)
                     except (OSError, ValueError) as e:
                         problem(_message(e), b.id, name)
             for name, checker in b.spec.writes_files.items():

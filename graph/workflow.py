@@ -69,6 +69,7 @@ class Workflow:
     source: SourceMap = field(default_factory=SourceMap)
     description: str | None = None
     node_aliases: dict[str, str] = field(default_factory=dict)  # an importer's original id -> ours
+    notes: list[str] = field(default_factory=list)  # what an importer left out or changed, for the user
 
     def to_data(self) -> dict:
         """Our file format as plain data (for YAML/JSON output and PNG metadata)."""
@@ -86,7 +87,7 @@ class Workflow:
     def copy(self) -> Workflow:
         nodes = {i: NodeDecl(n.id, n.type, dict(n.inputs)) for i, n in self.nodes.items()}
         return Workflow(nodes, copy.deepcopy(self.params), self.source, self.description,
-                        dict(self.node_aliases))
+                        dict(self.node_aliases), list(self.notes))
 
 
 def _value_to_data(value: Any) -> Any:

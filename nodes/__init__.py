@@ -5,20 +5,34 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     values.py        socket values (recipes for MODEL/CLIP/VAE; arrays) and their serializers
     models.py        weights built from recipes on first use, kept for reuse
     paths.py         ComfyUI-style file resolution (models/checkpoints, models/loras, input/)
-    loaders.py       LoadCheckpoint, LoadLoRA
+    loaders.py       LoadCheckpoint, CheckpointLoader, VAELoader, LoadLoRA, LoraLoaderModelOnly,
+                     HypernetworkLoader
+    checkpoint_configs.py  what CheckpointLoader's config_name may say
+    merging.py       ModelMerge*, CLIPMerge* (merges as recipe patches), CheckpointSave
     conditioning.py  CLIPEncode, CLIPSetLastLayer
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
-    images.py        LoadImage, SaveImage
-    estimates.py     memory estimates of a plan, checked before it runs
+    model_patches.py ModelSamplingDiscrete (how a model is sampled, not its weights)
+    images.py        LoadImage, SaveImage, PreviewImage (prefix_tokens.py: ComfyUI's %date%/%Node.input%)
+    latent_files.py  SaveLatent, LoadLatent (ComfyUI's .latent files)
+    vae_tiled.py     VAEDecodeTiled, VAEEncodeTiled
+    image_ops.py     ImageScale(By/ToTotalPixels), EmptyImage, ImageInvert/Batch/Crop, ImagePadForOutpaint,
+                     ImageCompositeMasked
+    latent_ops.py    LatentUpscaleBy, Repeat/FromBatch, LatentComposite(Masked), Blend, Crop, Flip, Rotate
+    masks.py         LoadImageMask, ImageToMask, MaskToImage, Invert/Solid/Grow/Feather/ThresholdMask,
+                     MaskComposite
+    upscale.py       UpscaleModelLoader, ImageUpscaleWithModel (ESRGAN-family upscale models)
+    estimates.py     memory estimates of a plan, checked before it runs (image_estimates.py: the ops above)
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
     doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
-from nodes import conditioning, images, latents, loaders, sampling  # noqa: F401
-from nodes import comfy_import, estimates, png_workflow
+from nodes import conditioning, images, latent_files, latents, loaders, merging, model_patches  # noqa: F401
+from nodes import image_ops, latent_ops, masks, sampling, upscale, vae_tiled  # noqa: F401
+from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()
 png_workflow.register()
 estimates.register()
+image_estimates.register()

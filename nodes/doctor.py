@@ -105,10 +105,11 @@ def _end_to_end(out: TextIO) -> bool:
         return len(images) == 1 and ran == 0
 
 
-def run_doctor(out: TextIO = sys.stdout) -> int:
+def run_doctor(out: TextIO | None = None) -> int:
     """Print the environment, then run a tiny txt2img workflow through the engine. 0 when all is well."""
     import nodes  # noqa: F401  (registers the nodes the check runs)
 
+    out = out or sys.stdout  # looked up now, not at import (a replaced stream must be honoured)
     _environment(out)
     print("end-to-end check (tiny random checkpoint, 64x64, 2 steps):", file=out)
     try:

@@ -110,13 +110,50 @@ def save_image(lit, inputs, files) -> Estimate:
 
 def load_checkpoint(lit, inputs, files) -> Estimate:
     path = files.get("ckpt_name")
+    path = path[0] if isinstance(path, list) else path  # [checkpoint, its companion .yaml]
     size = path.stat().st_size if path is not None else 0
     return Estimate(held=size, outputs=(None, None, None), detail="the checkpoint's weights")
+
+
+UPSCALE_FEATURES = 64  # ESRGAN's feature width at the upscaled tile's resolution
+UPSCALE_LIVE = 3       # full-resolution feature maps alive at once (upsample, conv, activation)
+
+
+def upscale_model_loader(lit, inputs, files) -> Estimate:
+    from sd.errors import CheckpointError
+    from sd.loading.upscale_models import inspect_upscale_model
+
+    path = files.get("model_name")
+    if path is None:
+        return Estimate()
+    try:
+        info = ("upscale", inspect_upscale_model(path).scale)  # header only
+    except CheckpointError:
+        info = None  # the node itself reports the file
+    return Estimate(held=path.stat().st_size, outputs=(info,), detail="the upscale model's weights")
+
+
+def image_upscale(lit, inputs, files) -> Estimate:
+    from sd.image.upscale import TILE
+
+    size, model = _size(inputs.get("image"), "image"), inputs.get("upscale_model")
+    if size is None or not (isinstance(model, tuple) and model[0] == "upscale"):
+        return Estimate()
+    b, H, W = size
+    s = model[1]
+    tile = min(TILE, H) * s * min(TILE, W) * s  # one tile's output pixels: what the activations scale with
+    # the sums of the tiles and their weights (host memory) beside the result
+    sums = _image_bytes(1, H * s, W * s) + H * s * W * s * F32
+    working = sums + tile * UPSCALE_FEATURES * F32 * UPSCALE_LIVE
+    return Estimate(held=_image_bytes(b, H * s, W * s), working=working,
+                    outputs=(("image", b, H * s, W * s),),
+                    detail=f"{b} image(s) of {W * s}x{H * s} pixels and one tile's activations")
 
 
 def register() -> None:
     table = {"EmptyLatent": empty_latent, "LatentUpscale": latent_upscale, "KSampler": sampler,
              "KSamplerAdvanced": sampler, "VAEDecode": vae_decode, "VAEEncode": vae_encode,
-             "LoadImage": load_image, "SaveImage": save_image, "LoadCheckpoint": load_checkpoint}
+             "LoadImage": load_image, "SaveImage": save_image, "LoadCheckpoint": load_checkpoint,
+             "UpscaleModelLoader": upscale_model_loader, "ImageUpscaleWithModel": image_upscale}
     for name, fn in table.items():
         register_estimate(name, fn)

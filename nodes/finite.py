@@ -36,16 +36,19 @@ def _first_non_finite(module: Any) -> str | None:
 
 def _blame(recipe: Any, part: str) -> str | None:
     label = {"unet": "UNet", "clip": "text encoder", "vae": "VAE"}[part]
-    base = models._base(part, recipe.checkpoint, lambda msg: None)
+    if part == "vae":  # a checkpoint's VAE or a standalone VAE file's
+        base = models.vae_for(recipe)
+    else:
+        base = models._base(part, recipe.checkpoint, lambda msg: None)
     name = _first_non_finite(base)
     if name is not None:
-        return f"the checkpoint {recipe.checkpoint.path} has non-finite {label} weights ('{name}')"
-    patches = getattr(recipe, "patches", ())
+        kind = "VAE file" if getattr(recipe, "source", "checkpoint") == "vae_file" else "checkpoint"
+        return f"the {kind} {recipe.checkpoint.path} has non-finite {label} weights ('{name}')"
+    patches = getattr(recipe, "weight_patches", ())
     if patches:
         patched = models._patched(part, "unet" if part == "unet" else "text_encoder", recipe.checkpoint,
                                   patches, lambda msg: None)
         name = _first_non_finite(patched)
         if name is not None:
-            files = ", ".join(str(p.lora.path) for p in patches)
-            return f"the {label} weights are non-finite after applying the LoRA file(s) {files} ('{name}')"
+            return f"the {label} weights are non-finite after applying {models.describe(patches)} ('{name}')"
     return None

@@ -1,4 +1,4 @@
-"""LoadImage and SaveImage (PNG files with the workflow embedded)."""
+"""LoadImage, SaveImage (PNG files with the workflow embedded) and PreviewImage."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from graph import IMAGE, MASK, String, node
 from nodes.paths import check_name, check_writable_folder, os_error_message, resolve_image
+from nodes.prefix_tokens import expand_prefix
 
 MAX_NAME_TRIES = 1000  # "next free file name" attempts before giving up (other writers racing us)
 
@@ -79,25 +80,25 @@ def to_png_bytes(pixels: np.ndarray, text: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def next_counter(folder: Path, name: str) -> int:
-    """One past the highest counter of existing `{name}_{counter:05}_.png` files (1 when none)."""
-    pattern = re.compile(re.escape(name) + r"_(\d+)_\.png$")
-    counters = [int(m.group(1)) for p in folder.glob("*.png") if (m := pattern.fullmatch(p.name))]
+def next_counter(folder: Path, name: str, suffix: str = ".png") -> int:
+    """One past the highest counter of existing `{name}_{counter:05}_{suffix}` files (1 when none)."""
+    pattern = re.compile(re.escape(name) + r"_(\d+)_" + re.escape(suffix) + "$")
+    counters = [int(m.group(1)) for p in folder.glob(f"*{suffix}") if (m := pattern.fullmatch(p.name))]
     return max(counters, default=0) + 1
 
 
-def save_exclusive(ctx, folder: Path, name: str, data: bytes) -> Path:
-    """Write `data` as the next free `{name}_{counter:05}_.png` through the engine's atomic, never-
+def save_exclusive(ctx, folder: Path, name: str, data: bytes, suffix: str = ".png") -> Path:
+    """Write `data` as the next free `{name}_{counter:05}_{suffix}` through the engine's atomic, never-
     overwriting `ctx.output_file` (another process taking the name first just moves us on one).
     Bounded: a folder that is a file, or any other file-system error, is one clear OSError."""
     fix = "point --output-dir (or filename_prefix) at a folder you may write in"
     try:
         check_writable_folder(folder, "output folder", "--output-dir")
-        counter = next_counter(folder, name) if folder.is_dir() else 1
+        counter = next_counter(folder, name, suffix) if folder.is_dir() else 1
     except (ValueError, OSError) as e:
         raise OSError(str(e) if isinstance(e, ValueError) else os_error_message(e, folder, fix)) from None
     for _ in range(MAX_NAME_TRIES):
-        target = folder / f"{name}_{counter:05}_.png"
+        target = folder / f"{name}_{counter:05}_{suffix}"
         try:
             with ctx.output_file(target, overwrite=False) as tmp:
                 tmp.write_bytes(data)
@@ -108,7 +109,7 @@ def save_exclusive(ctx, folder: Path, name: str, data: bytes) -> Path:
             counter += 1
         except OSError as e:
             raise OSError(os_error_message(e, target, fix)) from None
-    raise OSError(f"no free file name for {folder / name}_NNNNN_.png after {MAX_NAME_TRIES} tries "
+    raise OSError(f"no free file name for {folder / name}_NNNNN_{suffix} after {MAX_NAME_TRIES} tries "
                   "(another program keeps taking them); use another filename_prefix")
 
 
@@ -136,14 +137,50 @@ def save_folder(prefix: str, folders) -> Path:
 @node(category="image", output=True, writes_files={"filename_prefix": save_folder})
 def SaveImage(images: IMAGE, filename_prefix: String() = "sdgraph", ctx=None):
     """Save images as output/{prefix}_{counter:05}_.png (never overwriting). Each PNG embeds the
-    workflow (`sdgraph run image.png` re-runs it) and a ComfyUI-style `prompt` chunk."""
+    workflow (`sdgraph run image.png` re-runs it) and a ComfyUI-style `prompt` chunk.
+
+    The prefix may hold ComfyUI's tokens: %date:yyyy-MM-dd%, %Node.input% (a node id or type, e.g.
+    %KSampler.seed%), %width%, %height%, %year% ... (nodes/prefix_tokens.py)."""
     from graph.distributed import tagged_stem
     from nodes.png_workflow import png_text
 
-    folder, name = output_location(ctx.output_dir, filename_prefix)
+    # ComfyUI's %date:...%, %Node.input%, %width% tokens, then the same checks as any prefix
+    prefix = expand_prefix(filename_prefix, ctx.run_info.get("workflow"), images.shape[2], images.shape[1])
+    folder, name = output_location(ctx.output_dir, prefix)
     name = tagged_stem(name, ctx.run_info)  # distributed sweeps: the variation id, whatever the rank
     text = png_text(ctx.run_info)
     batch = np.array(images.astype(mx.float32))
     for i in range(batch.shape[0]):
         ctx.check_cancelled()
         save_exclusive(ctx, folder, name, to_png_bytes(batch[i], text))
+
+
+def preview_dir() -> Path:
+    """Where PreviewImage writes: a `sdgraph-previews` folder in the system's temp folder (TMPDIR), never
+    the output folder (ComfyUI's previews go to its temp/ folder too)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "sdgraph-previews"
+
+
+@node(category="image", output=True, cache="never")
+def PreviewImage(images: IMAGE, ctx=None):
+    """Show images without saving them: ComfyUI's PreviewImage. sdgraph writes them as PNGs to a temp
+    folder ($TMPDIR/sdgraph-previews, never the output folder) and logs each path; they are not outputs
+    of the run. Never an error: if that folder cannot be written, the previews are skipped with a note."""
+    from graph import atomic_path
+
+    folder = preview_dir()
+    batch = np.array(images.astype(mx.float32))
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.node_id)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        counter = next_counter(folder, stem)
+        for i in range(batch.shape[0]):
+            ctx.check_cancelled()
+            target = folder / f"{stem}_{counter + i:05}_.png"
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(to_png_bytes(batch[i], {}))
+            ctx.log(f"preview: {target}")
+    except (OSError, ValueError) as e:
+        ctx.log(f"previews skipped ({folder} cannot be written: {e})")

@@ -9,11 +9,11 @@ from nodes import models
 from nodes.finite import check_finite
 from nodes.values import Latent
 from sd.image.codec import decode_image, encode_image
-from sd.image.resize import METHODS, center_crop_to_aspect, resize
+from sd.image.resize import LATENT_METHODS, center_crop_to_aspect, resize
 
 MAX_RESOLUTION = 16384
 LATENT_CHANNELS = 4
-UPSCALE_METHODS = METHODS  # ComfyUI also offers "bislerp"; not implemented here
+UPSCALE_METHODS = LATENT_METHODS
 CROP_METHODS = ("disabled", "center")
 
 
@@ -81,7 +81,8 @@ def VAEDecode(samples: LATENT, vae: VAE, ctx=None):
     """Decode latents into images (NHWC, values in [0, 1])."""
     latent: Latent = samples
     model = models.vae_for(vae, ctx.log)
-    image = decode_image(model, latent.samples, decode=models.vae_decoder(model))
+    # a large image decodes in tiles (a 1024² decode takes ~20 s on a CPU): each tile is a progress step
+    image = decode_image(model, latent.samples, decode=models.vae_decoder(model), progress=ctx.progress)
     mx.eval(image)
     check_finite(image, "the decoded images", vae, "vae")
     return image

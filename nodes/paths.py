@@ -35,6 +35,10 @@ def loras_dir(folders: Folders) -> Path:
     return Path(folders.models_dir) / "loras"
 
 
+def embeddings_dir(folders: Folders) -> Path:
+    return Path(folders.models_dir) / "embeddings"
+
+
 def available(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     """Names (with subfolders, '/'-separated) of the files in `folder` that have one of `extensions`."""
     if not folder.is_dir():
@@ -124,8 +128,55 @@ def resolve_checkpoint(name: str, folders: Folders) -> Path:
     return resolve(name, checkpoints_dir(folders), "checkpoint", MODEL_EXTENSIONS, "--models-dir")
 
 
+def checkpoint_files(name: str, folders: Folders) -> Path | list[Path]:
+    """The checkpoint, or [checkpoint, its companion .yaml] when there is one (it can make the model
+    v-prediction): LoadCheckpoint's reads_files resolver, so adding or editing the .yaml changes the cache
+    key (and a checkpoint without one keeps the key it always had)."""
+    from sd.loading.prediction import companion_config
+
+    path = resolve_checkpoint(name, folders)
+    config = companion_config(path)
+    return path if config is None else [path, config]
+
+
 def resolve_lora(name: str, folders: Folders) -> Path:
     return resolve(name, loras_dir(folders), "LoRA", MODEL_EXTENSIONS, "--models-dir")
+
+
+def resolve_vae(name: str, folders: Folders) -> Path:
+    return resolve(name, Path(folders.models_dir) / "vae", "VAE", MODEL_EXTENSIONS, "--models-dir")
+
+
+def resolve_config(name: str, folders: Folders) -> Path:
+    return resolve(name, Path(folders.models_dir) / "configs", "config", (".yaml", ".yml"), "--models-dir")
+
+
+def resolve_latent(name: str, folders: Folders) -> Path:
+    """A `.latent` file in the input folder (ComfyUI's LoadLatent), with LoadImage's `[input]`/`[output]`
+    annotations."""
+    folder, flag = Path(folders.input_dir), "--input-dir"
+    match = _ANNOTATION.search(name) if isinstance(name, str) else None
+    if match:
+        name = name[:match.start()]
+        if match.group(1) == "output":
+            folder, flag = Path(folders.output_dir), "--output-dir"
+    return resolve(name, folder, "latent", (".latent",), flag)
+
+
+def upscale_models_dir(folders: Folders) -> Path:
+    return Path(folders.models_dir) / "upscale_models"
+
+
+def resolve_upscale_model(name: str, folders: Folders) -> Path:
+    return resolve(name, upscale_models_dir(folders), "upscale model", MODEL_EXTENSIONS, "--models-dir")
+
+
+def hypernetworks_dir(folders: Folders) -> Path:
+    return Path(folders.models_dir) / "hypernetworks"
+
+
+def resolve_hypernetwork(name: str, folders: Folders) -> Path:
+    return resolve(name, hypernetworks_dir(folders), "hypernetwork", MODEL_EXTENSIONS, "--models-dir")
 
 
 def resolve_image(name: str, folders: Folders) -> Path:
@@ -136,3 +187,49 @@ def resolve_image(name: str, folders: Folders) -> Path:
         if match.group(1) == "output":
             folder, flag = Path(folders.output_dir), "--output-dir"
     return resolve(name, folder, "image", IMAGE_EXTENSIONS, flag)
+
+
+def find_embedding(name: str, folders: Folders) -> Path | None:
+    """The file `embedding:name` means (models/embeddings, subfolders searched too, extension optional)."""
+    from sd.text.embeddings import find_embedding as find
+
+    return find(name, embeddings_dir(folders))
+
+
+def prompt_embedding_files(text: str, folders: Folders) -> list[Path]:
+    """The embedding files a prompt names, in order: CLIPEncode's reads_files resolver for `text`, so an
+    embedding's content is part of the encoding's cache key. A name that is not there is a validation error
+    naming the prompt, the name and what the folder holds. (ComfyUI warns and drops the word instead; an
+    error here because a misspelt negative embedding would otherwise change every image unnoticed.)"""
+    from sd.text.embeddings import EMBEDDING_EXTENSIONS
+    from sd.text.prompt_weights import EMBEDDING_PREFIX, PromptError, embedding_reference, prompt_pieces
+
+    if not isinstance(text, str) or EMBEDDING_PREFIX not in text:
+        return []
+    files: list[Path] = []
+    try:
+        for piece, _ in prompt_pieces(text):
+            if piece.startswith(EMBEDDING_PREFIX):
+                path, name, _ = embedding_reference(piece, lambda n: find_embedding(n, folders))
+                if path is None:
+                    raise FileNotFoundError(_missing_embedding(text, name, folders, EMBEDDING_EXTENSIONS))
+                files.append(path)
+    except PromptError as e:
+        raise ValueError(str(e)) from e
+    return list(dict.fromkeys(files))
+
+
+def _missing_embedding(text: str, name: str, folders: Folders, extensions: tuple[str, ...]) -> str:
+    folder = embeddings_dir(folders)
+    names = available(folder, extensions)
+    if names:
+        shown = ", ".join(names[:15]) + (f", ... ({len(names)} in all)" if len(names) > 15 else "")
+        listing = f"available there: {shown}"
+    elif folder.is_dir():
+        listing = f"{folder} holds no embeddings"
+    else:
+        listing = f"the folder {folder} does not exist"
+    prompt = text if len(text) <= 60 else text[:57] + "..."
+    return (f"prompt {prompt!r} names embedding:{name}, which is not in {folder} ({listing}); put the file "
+            "there (.safetensors, .pt or .bin), fix the name, or point --models-dir at the folder above "
+            "embeddings/")

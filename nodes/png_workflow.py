@@ -1,8 +1,10 @@
-"""Workflows embedded in PNG files: the text chunks SaveImage writes, and the importer that lets
+"""Workflows embedded in images: the PNG text chunks SaveImage writes, and the importers that let
 `sdgraph run image.png` re-run them.
 
 Chunks: `sdgraph` holds our workflow exactly as it ran (overrides and the effective seed folded in),
-`prompt` the same graph in ComfyUI's API format. A PNG from ComfyUI (only `prompt`) imports too.
+`prompt` the same graph in ComfyUI's API format. Images from elsewhere import too, read in this order:
+ComfyUI's `prompt` (what it ran) or `workflow` (its UI graph) chunk, then A1111/Forge/civitai's
+`parameters` text -- in a PNG chunk, or for JPEG and WebP in the EXIF UserComment.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from graph.source_text import parse_text
 from graph.workflow import SourceMap, Workflow, workflow_from_data
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SDGRAPH_KEY, COMFY_KEY = "sdgraph", "prompt"
+SDGRAPH_KEY, COMFY_KEY, COMFY_UI_KEY, A1111_KEY = "sdgraph", "prompt", "workflow", "parameters"
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 
 
 _LAST: list = [None, None]  # (run_info, text) of the last call: every SaveImage of a run shares one
@@ -60,7 +63,10 @@ def read_png_text(path: Path) -> dict[str, str]:
 
 
 def load_png_workflow(path: Path) -> Workflow:
-    text = read_png_text(path)
+    return workflow_from_text(path, read_png_text(path))
+
+
+def workflow_from_text(path: Path, text: dict[str, str]) -> Workflow:
     # parse_text, not json.loads: bounded nesting and integer sizes, syntax errors as problems
     if SDGRAPH_KEY in text:
         name = f"{path} [sdgraph chunk]"
@@ -70,13 +76,73 @@ def load_png_workflow(path: Path) -> Workflow:
 
         name = f"{path} [prompt chunk]"
         return workflow_from_comfy(parse_text(text[COMFY_KEY], name, "json")[0], name)
-    raise ValidationFailed([Problem("this PNG holds no workflow (no 'sdgraph' or 'prompt' text chunk)",
-                                    str(path), hint="only images saved by sdgraph or ComfyUI carry one")])
+    if COMFY_UI_KEY in text:
+        from nodes.comfy_ui_import import is_comfy_ui, workflow_from_ui
+
+        name = f"{path} [workflow chunk]"
+        data = parse_text(text[COMFY_UI_KEY], name, "json")[0]
+        if is_comfy_ui(data):
+            return workflow_from_ui(data, name, f"Converted from the ComfyUI workflow in {path.name}")
+        from nodes.comfy_import import is_comfy_api, workflow_from_comfy
+
+        if is_comfy_api(data):  # some tools store the API prompt under this key
+            return workflow_from_comfy(data, name)
+    if A1111_KEY in text:
+        from nodes.a1111_import import workflow_from_infotext
+
+        return workflow_from_infotext(text[A1111_KEY], f"{path} [A1111 parameters]")
+    raise ValidationFailed([Problem(
+        "this image holds no workflow (no 'sdgraph', 'prompt' or 'workflow' chunk, no A1111 'parameters')",
+        str(path), hint="only images saved by sdgraph, ComfyUI, A1111/Forge or civitai carry one")])
+
+
+def decode_user_comment(raw: bytes | str) -> str:
+    """EXIF UserComment: an 8-byte charset header, then the text (A1111 writes UNICODE, i.e. UTF-16;
+    big-endian per the EXIF standard, but little-endian files exist: the zero bytes tell)."""
+    if isinstance(raw, str):
+        return raw
+    header, body = raw[:8], raw[8:]
+    if header == b"UNICODE\x00":
+        if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
+            return body.decode("utf-16")
+        even, odd = body[0::2].count(0), body[1::2].count(0)
+        return body.decode("utf-16-be" if even >= odd else "utf-16-le", errors="replace")
+    if header.rstrip(b"\x00") in (b"ASCII", b""):
+        return body.decode("utf-8", errors="replace").rstrip("\x00")
+    if header.rstrip(b"\x00") == b"JIS":
+        return body.decode("shift_jis", errors="replace")
+    return raw.decode("utf-8", errors="replace").rstrip("\x00")
+
+
+def read_exif_text(path: Path) -> dict[str, str]:
+    """A JPEG's or WebP's A1111 `parameters` (EXIF UserComment, or a JPEG comment)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            comment = img.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+            info = {k: v for k, v in img.info.items() if isinstance(v, str)}
+            if comment is None and isinstance(img.info.get("comment"), bytes):
+                comment = img.info["comment"].decode("utf-8", errors="replace")
+    except OSError as e:
+        raise ValidationFailed([Problem(f"cannot read the image: {e}", str(path))]) from e
+    if comment:
+        info[A1111_KEY] = decode_user_comment(comment)
+    return info
+
+
+def load_exif_workflow(path: Path) -> Workflow:
+    return workflow_from_text(path, read_exif_text(path))
 
 
 def _sniff(path: Path, head: bytes) -> bool:
     return head.startswith(PNG_SIGNATURE)
 
 
+def _sniff_exif(path: Path, head: bytes) -> bool:
+    return head.startswith(b"\xff\xd8\xff") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def register() -> None:
     register_importer("png", _sniff, load_png_workflow)
+    register_importer("jpeg-webp", _sniff_exif, load_exif_workflow)

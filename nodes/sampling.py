@@ -18,6 +18,36 @@ ON_OFF = ("enable", "disable")
 DEFAULT_RNG = os.environ.get(RNG_ENV, "").strip().lower() or "cpu"
 DEFAULT_RNG = DEFAULT_RNG if DEFAULT_RNG in RNG_MODES else "cpu"
 
+# Names real workflow files carry for samplers sdgraph has under another name: ComfyUI's first releases
+# (early 2023) named samplers by k-diffusion's functions (sample_euler, sample_dpmpp_2m, ...). (The *_gpu SDE
+# samplers are samplers of their own: their Brownian tree draws from the CUDA generator in noise_device cuda.)
+SAMPLER_ALIASES = {
+    f"sample_{name}": name
+    for name in SAMPLERS
+    if name not in ("ddim", "uni_pc", "uni_pc_bh2") and not name.endswith("_gpu")
+}
+
+
+class SamplerChoice(Choice):
+    """One of SAMPLERS; an alias (SAMPLER_ALIASES) is accepted and becomes its sampler's name, so it also
+    shares that sampler's cache entries. `sdgraph nodes KSampler` lists the samplers only."""
+
+    def __init__(self) -> None:
+        super().__init__(SAMPLERS)
+
+    def check(self, value):
+        return super().check(SAMPLER_ALIASES.get(value, value) if isinstance(value, str) else value)
+
+    def json_schema(self) -> dict:
+        return {"enum": list(self.options) + list(SAMPLER_ALIASES)}
+
+
+def model_sampling_of(model: ModelRecipe):
+    """The schedule and prediction rules the recipe's sampling patch asks for."""
+    from sd.sampling.model_sampling import model_sampling_for
+
+    return model_sampling_for(model.sampling.prediction, model.sampling.zsnr)
+
 
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
@@ -32,7 +62,7 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
         ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
 
     samples = sample(models.fast_unet(unet), positive.cond, negative.cond, latent.samples, callback=on_step,
-                     **kwargs)
+                     model_sampling=model_sampling_of(model), **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
     return Latent(samples, latent.batch_index)
 
@@ -40,17 +70,19 @@ def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Condition
 # Keyword-only parameters keep ComfyUI's input order (sockets among the widgets) while staying required.
 @node(category="sampling", outputs=(LATENT,))
 def KSampler(model: MODEL, *, seed: Int(0, MAX_SEED) = 0, steps: Int(1, 10000) = 20,
-             cfg: Float(0.0, 100.0) = 8.0, sampler_name: Choice(SAMPLERS) = "euler",
+             cfg: Float(0.0, 100.0) = 8.0, sampler_name: SamplerChoice() = "euler",
              scheduler: Choice(SCHEDULERS) = "normal", positive: CONDITIONING,
              negative: CONDITIONING, latent_image: LATENT,
              denoise: Float(0.0, 1.0) = 1.0, noise_device: Choice(RNG_MODES) = DEFAULT_RNG,
              eta_noise_seed_delta: Int(0, MAX_SEED) = 0, ctx=None):
     """Denoise latents with a sampler and scheduler, as ComfyUI's KSampler (same seed, same noise).
-    denoise < 1 keeps part of the input latent (img2img).
+    denoise < 1 keeps part of the input latent (img2img). sampler_name also accepts k-diffusion's sample_*
+    names, as the sampler they name.
 
     noise_device (sdgraph's; default $SDGRAPH_RNG, else cpu) picks whose noise the seed gives: "cpu" as
     ComfyUI on the CPU, "cuda" as ComfyUI on an NVIDIA GPU (its per-step noise comes from torch's CUDA
-    generator), "a1111" as AUTOMATIC1111's GPU seeds (with eta_noise_seed_delta, A1111's ENSD)."""
+    generator; the *_gpu SDE samplers' Brownian tree too), "a1111" as AUTOMATIC1111's GPU seeds (with
+    eta_noise_seed_delta, A1111's ENSD)."""
     return _sample(ctx, model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                    sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, rng=noise_device,
                    eta_noise_seed_delta=eta_noise_seed_delta)
@@ -59,7 +91,7 @@ def KSampler(model: MODEL, *, seed: Int(0, MAX_SEED) = 0, steps: Int(1, 10000) =
 @node(category="sampling", outputs=(LATENT,))
 def KSamplerAdvanced(model: MODEL, *, add_noise: Choice(ON_OFF) = "enable", noise_seed: Int(0, MAX_SEED) = 0,
                      steps: Int(1, 10000) = 20, cfg: Float(0.0, 100.0) = 8.0,
-                     sampler_name: Choice(SAMPLERS) = "euler", scheduler: Choice(SCHEDULERS) = "normal",
+                     sampler_name: SamplerChoice() = "euler", scheduler: Choice(SCHEDULERS) = "normal",
                      positive: CONDITIONING, negative: CONDITIONING,
                      latent_image: LATENT, start_at_step: Int(0, 10000) = 0,
                      end_at_step: Int(0, 10000) = 10000,

@@ -1,6 +1,7 @@
 """The values that travel along SD sockets, and their disk serializers.
 
-MODEL, CLIP and VAE carry *recipes* (which file, which LoRA patches, which clip layer), never weights:
+MODEL, CLIP, VAE and UPSCALE_MODEL carry *recipes* (which file, which patches — LoRAs, merges with other
+recipes, hypernetworks — which clip layer), never weights:
 the weights are built on first use by nodes/models.py. That keeps these values tiny, hashable and
 cheap to pass around, and lets a cache hit downstream skip loading a model entirely.
 
@@ -20,12 +21,14 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Union
 
 import mlx.core as mx
 import numpy as np
 
 from graph import socket_type
 from graph.fingerprint import FingerprintIndex
+from sd.merge.rules import MergeRule
 
 
 @dataclass(frozen=True)
@@ -57,24 +60,65 @@ class LoRAPatch:
 
 
 @dataclass(frozen=True)
+class SamplingPatch:
+    """How sampling reads the UNet: its prediction type ("eps", "v_prediction", "lcm", "x0") and whether the
+    schedule is rescaled to zero terminal SNR (ComfyUI's ``model_sampling`` object patch). Not weights."""
+
+    prediction: str = "eps"
+    zsnr: bool = False
+
+
+@dataclass(frozen=True)
+class MergePatch:
+    """Another recipe's weights (its own patches applied) merged in with `rule` (sd/merge/rules.py): ComfyUI's
+    ModelMerge*/CLIPMerge* nodes. Only the other's *weights* come along, as in ComfyUI (not its
+    hypernetworks)."""
+
+    other: Union[ModelRecipe, ClipRecipe]  # noqa: UP007 - a forward reference to the recipes below
+    rule: MergeRule
+
+
+@dataclass(frozen=True)
+class HypernetworkPatch:
+    """An A1111 hypernetwork on the UNet's attention k/v inputs (sd/hypernetwork), at `strength`."""
+
+    hypernetwork: FileRef
+    strength: float
+
+
+@dataclass(frozen=True)
 class ModelRecipe:
-    """MODEL: a checkpoint's UNet plus LoRA patches applied in order (W + sum strength * delta)."""
+    """MODEL: a checkpoint's UNet plus patches in order: LoRAs (W + strength * delta) and merges rewrite the
+    weights, one after the other; hypernetworks patch the attention of the weights that result. `sampling`:
+    the model sampling KSampler uses (detected from the checkpoint, or set by ModelSamplingDiscrete)."""
 
     checkpoint: FileRef
-    patches: tuple[LoRAPatch, ...] = ()
+    patches: tuple[LoRAPatch | MergePatch | HypernetworkPatch, ...] = ()
+    sampling: SamplingPatch = SamplingPatch()
 
     def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ModelRecipe:
         if strength == 0:
             return self  # a zero strength is a pass-through, and must not change the identity
         return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
 
+    def with_patch(self, patch: MergePatch | HypernetworkPatch) -> ModelRecipe:
+        if isinstance(patch, MergePatch) and patch.rule.is_identity:
+            return self  # e.g. ratio 1: every weight stays this model's
+        if isinstance(patch, HypernetworkPatch) and patch.strength == 0:
+            return self  # k + net(k) * 0 is k
+        return replace(self, patches=self.patches + (patch,))
+
+    @property
+    def weight_patches(self) -> tuple[LoRAPatch | MergePatch, ...]:
+        return tuple(p for p in self.patches if not isinstance(p, HypernetworkPatch))
+
 
 @dataclass(frozen=True)
 class ClipRecipe:
-    """CLIP: a checkpoint's text encoder, LoRA patches, and the layer to stop at (-1 = last)."""
+    """CLIP: a checkpoint's text encoder, its patches (LoRAs, merges) and the layer to stop at (-1 = last)."""
 
     checkpoint: FileRef
-    patches: tuple[LoRAPatch, ...] = ()
+    patches: tuple[LoRAPatch | MergePatch, ...] = ()
     stop_at_layer: int = -1
 
     def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ClipRecipe:
@@ -82,12 +126,38 @@ class ClipRecipe:
             return self
         return replace(self, patches=self.patches + (LoRAPatch(lora, strength, allow_partial),))
 
+    def with_patch(self, patch: MergePatch) -> ClipRecipe:
+        if patch.rule.is_identity:
+            return self
+        return replace(self, patches=self.patches + (patch,))
+
+    @property
+    def weight_patches(self) -> tuple[LoRAPatch | MergePatch, ...]:
+        return self.patches
+
+
+VAE_SOURCES = ("checkpoint", "vae_file")
+
 
 @dataclass(frozen=True)
 class VaeRecipe:
-    """VAE: a checkpoint's autoencoder."""
+    """VAE: the autoencoder of a file, named with its source: "checkpoint" (the `first_stage_model.*` part
+    of a checkpoint, LoadCheckpoint) or "vae_file" (a standalone VAE file from models/vae in any layout
+    sd/loading/vae_file.py reads, VAELoader). `checkpoint` is the file in either case."""
 
     checkpoint: FileRef
+    source: str = "checkpoint"
+
+    def __post_init__(self) -> None:
+        if self.source not in VAE_SOURCES:
+            raise ValueError(f"VAE source {self.source!r} is not one of {VAE_SOURCES}")
+
+
+@dataclass(frozen=True)
+class UpscaleModelRecipe:
+    """UPSCALE_MODEL: an upscale model file (ESRGAN, Real-ESRGAN Compact); nodes/models.py builds it."""
+
+    file: FileRef
 
 
 @dataclass(frozen=True)
@@ -195,6 +265,7 @@ def register_socket_types() -> None:
     socket_type("LATENT", to_bytes=latent_to_bytes, from_bytes=latent_from_bytes)
     socket_type("IMAGE", to_bytes=array_to_bytes, from_bytes=array_from_bytes)
     socket_type("MASK", to_bytes=array_to_bytes, from_bytes=array_from_bytes)
+    socket_type("UPSCALE_MODEL")  # a recipe: memory cache only
 
 
 register_socket_types()

@@ -19,6 +19,14 @@ if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenbl
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".${extras}"
+# -qq: errors only (pip's and setuptools' advisory warnings are noise to a newcomer); failures still print
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+.venv/bin/python -m pip install -qq --upgrade pip >/dev/null
+echo "setup: installing sdgraph${extras:+ with the test tools} into .venv (a minute or two) ..."
+.venv/bin/python -m pip install -qq -e ".${extras}"
+if [ -n "$extras" ]; then
+    # spandrel (the upscale models' reference) without its dependencies: they would pull a torchvision (and
+    # with it another torch) that does not load beside the pinned torch; the tests stub what it imports
+    .venv/bin/python -m pip install -qq --no-deps "spandrel>=0.4"
+fi
 echo "setup: done. Run: .venv/bin/sdgraph --help"

@@ -279,3 +279,24 @@ def test_random_views_of_shared_storages_match_torch(tmp_path):
     torch.save(tensors, tmp_path / "views.ckpt")
     assert len(zipfile.ZipFile(tmp_path / "views.ckpt").namelist()) < 20  # storages really are shared
     _assert_same(open_tensors(tmp_path / "views.ckpt"), tensors)
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """The first byte of a safetensors file is its header length's low byte; 0x80 is also pickle's
+    protocol opcode. Content sniffing must look at the '{' of the header first."""
+    import json
+    import struct
+
+    import numpy as np
+
+    from sd.io.checkpoint_io import open_tensors
+
+    for pad in range(200):
+        header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                             "__metadata__": {"p": "x" * pad}}).encode()
+        if len(header) == 0x80:
+            break
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + np.array([1, 2], np.float32).tobytes())
+    assert path.read_bytes()[0] == 0x80
+    assert list(open_tensors(path).keys()) == ["w"]

@@ -110,3 +110,63 @@ def test_cache_info_and_clear(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "entries:       0" in capsys.readouterr().out
+
+
+def test_examples_outside_a_checkout_are_pointed_to_and_copied_by_demo(tmp_path, capsys, monkeypatch):
+    """Installed into another environment, `sdgraph run workflows/txt2img.yaml` (as the README says) found
+    nothing and said nothing of where the examples went (issue 21): the error names the installed file, and
+    `sdgraph demo` copies the examples next to its stand-ins, never over a user's file."""
+    monkeypatch.delenv("SDGRAPH_EXTRA_NODES")
+    assert cli.main(["validate", "workflows/txt2img.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "one of sdgraph's examples, installed at" in err and "sdgraph demo" in err
+    (tmp_path / "workflows").mkdir()
+    mine = tmp_path / "workflows" / "img2img.yaml"
+    mine.write_text("# mine\n")
+    assert cli.main(["demo"]) == 0
+    assert "copied" in capsys.readouterr().out
+    assert mine.read_text() == "# mine\n"
+    assert cli.main(["validate", "workflows/txt2img.yaml", "--set", "width=64", "--set", "height=64"]) == 0
+    assert cli.main(["validate", "workflows/prompt_sweep.yaml"]) == 0  # its prompts.txt came along
+
+
+def test_setup_script_is_quiet_but_not_silent_on_failure():
+    """A newcomer's set-up printed pip's and setuptools' advisory warnings (issue 21): every pip install in
+    scripts/setup.sh runs at errors-only verbosity under `set -e`, so a failure still prints and stops."""
+    from pathlib import Path
+
+    text = (Path(cli.__file__).parent / "scripts" / "setup.sh").read_text()
+    installs = [line for line in text.splitlines()
+                if "pip install" in line and not line.lstrip().startswith("#")]
+    assert installs and all(" -qq " in line for line in installs), installs
+    assert "set -euo pipefail" in text and "PIP_ROOT_USER_ACTION=ignore" in text
+
+
+def test_warmup_runs_each_size_once_and_leaves_no_images(tmp_path, capsys, monkeypatch):
+    """`sdgraph warmup` (issue 14): compile ahead of time for a checkpoint and sizes; no image is kept."""
+    monkeypatch.delenv("SDGRAPH_EXTRA_NODES")
+    assert cli.main(["demo"]) == 0
+    capsys.readouterr()
+    assert cli.main(["warmup", "--size", "64x64", "--size", "64X96"]) == 0
+    out = capsys.readouterr().out
+    assert "warmed up 64x64 (batch 1)" in out and "warmed up 64x96 (batch 1)" in out
+    assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())
+    assert cli.main(["warmup", "--size", "big"]) == 2
+    assert "expected WIDTHxHEIGHT" in capsys.readouterr().err
+    assert cli.main(["warmup", "--ckpt", "missing.safetensors"]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert cli.main(["cache", "info"]) == 0
+    assert "kernels:" in capsys.readouterr().out
+
+
+def test_cache_info_counts_the_kernels_it_keeps(tmp_path):
+    folder = tmp_path / "kernels"
+    (folder / "mlx-0.32.4-ptx").mkdir(parents=True)
+    (folder / "mlx-0.32.4-ptx" / "a.ptx").write_bytes(b"x" * 10)
+    (folder / "cuda-k-sm_90-1.cubin").write_bytes(b"y" * 5)
+    (folder / "cuda-k-sm_90-1.cubin.sha256").write_text("0")
+    (folder / "cpu_kernels-1.so").write_bytes(b"z")
+    (folder / ".build-1-x.so").write_bytes(b"half")
+    counts = cli._kernel_counts(folder)
+    assert counts == {"CPU kernel libraries": (1, 1), "sdgraph GPU kernels": (1, 5),
+                      "MLX GPU kernels": (1, 10)}

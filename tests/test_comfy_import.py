@@ -63,11 +63,11 @@ def test_unsupported_classes_are_listed_in_one_error(world):
     lines = result.err.strip().splitlines()
     assert lines[-1] == "1 error; nothing was run."
     message = lines[0]
-    assert message.startswith(f"{COMFY / 'unsupported_api.json'}:4: 4 ComfyUI node type(s)")
+    assert message.startswith(f"{COMFY / 'unsupported_api.json'}:4: 2 ComfyUI node type(s)")
     for part in ("ControlNetApply (node 5, 6)", "ControlNetLoader (node 3)",
-                 "ImageUpscaleWithModel (node 10)", "UpscaleModelLoader (node 11)",
-                 "supported: CLIPSetLastLayer"):
+                 "supported: CLIP", "CLIPSetLastLayer, "):  # the supported list, sorted
         assert part in message
+    assert "ImageUpscaleWithModel (node" not in message  # supported since the upscale nodes
     assert not world.output.exists()
 
 
@@ -88,12 +88,13 @@ def test_comfy_errors_point_at_the_json(tmp_path):
     assert f"{path}:7: node 'sampler_3' input 'sampler_name': 'eulr' is not one of" in result.err
 
 
-def test_ui_format_is_refused_with_a_hint(tmp_path):
+def test_ui_format_is_imported_not_refused(tmp_path):
+    """UI files used to be refused; now they import (tests/test_comfy_ui_format.py) and validate as usual."""
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps({"last_node_id": 9, "last_link_id": 9,
                                 "nodes": [{"id": 3, "type": "KSampler"}], "links": [], "version": 0.4}))
     result = run_cli("validate", str(path))
-    assert result.rc == 2 and "ComfyUI UI workflow" in result.err and "API" in result.err
+    assert result.rc == 2 and "node 'sampler_3' input 'model'" in result.err
 
 
 @pytest.mark.slow

@@ -123,3 +123,93 @@ def test_fast_unet_and_vae_with_kernels_match_plain_modules(tiny, levers):
     for dtype, tol in (("float32", max(2e-5, 2 * tf32)), ("bfloat16", 3e-2)):
         for opts in (default_options("vae", gpu=True, cuda=True), gpu):
             assert _rel(FastVAE(tiny[dtype].vae, opts).decode(z), ref) < tol, (dtype, opts)
+
+
+# ---- compiled once per machine: variants, the kernel folder, NVRTC (no GPU needed) -------------------------
+
+def _fake_launch(record):
+    def launch(kernel, params, body, constants, inputs, scalars, grid, threadgroup, output_shapes,
+               output_dtypes):
+        record.add((kernel, tuple(constants.items())))
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+    return launch
+
+
+def test_kernel_variants_do_not_grow_with_image_size_batch_or_values(tiny, monkeypatch):
+    """Shapes and values are kernel arguments: a 16x16 and a 24x32 latent, batch 1 and 2, other timesteps and
+    prompts use the same compiled variants (before, every resolution needed its own: ~40 s per process)."""
+    seen = {}
+    for key, (b, h, w, t, seed) in {"small": (1, 16, 16, 10.0, 0), "large": (2, 24, 32, 900.0, 1)}.items():
+        record = set()
+        monkeypatch.setattr(cuda_kernels, "_launch", _fake_launch(record))
+        rng = np.random.default_rng(seed)
+        unet = tiny["float16"].unet
+        x = mx.array(rng.standard_normal((b, h, w, 4)).astype(np.float32))
+        c = mx.array(rng.standard_normal((b, 77, unet.config.context_dim)).astype(np.float32))
+        opts = default_options("unet", gpu=True, cuda=True).with_(cpu_kernels=False)
+        mx.eval(unet(x, mx.full((b,), t), c, ops=FastOps(opts)))
+        mx.eval(tiny["float16"].vae.decode(x.astype(mx.float16), ops=FastOps(opts)))
+        seen[key] = record
+    assert seen["small"] == seen["large"] and 3 <= len(seen["small"]) <= 12, seen
+
+
+def test_a_variant_is_compiled_once_per_machine_and_only_a_verified_binary_is_used(tmp_path, monkeypatch,
+                                                                                   capsys):
+    from sd import runtime
+    from sd.accel import nvrtc
+
+    compiles = []
+    monkeypatch.setattr(nvrtc, "compile_cubin", lambda source, arch, name: compiles.append(name) or b"CUBIN")
+    monkeypatch.setattr(cuda_kernels, "_toolchain", lambda: ("sm_90", "13000", "13.0"))
+    monkeypatch.setattr(runtime, "kernel_cache_dir", lambda: tmp_path / "kernels")
+    monkeypatch.setattr(cuda_kernels, "_announced", False)
+    args = ("sdgraph_channel_sums", cuda_kernels._SUMS_PARAMS, cuda_kernels._SUMS_BODY,
+            (("T", mx.float16),))
+
+    def new_process():
+        cuda_kernels._binary.cache_clear()
+        return cuda_kernels._binary(*args)
+
+    try:
+        name, cubin = new_process()
+        assert cubin == b"CUBIN" and compiles == [f"{name}.cu"]
+        assert "compiling GPU kernels for this GPU (first run only" in capsys.readouterr().err
+        [stored] = (tmp_path / "kernels").glob("cuda-*.cubin")
+        assert (tmp_path / "kernels").stat().st_mode & 0o777 == 0o700
+        assert new_process() == (name, b"CUBIN") and len(compiles) == 1  # a later process: read, not built
+        assert capsys.readouterr().err == ""
+        stored.write_bytes(b"PLANTED")  # swapped after it was recorded: never handed to the GPU
+        assert new_process() == (name, b"CUBIN") and len(compiles) == 2
+    finally:
+        cuda_kernels._binary.cache_clear()
+
+
+def _nvrtc_ready() -> bool:
+    from sd.accel import nvrtc
+
+    try:
+        nvrtc.library()
+    except nvrtc.NvrtcError:
+        return False
+    return bool(nvrtc.include_folders())
+
+
+@pytest.mark.skipif(not _nvrtc_ready(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel) and CUDA headers")
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_every_kernel_variant_compiles_with_nvrtc(dtype):
+    """The sources as the GPU gets them, compiled for the H200's sm_90 without a GPU."""
+    from sd.accel import nvrtc
+
+    ck = cuda_kernels
+    cases = [("sdgraph_channel_sums", ck._SUMS_PARAMS, ck._SUMS_BODY, {"T": dtype}),
+             ("sdgraph_attention", ck._ATTN_PARAMS, ck._ATTN_BODY, {"T": dtype, "D": 160})]
+    cases += [("sdgraph_gn_affine", ck._AFFINE_PARAMS, ck._AFFINE_BODY,
+               {"WT": dtype, "BT": dtype, "OT": ot, "OFFSET": offset})
+              for ot, offset in ((dtype, True), (mx.float32, False))]
+    cases += [("sdgraph_im2col3x3", ck._IM2COL_PARAMS, ck._IM2COL_BODY,
+               {"T": dtype, "VEC": 16 // dtype.size, "AFFINE": a, "SILU": s})
+              for a, s in ((False, False), (True, True), (True, False))]
+    for kernel, params, body, constants in cases:
+        name = ck.variant_name(kernel, constants)
+        cubin = nvrtc.compile_cubin(ck.kernel_source(name, params, constants, body), "sm_90", name=name)
+        assert cubin[:4] == b"\x7fELF" and name.encode() in cubin

@@ -416,3 +416,13 @@ def test_a_rank_killed_before_it_reported_still_has_its_share_listed(tmp_path, c
     dlaunch._report_lost(args, prepared, tmp_path, 2, "ring")
     manifest = json.loads(capsys.readouterr().out)
     assert {v["rank"] for v in manifest["variations"]} == {None}
+
+
+def test_ranks_sharing_one_device_are_told_so():
+    """2 CPU ranks on a 2-core machine ran 2.3x slower than one process, silently (issue 21)."""
+    note = dlaunch.sharing_note(2, device="cpu", cores=2)
+    assert note and "2 ranks share this machine's 2 CPU cores" in note and "no speed-up" in note
+    assert "share 1 GPU" in dlaunch.sharing_note(2, device="cuda", gpus=1)
+    assert "this Mac's GPU" in dlaunch.sharing_note(3, device="metal")
+    assert dlaunch.sharing_note(2, device="cuda", gpus=2) is None  # a GPU each: the case it is for
+    assert dlaunch.sharing_note(1, device="cpu", cores=2) is None

@@ -336,3 +336,46 @@ def test_non_finite_lora_fails_naming_the_lora(world, tmp_path):
     result = run(world, write(tmp_path, "lora.yaml", text), *extra)
     assert_clear_error(result, 1, "NaN or Inf", str(path))
     assert not world.pngs()
+
+
+# ---- 6. `sdgraph validate` reads file headers: a broken model file fails before anything runs ---------
+
+def _broken_models(world, tmp_path, how: str) -> tuple[list, Path]:
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(world.models, folder)
+    name = "loras/detail.safetensors" if how == "lora" else "checkpoints/v1-5-pruned-emaonly.safetensors"
+    path = folder / name
+    data = path.read_bytes()
+    if how in ("truncated", "lora"):
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "text":
+        path.write_text("<html>403 Forbidden</html>\n")  # what a failed download often leaves
+    elif how == "sdxl":
+        import numpy as np
+        from safetensors.numpy import save_file
+        save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight":
+                   np.ones(4, np.float32)}, str(path))
+    return ["--models-dir", folder], path
+
+
+@pytest.mark.parametrize("how, words", [("truncated", ["file"]), ("text", ["not a checkpoint"]),
+                                        ("sdxl", ["SDXL"]), ("lora", ["LoRA"])])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_broken_model_file_is_an_error_before_running(world, tmp_path, how, words, command):
+    extra, path = _broken_models(world, tmp_path, how)
+    text = TXT2IMG
+    if how == "lora":
+        lora = ("  lora: {type: LoadLoRA, model: {from: ckpt.MODEL}, clip: {from: ckpt.CLIP}, "
+                "lora_name: detail.safetensors}\n")
+        text = text.replace("  positive:", lora + "  positive:", 1)
+        text = text.replace("model: {from: ckpt.MODEL}\n    positive",
+                            "model: {from: lora.MODEL}\n    positive")
+    wf = write(tmp_path, "t2i.yaml", text)
+    if command == "validate":
+        result = cli("validate", wf, *extra)
+    else:
+        result = run(world, wf, *extra)
+    assert_clear_error(result, 2, str(path), "lora_name" if how == "lora" else "ckpt_name", *words)
+    assert "sampler" not in result.stdout and not world.pngs()

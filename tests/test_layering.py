@@ -177,4 +177,5 @@ def test_setup_does_the_work_once():
     result = _run(code)
     if sys.platform.startswith("linux"):
         assert "OMP_WAIT_POLICY" in result["changed"] and "MLX_MAX_MB_PER_BUFFER" in result["changed"]
+        assert "MLX_PTX_CACHE_DIR" in result["changed"]  # under /tmp/a/kernels: the first call's folder
     assert result["again"] and result["kernels"] == "/tmp/b/kernels" and not result["mlx"]

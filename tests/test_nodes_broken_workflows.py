@@ -28,7 +28,7 @@ EXPECTED = {
     "duplicate_id": (6, "positive", None, ["duplicate node id 'positive'", "first defined on line 4"]),
     "no_output_node": (2, None, None, ["no output node", "SaveImage"]),
     "missing_model_file": (3, "ckpt", "ckpt_name", ["checkpoint 'v1-5-pruned.safetensors' not found",
-                                                    "available there: v1-5-pruned-emaonly.safetensors"]),
+                                                    "available there: ", "v1-5-pruned-emaonly.safetensors"]),
     "missing_lora_file": (4, "lora", "lora_name", ["LoRA 'sharp.safetensors' not found",
                                                    "detail.safetensors, style.safetensors"]),
     "missing_image_file": (6, "image", "image", ["image 'holiday.png' not found",

@@ -90,7 +90,8 @@ def test_prefix_subfolders_stay_inside_the_output_folder(tmp_path, folders):
 def test_saving_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypatch):
     (tmp_path / "x_00003_.png").write_bytes(b"first")
     assert next_counter(tmp_path, "x") == 4
-    monkeypatch.setattr(images, "next_counter", lambda folder, name: 3)  # a stale count, as in a race
+    # a stale count, as in a race
+    monkeypatch.setattr(images, "next_counter", lambda folder, name, suffix=".png": 3)
     ctx = ExecutionContext("save", "SaveImage", Folders(), {}, tmp_path / "cache")
     path = save_exclusive(ctx, tmp_path, "x", b"second")
     assert path.name == "x_00004_.png" and path.read_bytes() == b"second"

@@ -78,8 +78,10 @@ def test_empty_and_whitespace_segments():
 
 @pytest.mark.parametrize("prompt", ["embedding:EasyNegative, lowres", "lowres, embedding:bad_hands",
                                     "a\nembedding:x"])
-def test_embeddings_are_refused_clearly(prompt):
-    with pytest.raises(PromptError, match="embedding:.*not support"):
+def test_embeddings_without_a_lookup_are_refused_clearly(prompt):
+    # CLIPEncode passes the embeddings folder's lookup (tests/test_embeddings.py); without one, or for a
+    # name the lookup does not know, the prompt is refused rather than the word dropped
+    with pytest.raises(PromptError, match="embedding:.*not in the embeddings folder"):
         tokenize_weighted(prompt)
 
 

@@ -95,3 +95,30 @@ def test_tiling_bounds_peak_memory(vae):
     mx.eval(decode_tiled(vae.decode, latent, tile=32, overlap=8))
     tiled = mx.get_peak_memory() - base
     assert tiled < whole / 2, (tiled, whole)
+
+
+def test_a_tiled_decode_reports_each_tile_and_a_large_vaedecode_shows_progress():
+    """A 1024² decode takes ~20 s on a CPU: it must not sit silent (issue 21). Each tile is one step."""
+    latent = _latent(40, 56, seed=3)
+    steps = []
+    decode_tiled(_pixelwise, latent, tile=24, overlap=8, progress=lambda i, n: steps.append((i, n)))
+    n = len(_starts(40, 24, 8)) * len(_starts(56, 24, 8))
+    assert steps == [(i, n) for i in range(1, n + 1)] and n > 1
+    steps.clear()
+    decode(None, _latent(8, 8, seed=4), decode_fn=_pixelwise, progress=lambda i, n: steps.append((i, n)))
+    assert steps == []  # untiled: one decode, nothing to count
+
+
+def test_vaedecode_node_passes_tile_progress_to_the_run(monkeypatch):
+    """The node wires the tiles to ctx.progress (what draws the CLI's progress bar)."""
+    from types import SimpleNamespace
+
+    import nodes.latents as latents
+    from nodes.values import Latent
+
+    seen = []
+    monkeypatch.setattr(latents.models, "vae_for", lambda vae, log: SimpleNamespace(dtype=mx.float32))
+    monkeypatch.setattr(latents.models, "vae_decoder", lambda model: _pixelwise)
+    ctx = SimpleNamespace(log=print, progress=lambda i, n: seen.append((i, n)))
+    latents.VAEDecode(Latent(_latent(128, 128, seed=5)), vae=None, ctx=ctx)  # a 1024² image: tiled
+    assert seen == [(i, 9) for i in range(1, 10)]

@@ -11,13 +11,24 @@ from sd_nodes_testing import SMALL, WORKFLOWS, make_world, pixels, png_text, res
 
 from nodes import models
 
+HIRES = ["--set", "width=32", "--set", "height=32", "--set", "hires_width=64", "--set", "hires_height=64",
+         "--set", "steps=2", "--set", "hires_steps=2"]
 SIZES = {
     "txt2img": SMALL,
     "img2img": ["--set", "steps=2"],  # the size comes from input/example.png (64x64 here)
     "multi_lora": SMALL,
     "prompt_sweep": SMALL,
     "same_seed_elsewhere": SMALL,
+    "external_vae": SMALL,
+    "embeddings": SMALL,  # the demo's random models/embeddings/easynegative.safetensors
+    "v_prediction": SMALL,
+    # hires fix: a 32x32 first pass, the second at 64x64 (LatentUpscale's smallest size)
+    "hires_fix_latent": HIRES,
+    "hires_fix_model": HIRES,  # 32 -> 128 pixels through the demo's 4x ESRGAN, latent resized to 64
+    "model_merge": SMALL,
+    "hypernetwork": SMALL,
 }
+SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
 
 
 @pytest.fixture
@@ -25,8 +36,11 @@ def world(tmp_path_factory, tmp_path):
     return make_world(tmp_path_factory, tmp_path)
 
 
+MODEL_FREE = {"outpaint_canvas"}  # image operations only: run by tests/test_image_workflows.py
+
+
 def test_every_shipped_workflow_is_covered():
-    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES)
+    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES) | MODEL_FREE | SAVE_ONLY
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from graph.distributed.runner import (
     report,
     shard,
 )
-from graph.distributed.world import World
+from graph.distributed.world import World, nvidia_gpu_count
 from graph.runner import PreparedVariation
 
 LAUNCH_FLAGS = ("distributed", "ranks", "backend")
@@ -39,6 +39,30 @@ def default_backend() -> str:
     import mlx.core as mx
 
     return "nccl" if mx.cuda.is_available() else "ring"
+
+
+def sharing_note(ranks: int, device: str | None = None, gpus: int | None = None,
+                 cores: int | None = None) -> str | None:
+    """What to tell a user whose local ranks would share one device: a sweep gains only from ranks with a
+    device each (one process already keeps a GPU, or all CPU cores, busy). None when each rank has its own."""
+    if ranks < 2:
+        return None
+    if device is None:
+        import mlx.core as mx
+
+        device = "cuda" if mx.cuda.is_available() else "metal" if mx.metal.is_available() else "cpu"
+    if device == "cuda":
+        gpus = nvidia_gpu_count() if gpus is None else gpus
+        if ranks <= gpus:
+            return None
+        shared = f"{gpus} GPU{'s' if gpus != 1 else ''}"
+    elif device == "metal":
+        shared = "this Mac's GPU"
+    else:
+        shared = f"this machine's {cores or os.cpu_count() or 1} CPU cores"
+    return (f"{ranks} ranks share {shared}; one process already keeps it busy, so expect no speed-up "
+            f"(2 ranks on a 2-core CPU ran 2.3x slower than one process here). A distributed sweep pays off "
+            f"with a GPU per rank or with ranks on several machines (your own mlx.launch)")
 
 
 def launcher_command() -> list[str]:
@@ -105,6 +129,9 @@ def launch(args: argparse.Namespace, prepared: list[PreparedVariation], ranks: i
     if ranks < 1:
         raise ValueError("--ranks must be at least 1")
     backend = backend or default_backend()
+    note = sharing_note(ranks)
+    if note and not args.quiet:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     child = [sys.executable, "-m", "cli", "run", *argv_from_args(args._run_parser, args)]
     cmd = [*launcher_command(), "--hosts", "127.0.0.1", "-n", str(ranks), "--backend", backend]
     if backend == "ring":

@@ -46,3 +46,20 @@ class FastVAE:
 
         self.encode = wrap(vae.encode)
         self.decode = wrap(vae.decode)
+
+
+class FastUpscaler:
+    """`fast(x)`, as an upscale model's call (sd/models/esrgan.py, srvgg.py); compiled per tile shape. Its
+    convs run at image resolution like the VAE's, so it takes the VAE's levers."""
+
+    def __init__(self, model, opts: FastOptions | None = None):
+        self.model = model
+        self.opts = opts or options_here("vae")
+        self.scale, self.pad_multiple, self.dtype = model.scale, model.pad_multiple, model.dtype
+        self.image_channels = model.image_channels
+        ops = FastOps(self.opts)
+        fn = lambda x: model(x, ops=ops)  # noqa: E731
+        self._fn = mx.compile(fn, inputs=model.state) if self.opts.compiles else fn
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._fn(x)

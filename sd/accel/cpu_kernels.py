@@ -6,9 +6,9 @@ attention is matmul + single-threaded softmax + matmul; those were half of a UNe
 in the BLAS that `sd.runtime.blas` loaded; large 3x3 convs become nine BLAS GEMMs without MLX's im2col buffer.
 It is compiled with the system's C compiler (``CC``, else cc / gcc / clang) into ``<sdgraph cache>/kernels/``
 (`sd.runtime.kernel_cache_dir()`), keyed by the source, compiler, flags and CPU, and loaded through ctypes --
-only after `verified()`: the folder is 0700, and a library is loaded only if it is a regular file of this
-user, writable by no one else, whose sha256 is the one recorded (`<name>.so.sha256`) when this code built
-it; a planted, swapped or unrecorded library is removed and rebuilt, never loaded.
+only after `binary_cache.verified()`: the folder is 0700, and a library is loaded only if it is a regular file
+of this user, writable by no one else, whose sha256 is the one recorded (`<name>.so.sha256`) when this code
+built it; a planted, swapped or unrecorded library is removed and rebuilt, never loaded.
 
 `available()` says whether they can be used; when not (no compiler, no BLAS, ``SDGRAPH_CPU_KERNELS=0``),
 callers keep MLX's own ops, after at most one one-line warning. The wrappers take and return fp32
@@ -23,14 +23,12 @@ again, 4 KB at a time (a 42 MB add: 21 ms; with the pages kept: 1.8 ms). Loading
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 from sd import runtime
+from sd.accel import binary_cache
 from sd.runtime import switches
 
 keep_freed_memory = runtime.keep_freed_memory  # it lives in sd.runtime (setup() decides when it applies)
@@ -151,12 +150,12 @@ def build() -> Path:
         targets.append((flags, folder / f"cpu_kernels-{key.hexdigest()[:20]}.so"))
     for _, target in targets:
         if target.exists() or target.is_symlink():
-            if verified(target):
+            if binary_cache.verified(target):
                 return target
-            _discard(target)  # planted, swapped or unrecorded: never loaded, rebuilt below
+            binary_cache.discard(target)  # planted, swapped or unrecorded: never loaded, rebuilt below
     errors = []
-    _private_dir(folder)
-    _remove_dead_builds(folder)
+    binary_cache.private_dir(folder)
+    binary_cache.remove_dead_builds(folder)
     for flags, target in targets:
         # compile to a private name, then rename: processes that race (distributed ranks) each end with a
         # complete file under the final name
@@ -166,7 +165,7 @@ def build() -> Path:
             proc = subprocess.run([*cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
                                   capture_output=True, text=True, timeout=300)
             if proc.returncode == 0 and os.path.getsize(tmp) > 0:
-                _record(Path(tmp), target)
+                binary_cache.record(Path(tmp), target)
                 os.replace(tmp, target)
                 return target
             message = (proc.stderr or proc.stdout).strip()[:200] or f"exit status {proc.returncode}"
@@ -177,75 +176,6 @@ def build() -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     raise RuntimeError(f"{shlex.join(cc)} failed: {errors[0].splitlines()[0]}")
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _record_path(target: Path) -> Path:
-    return target.with_name(target.name + ".sha256")
-
-
-def _record(built: Path, target: Path) -> None:
-    """Remember the content hash of the library this process just compiled (written before the library is
-    renamed into place, so a library under the final name always has its record)."""
-    record = _record_path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".build-{os.getpid()}-", suffix=".sha256", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(_digest(built) + "\n")
-    os.replace(tmp, record)
-
-
-def verified(target: Path) -> bool:
-    """Whether `target` is a library sdgraph built: a regular file (no link) owned by this user, writable by
-    no one else, whose content hash is the one recorded when it was built. Anything else is not loaded."""
-    try:
-        st = os.lstat(target)
-        record = _record_path(target).read_text().strip()
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022:
-            return False
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            return False
-        return _digest(target) == record
-    except OSError:
-        return False
-
-
-def _discard(target: Path) -> None:
-    for p in (target, _record_path(target)):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise RuntimeError(f"{target} is not a library sdgraph built and cannot be removed ({e}); "
-                               "remove it or run `sdgraph cache clear`") from e
-
-
-def _private_dir(folder: Path) -> None:
-    """The kernels' folder and the cache folder above it, created readable by this user only (0700)."""
-    for p in (folder.parent, folder):
-        try:
-            p.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise RuntimeError(f"cannot create {p} ({e})") from e
-
-
-def _remove_dead_builds(folder: Path) -> None:
-    """The half-written `.build-<pid>-*` files of killed builds (their process is gone)."""
-    for p in folder.glob(".build-*"):
-        try:
-            pid = int(p.name.split("-")[1])
-            if pid != os.getpid():
-                os.kill(pid, 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                p.unlink()
-        except (ValueError, IndexError, OSError):
-            continue
 
 
 def _blas_functions() -> tuple[int, int, int]:

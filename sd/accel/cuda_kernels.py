@@ -4,8 +4,7 @@ MLX compiles (`mx.compile`) chains of element-wise ops into one kernel, but a Gr
 reductions it runs separately over an fp32 copy, and a 3x3 convolution done as im2col + GEMM (faster than
 MLX's cuDNN convs on the H100, docs/performance.md) costs a pad copy plus nine slice copies; and attention
 with heads wider than 128 (SD's 1280-channel levels: 8 heads of 160) has no fused kernel in MLX, whose
-fallback is ~7 kernels with head-transposing copies. Kernels through `mx.fast.cuda_kernel` (JIT-compiled by
-MLX with NVRTC, cached per shape/dtype) replace them:
+fallback is ~7 kernels with head-transposing copies. These kernels replace them:
 
 - GroupNorm (`group_norm_affine`): per-(batch, channel) sums of x and x^2 over pixel chunks, read once in the
   input dtype, in fp32 (no atomics; deterministic), then one block per (group, batch) finishing them into a
@@ -13,31 +12,62 @@ MLX with NVRTC, cached per shape/dtype) replace them:
 - `im2col3x3`: the [pixels, 9*C] im2col matrix of a zero-padded 3x3 window, written in one pass; optionally
   applying a per-(batch, channel) affine map and SiLU to the input first, so GroupNorm-apply + SiLU + im2col
   is one kernel feeding one GEMM.
-- `attention`: softmax(q k^T) v for 129..256-wide heads, reading q/k/v in place from the projections'
-  buffers, flash attention's online softmax in fp32 (`sdgraph_attention`).
+- `attention`: softmax(q k^T) v for 129..256-wide heads, flash attention's online softmax in fp32.
 
-Used by `sd/accel/ops.py` only where `available()` (MLX's CUDA backend); everything else keeps the MLX ops.
-`SDGRAPH_CUDA_KERNELS=0` switches them off.
+Compiled once per machine, not per process: each kernel variant is compiled with NVRTC (sd/accel/nvrtc.py)
+to a cubin for this GPU's architecture, kept in sdgraph's kernel folder (sd/accel/binary_cache.py: verified
+before use), and run with `mx.fast.precompiled_cuda_kernel`. (MLX's `mx.fast.cuda_kernel` JIT-compiles in
+every new process: ~1-3 s per variant, ~40 s for a 512² txt2img.) Shapes are kernel arguments, so a variant is
+one (kernel, dtypes, flags) combination: a handful per model, the same at every image size and batch.
+
+Used by `sd/accel/ops.py` only where `available()` (MLX's CUDA backend, NVRTC found); everything else keeps
+the MLX ops. `SDGRAPH_CUDA_KERNELS=0` switches them off.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from functools import cache
 
 import mlx.core as mx
 
+from sd import runtime
+from sd.accel import binary_cache
 from sd.runtime import switches
 
 _THREADS = 256
+_CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"}
+_PRELUDE = """#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+"""
+
+_compiled_here: list[str] = []  # variants this process compiled (not found in the kernel folder)
 
 
 def disabled() -> bool:
     return not switches.flag("SDGRAPH_CUDA_KERNELS")
 
 
+@cache
+def _toolchain() -> tuple[str, str, str] | str:
+    """(GPU architecture, driver version, NVRTC version), or why the kernels cannot be built here."""
+    from sd.accel import nvrtc
+
+    try:
+        arch, driver = nvrtc.gpu_architecture()
+        return arch, driver, nvrtc.version()
+    except (nvrtc.NvrtcError, OSError) as e:
+        return str(e)
+
+
 def available() -> bool:
-    """MLX computes on its CUDA backend by default, and the kernels are not switched off."""
-    return not disabled() and bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+    """MLX computes on its CUDA backend by default, NVRTC is there, and the kernels are not switched off."""
+    return (not disabled() and bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+            and isinstance(_toolchain(), tuple))
 
 
 def describe() -> str:
@@ -46,13 +76,89 @@ def describe() -> str:
         return "off (SDGRAPH_CUDA_KERNELS=0)"
     if not mx.cuda.is_available():
         return "not used (MLX is not on its CUDA backend)"
-    return "on (GroupNorm statistics, im2col 3x3 convs, 160-wide attention; JIT-compiled by MLX on first use)"
+    tools = _toolchain()
+    if not isinstance(tools, tuple):
+        return f"not used ({tools}); MLX's own ops instead"
+    arch, _, version = tools
+    return (f"on (GroupNorm statistics, im2col 3x3 convs, 160-wide attention; NVRTC {version} cubins for "
+            f"{arch}, kept in {runtime.kernel_cache_dir()})")
+
+
+def cuda_type(dtype: mx.Dtype) -> str:
+    if dtype not in _CUDA_TYPES:
+        raise TypeError(f"no CUDA kernel for dtype {dtype}")
+    return _CUDA_TYPES[dtype]
+
+
+def kernel_source(name: str, params: str, constants: dict, body: str) -> str:
+    """A self-contained translation unit: `extern "C" __global__ void name(params)`, the variant's
+    compile-time constants (types as `using`, numbers as constexpr), then the body."""
+    lines = []
+    for key, value in constants.items():
+        if isinstance(value, mx.Dtype):
+            lines.append(f"using {key} = {cuda_type(value)};")
+        elif isinstance(value, bool):
+            lines.append(f"constexpr bool {key} = {'true' if value else 'false'};")
+        else:
+            lines.append(f"constexpr int {key} = {int(value)};")
+    # types must be known in the parameter list: declare them at file scope, numbers inside the function
+    types = "\n".join(line for line in lines if line.startswith("using"))
+    numbers = "\n    ".join(line for line in lines if not line.startswith("using"))
+    return (f"{_PRELUDE}{types}\n\nextern \"C\" __global__ void {name}({params}) {{\n    {numbers}\n"
+            f"{body}\n}}\n")
+
+
+def variant_name(kernel: str, constants: dict) -> str:
+    """The name of one compiled variant: unique per (kernel, constants) (MLX keys loaded modules by name)."""
+    text = kernel + "|" + "|".join(f"{k}={v}" for k, v in constants.items())
+    return f"{kernel}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+@cache
+def _binary(kernel: str, params: str, body: str, constants_items: tuple) -> tuple[str, bytes]:
+    """(function name, cubin) of one variant: from the kernel folder, else compiled now and stored there."""
+    from sd.accel import nvrtc
+
+    constants = dict(constants_items)
+    name = variant_name(kernel, constants)
+    source = kernel_source(name, params, constants, body)
+    arch, _driver, version = _toolchain()
+    key = hashlib.sha256(f"{arch}|nvrtc {version}|{source}".encode()).hexdigest()[:20]
+    target = runtime.kernel_cache_dir() / f"cuda-{name}-{arch}-{key}.cubin"
+    data = binary_cache.read(target)
+    if data is None:
+        _announce()
+        data = nvrtc.compile_cubin(source, arch, name=f"{name}.cu")
+        _compiled_here.append(name)
+        try:
+            binary_cache.store(target, data)
+        except (OSError, RuntimeError) as e:  # an unwritable cache: compile again next time, say so once
+            print(f"sdgraph: cannot keep compiled GPU kernels in {target.parent} ({e})", file=sys.stderr)
+    return name, data
+
+
+def _announce() -> None:
+    from sd.accel import gpu_cache
+
+    gpu_cache.announce(str(runtime.kernel_cache_dir()))
+
+
+def compiled_here() -> list[str]:
+    """The variants this process had to compile (for `sdgraph warmup` and the tests)."""
+    return list(_compiled_here)
+
+
+def _launch(kernel: str, params: str, body: str, constants: dict, inputs: list, scalars: list, grid,
+            threadgroup, output_shapes, output_dtypes) -> list[mx.array]:
+    name, cubin = _binary(kernel, params, body, tuple(constants.items()))
+    return mx.fast.precompiled_cuda_kernel(
+        name=name, compiled_source=cubin, inputs=inputs, scalars=scalars, grid=grid, threadgroup=threadgroup,
+        output_shapes=output_shapes, output_dtypes=output_dtypes, ensure_row_contiguous=True)
 
 
 # ------------------------------------------------------------------------------------ channel sums
-_SUMS_SOURCE = """
-    const int P = x_shape[1];
-    const int C = x_shape[2];
+_SUMS_PARAMS = "const T* x, float* part, int P, int C, int CHUNK"
+_SUMS_BODY = """
     const int nchunk = gridDim.x;
     const int chunk = blockIdx.x;
     const int b = blockIdx.y;
@@ -73,12 +179,6 @@ _SUMS_SOURCE = """
 """
 
 
-@cache
-def _sums_kernel():
-    return mx.fast.cuda_kernel(name="sdgraph_channel_sums", input_names=["x"], output_names=["part"],
-                               source=_SUMS_SOURCE)
-
-
 def _chunk_for(batch: int, pixels: int) -> int:
     """Pixels per block: enough blocks (~2 per SM on an H100) without tiny chunks."""
     want_blocks = 264
@@ -90,21 +190,19 @@ def _partial_sums(x3: mx.array, chunk: int) -> mx.array:
     """x3 [B, P, C] -> [B, nchunk, 2, C] float32 partial sums of x and x^2 over chunks of `chunk` pixels."""
     b, pixels, c = x3.shape
     nchunk = -(-pixels // chunk)
-    (part,) = _sums_kernel()(
-        inputs=[x3], template=[("T", x3.dtype), ("CHUNK", chunk)],
-        grid=(nchunk * _THREADS, b, 1), threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(b, nchunk, 2, c)], output_dtypes=[mx.float32])
+    (part,) = _launch("sdgraph_channel_sums", _SUMS_PARAMS, _SUMS_BODY, {"T": x3.dtype}, [x3],
+                      [pixels, c, chunk], grid=(nchunk * _THREADS, b, 1), threadgroup=(_THREADS, 1, 1),
+                      output_shapes=[(b, nchunk, 2, c)], output_dtypes=[mx.float32])
     return part
 
 
-_AFFINE_SOURCE = """
+_AFFINE_PARAMS = ("const float* part, const WT* weight, const BT* bias, const OT* offset, float* scale, "
+                  "float* shift, int B, int nchunk, int C, int G, int NPIX, int CHUNK, float eps")
+_AFFINE_BODY = """
     // one block per (group, batch): finish the partial sums, then scale/shift for the group's channels.
     // With OFFSET, the statistics are those of x + offset (a per-(batch, channel) shift folded in, never
     // added; stored channel-major, offset[c * B + b]):
     // a chunk of n pixels has sum(x+e) = S1 + n e and sum((x+e)^2) = S2 + 2 e S1 + n e^2.
-    const int B = part_shape[0];
-    const int nchunk = part_shape[1];
-    const int C = part_shape[3];
     const int g = blockIdx.x;
     const int b = blockIdx.y;
     const int cpg = C / G;
@@ -149,7 +247,7 @@ _AFFINE_SOURCE = """
     const float n = (float)NPIX * cpg;
     const float mean = sh1[0] / n;
     const float var = fmaxf(sh2[0] / n - mean * mean, 0.f);
-    const float rstd = rsqrtf(var + EPS_E9 * 1e-9f);
+    const float rstd = rsqrtf(var + eps);
     for (int j = threadIdx.x; j < cpg; j += blockDim.x) {
         const int c = g * cpg + j;
         const float sc = rstd * static_cast<float>(weight[c]);
@@ -158,12 +256,6 @@ _AFFINE_SOURCE = """
         shift[(size_t)b * C + c] = static_cast<float>(bias[c]) + (e - mean) * sc;
     }
 """
-
-
-@cache
-def _affine_kernel():
-    return mx.fast.cuda_kernel(name="sdgraph_gn_affine", input_names=["part", "weight", "bias", "offset"],
-                               output_names=["scale", "shift"], source=_AFFINE_SOURCE)
 
 
 def group_norm_affine(gn, x: mx.array, offset_t: mx.array | None = None) -> tuple[mx.array, mx.array]:
@@ -178,10 +270,11 @@ def group_norm_affine(gn, x: mx.array, offset_t: mx.array | None = None) -> tupl
     part = _partial_sums(x3, chunk)
     weight = gn.weight if "weight" in gn else mx.ones((c,), mx.float32)
     bias = gn.bias if "bias" in gn else mx.zeros((c,), mx.float32)
-    scale, shift = _affine_kernel()(
-        inputs=[part, weight, bias, offset_t if offset_t is not None else mx.zeros((1,), mx.float32)],
-        template=[("G", g), ("NPIX", x3.shape[1]), ("CHUNK", chunk), ("EPS_E9", round(gn.eps * 1e9)),
-                  ("OFFSET", offset_t is not None)],
+    offset = offset_t if offset_t is not None else mx.zeros((1,), mx.float32)
+    constants = {"WT": weight.dtype, "BT": bias.dtype, "OT": offset.dtype, "OFFSET": offset_t is not None}
+    scale, shift = _launch(
+        "sdgraph_gn_affine", _AFFINE_PARAMS, _AFFINE_BODY, constants, [part, weight, bias, offset],
+        [b, part.shape[1], c, g, x3.shape[1], chunk, float(gn.eps)],
         grid=(g * 128, b, 1), threadgroup=(128, 1, 1),
         output_shapes=[(b, c), (b, c)], output_dtypes=[mx.float32, mx.float32])
     return scale, shift
@@ -193,11 +286,8 @@ def supported(x: mx.array) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ im2col
-_IM2COL_SOURCE = """
-    const int B = x_shape[0];
-    const int H = x_shape[1];
-    const int W = x_shape[2];
-    const int C = x_shape[3];
+_IM2COL_PARAMS = "const T* x, const float* scale, const float* shift, T* out, int B, int H, int W, int C"
+_IM2COL_BODY = """
     const int CV = C / VEC;
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     const size_t total = (size_t)B * H * W * 9 * CV;
@@ -235,12 +325,6 @@ _IM2COL_SOURCE = """
 """
 
 
-@cache
-def _im2col_kernel():
-    return mx.fast.cuda_kernel(name="sdgraph_im2col3x3", input_names=["x", "scale", "shift"],
-                               output_names=["out"], source=_IM2COL_SOURCE)
-
-
 def im2col3x3(x: mx.array, scale: mx.array | None = None, shift: mx.array | None = None,
               silu: bool = False) -> mx.array:
     """x [B, H, W, C] -> [B*H*W, 9*C], tap-major (ky, kx) then channel, zero padding 1 — the layout of an MLX
@@ -251,38 +335,37 @@ def im2col3x3(x: mx.array, scale: mx.array | None = None, shift: mx.array | None
     affine = scale is not None
     if not affine:
         scale = shift = mx.zeros((1,), mx.float32)
-    (out,) = _im2col_kernel()(
-        inputs=[x, scale, shift],
-        template=[("T", x.dtype), ("VEC", vec), ("AFFINE", affine), ("SILU", bool(silu))],
-        grid=(b * h * w * 9 * (c // vec), 1, 1), threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(b * h * w, 9 * c)], output_dtypes=[x.dtype])
+    constants = {"T": x.dtype, "VEC": vec, "AFFINE": affine, "SILU": bool(silu)}
+    (out,) = _launch("sdgraph_im2col3x3", _IM2COL_PARAMS, _IM2COL_BODY, constants, [x, scale, shift],
+                     [b, h, w, c], grid=(b * h * w * 9 * (c // vec), 1, 1), threadgroup=(_THREADS, 1, 1),
+                     output_shapes=[(b * h * w, 9 * c)], output_dtypes=[x.dtype])
     return out
 
 
 # ------------------------------------------------------------------------------------- attention
-_ATTN_SOURCE = """
+_ATTN_PARAMS = "const T* q, const T* k, const T* v, const float* scale, T* out, int H, int Lq, int Lk"
+_ATTN_BODY = """
     // One block: QB queries of one (batch, head). K/V pass through shared memory in tiles of KB keys;
     // softmax by flash attention's online recurrence, all in fp32 on CUDA cores (heads this kernel serves
-    // are short: SD's 160-wide heads see 64-256 queries and keys).
+    // are short: SD's 160-wide heads see 64-256 queries and keys). q/k/v are row-contiguous [B, L, H*D].
     constexpr int QB = 32, KB = 16, NT = 256, DPT = D / 8;
     __shared__ float qs[QB][D + 1];
     __shared__ float ks[KB][D + 1];
     __shared__ float vs[KB][D];
     __shared__ float S[QB][KB + 1];
     __shared__ float m_s[QB], l_s[QB], a_s[QB];
-    const int Lq = q_shape[1];
-    const int Lk = k_shape[1];
+    const size_t row = (size_t)H * D;
     const int b = blockIdx.y / H;
     const int h = blockIdx.y % H;
     const int q0 = blockIdx.x * QB;
     const int t = threadIdx.x;
     const float sc = scale[0];
-    const T* qb = q + b * q_strides[0] + h * D;
-    const T* kb = k + b * k_strides[0] + h * D;
-    const T* vb = v + b * v_strides[0] + h * D;
+    const T* qb = q + (size_t)b * Lq * row + h * D;
+    const T* kb = k + (size_t)b * Lk * row + h * D;
+    const T* vb = v + (size_t)b * Lk * row + h * D;
     for (int i = t; i < QB * D; i += NT) {
         const int r = i / D, d = i % D;
-        qs[r][d] = q0 + r < Lq ? static_cast<float>(qb[(size_t)(q0 + r) * q_strides[1] + d]) * sc : 0.f;
+        qs[r][d] = q0 + r < Lq ? static_cast<float>(qb[(size_t)(q0 + r) * row + d]) * sc : 0.f;
     }
     if (t < QB) { m_s[t] = -INFINITY; l_s[t] = 0.f; }
     const int ro = t >> 3;        // this thread's output row and its dims (t & 7) + 8 j
@@ -294,8 +377,8 @@ _ATTN_SOURCE = """
         for (int i = t; i < KB * D; i += NT) {
             const int c = i / D, d = i % D;
             const bool in = k0 + c < Lk;
-            ks[c][d] = in ? static_cast<float>(kb[(size_t)(k0 + c) * k_strides[1] + d]) : 0.f;
-            vs[c][d] = in ? static_cast<float>(vb[(size_t)(k0 + c) * v_strides[1] + d]) : 0.f;
+            ks[c][d] = in ? static_cast<float>(kb[(size_t)(k0 + c) * row + d]) : 0.f;
+            vs[c][d] = in ? static_cast<float>(vb[(size_t)(k0 + c) * row + d]) : 0.f;
         }
         __syncthreads();
         #pragma unroll
@@ -341,17 +424,11 @@ _ATTN_SOURCE = """
     const int qi = q0 + ro;
     if (qi < Lq) {
         const float inv = 1.f / l_s[ro];
-        T* o = out + ((size_t)b * Lq + qi) * (H * D) + h * D;
+        T* o = out + ((size_t)b * Lq + qi) * row + h * D;
         #pragma unroll
         for (int j = 0; j < DPT; ++j) o[(t & 7) + 8 * j] = static_cast<T>(acc[j] * inv);
     }
 """
-
-
-@cache
-def _attention_kernel():
-    return mx.fast.cuda_kernel(name="sdgraph_attention", input_names=["q", "k", "v", "scale"],
-                               output_names=["out"], source=_ATTN_SOURCE, ensure_row_contiguous=False)
 
 
 def attention_supported(q: mx.array, k: mx.array, heads: int) -> bool:
@@ -362,16 +439,15 @@ def attention_supported(q: mx.array, k: mx.array, heads: int) -> bool:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float) -> mx.array:
-    """softmax(scale q k^T) v per head, q [B, Lq, heads*D], k/v [B, Lk, heads*D] read in place (strided views
-    of a fused projection too: slices along the last axis of a contiguous array, whose channel stride is
-    1) -> [B, Lq, heads*D]."""
+    """softmax(scale q k^T) v per head, q [B, Lq, heads*D], k/v [B, Lk, heads*D] -> [B, Lq, heads*D]. Views
+    (thirds of a fused projection) are made row-contiguous first: at the levels this kernel serves (64-256
+    tokens) that copy is small."""
     b, lq, inner = q.shape
     d = inner // heads
-    (out,) = _attention_kernel()(
-        inputs=[q, k, v, mx.array([scale], mx.float32)],
-        template=[("T", q.dtype), ("D", d), ("H", heads)],
-        grid=(-(-lq // 32) * 256, b * heads, 1), threadgroup=(256, 1, 1),
-        output_shapes=[(b, lq, inner)], output_dtypes=[q.dtype])
+    (out,) = _launch("sdgraph_attention", _ATTN_PARAMS, _ATTN_BODY, {"T": q.dtype, "D": d},
+                     [q, k, v, mx.array([scale], mx.float32)], [heads, lq, k.shape[1]],
+                     grid=(-(-lq // 32) * 256, b * heads, 1), threadgroup=(256, 1, 1),
+                     output_shapes=[(b, lq, inner)], output_dtypes=[q.dtype])
     return out
 
 

@@ -68,9 +68,11 @@ def default_options(component: str, *, gpu: bool, cuda: bool = False,
 
 def options_here(component: str) -> FastOptions:
     """`default_options` for the default device of this process (compiling the CPU kernels if needed)."""
+    from sd.accel import gpu_cache
     from sd.accel.precision import on_gpu
 
     gpu = on_gpu()
+    gpu_cache.prepare()  # kernel folders private; says once when this GPU's kernels are not compiled yet
     return default_options(component, gpu=gpu, cuda=gpu and cuda_kernels.available(),
                            cpu_kernels=not gpu and cpu_kernels.available())
 
@@ -247,7 +249,9 @@ class FusedProjections:
     def __init__(self, unet, shared: bool = False):
         blocks = [blk for _, m in unet.named_modules() if isinstance(m, SpatialTransformer)
                   for blk in m.transformer_blocks]
-        self.modules = [(blk.attn1, False) for blk in blocks] + [(blk.attn2, True) for blk in blocks]
+        # attentions with hypernetworks project their own k/v inputs, unfused (sd/models/unet_blocks.py)
+        self.modules = [(attn, cross) for cross in (False, True) for blk in blocks
+                        if "kv_patches" not in (attn := blk.attn2 if cross else blk.attn1)]
         self.shared = shared
         self.res_blocks = [m for _, m in unet.named_modules() if isinstance(m, ResBlock)] if shared else []
         self.layout: dict[str, dict[int, tuple[int, int]]] = {"context_kv": {}, "emb": {}}

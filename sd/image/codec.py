@@ -28,8 +28,10 @@ def encode_image(vae, pixels: mx.array, encode: Callable[[mx.array], mx.array] |
     return latent.astype(mx.float32)
 
 
-def decode_image(vae, latent: mx.array, decode: Callable[[mx.array], mx.array] | None = None) -> mx.array:
+def decode_image(vae, latent: mx.array, decode: Callable[[mx.array], mx.array] | None = None,
+                 progress: tiling.Progress | None = None) -> mx.array:
     """latent -> image [B,H,W,3] in [0,1], float32; decoded in tiles above tiling.TILE_THRESHOLD latent
-    pixels so large images fit in memory (identical to one decode below it)."""
-    image = tiling.decode(vae, latent.astype(vae.dtype), decode_fn=decode)
+    pixels so large images fit in memory (identical to one decode below it); `progress(done, total)` after
+    each tile."""
+    image = tiling.decode(vae, latent.astype(vae.dtype), decode_fn=decode, progress=progress)
     return mx.clip((image.astype(mx.float32) + 1.0) / 2.0, 0.0, 1.0)

@@ -49,8 +49,12 @@ def _ramp(length: int, starts: list[int], tile: int, index: int, scale: int) -> 
     return w
 
 
+Progress = Callable[[int, int], None]  # (tiles done, tiles in all), after each tile
+
+
 def decode_tiled(decode_fn: Callable[[mx.array], mx.array], latent: mx.array, tile: int = DEFAULT_TILE,
-                 overlap: int = DEFAULT_OVERLAP, scale: int = SCALE) -> mx.array:
+                 overlap: int = DEFAULT_OVERLAP, scale: int = SCALE,
+                 progress: Progress | None = None) -> mx.array:
     """Decode `latent` [B,h,w,C] tile by tile with `decode_fn`; returns [B, h*scale, w*scale, 3] float32.
 
     A latent that fits in one tile is decoded whole: `decode_fn(latent)` unchanged.
@@ -74,6 +78,8 @@ def decode_tiled(decode_fn: Callable[[mx.array], mx.array], latent: mx.array, ti
             out[:, ys_, xs_, :] = out[:, ys_, xs_, :] + piece * weight
             total[:, ys_, xs_, :] = total[:, ys_, xs_, :] + weight
             mx.eval(out, total)  # one tile's activations alive at a time
+            if progress is not None:
+                progress(iy * len(xs) + ix + 1, len(ys) * len(xs))
     return out / total
 
 
@@ -84,9 +90,10 @@ def needs_tiling(latent_shape, threshold: int = TILE_THRESHOLD) -> bool:
 
 def decode(vae, latent: mx.array, decode_fn: Callable[[mx.array], mx.array] | None = None,
            threshold: int = TILE_THRESHOLD, tile: int = DEFAULT_TILE,
-           overlap: int = DEFAULT_OVERLAP) -> mx.array:
-    """`vae.decode(latent)` (or `decode_fn`), tiled only when the latent has more than `threshold` pixels."""
+           overlap: int = DEFAULT_OVERLAP, progress: Progress | None = None) -> mx.array:
+    """`vae.decode(latent)` (or `decode_fn`), tiled only when the latent has more than `threshold` pixels;
+    `progress` hears of each tile (an untiled decode is one step)."""
     fn = decode_fn or vae.decode
     if not needs_tiling(latent.shape, threshold):
         return fn(latent)
-    return decode_tiled(fn, latent, tile, overlap)
+    return decode_tiled(fn, latent, tile, overlap, progress=progress)

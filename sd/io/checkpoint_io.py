@@ -22,8 +22,9 @@ from sd.io.torch_zip import read_torch_zip
 
 # torch.save before 1.6 wrote a bare pickle starting with this number as a protocol-2 LONG1.
 _LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-# Wrapper keys that hold the real state dict in training checkpoints.
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+# Wrapper keys that hold the real state dict in training checkpoints. BasicSR / Real-ESRGAN files keep the EMA
+# weights (the ones to run) in "params_ema", sometimes with the raw ones beside them in "params": EMA wins.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "params_ema", "params-ema", "params", "net")
 
 
 class _Entry(Protocol):
@@ -94,13 +95,14 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
             return TensorFile(path, _state_dict(path, read_torch_zip(path, file_size)), {})
         if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
             return TensorFile(path, _state_dict(path, read_torch_legacy(path, file_size)), {})
+        # before the bare-pickle test: a safetensors header length whose low byte is 0x80 starts like a pickle
+        if len(head) >= 9 and head[8:9] == b"{":
+            entries, metadata = read_safetensors(path, file_size)
+            return TensorFile(path, entries, metadata)
         if head.startswith(b"\x80"):
             raise CheckpointError(
                 path, "this is a bare pickle, not a PyTorch zip checkpoint or safetensors file"
             )
-        if len(head) >= 9 and head[8:9] == b"{":
-            entries, metadata = read_safetensors(path, file_size)
-            return TensorFile(path, entries, metadata)
     except CheckpointError:
         raise
     except Exception as exc:  # a hostile file must never surface as some library's exception type
@@ -112,6 +114,31 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
         "not a checkpoint: expected a .safetensors file or a PyTorch zip (.ckpt/.pt), "
         f"but it starts with {head[:12]!r}",
     )
+
+
+def load_pickled(path: str | os.PathLike) -> object:
+    """The whole object a PyTorch `.pt`/`.ckpt`/`.bin` file pickles (zip or legacy), tensors as lazy
+    ``TensorRef``s (``.read()`` gives the array), through the same restricted unpickler: for files that are
+    not a flat state dict, such as A1111 hypernetworks ({768: (state dict, state dict), "activation_func"})
+    and textual-inversion embeddings. ``CheckpointError`` for anything else, including a safetensors file."""
+    path = Path(path)
+    file_size = _check_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open the file: {exc.strerror or exc}") from exc
+    try:
+        if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+            return read_torch_zip(path, file_size)
+        if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+            return read_torch_legacy(path, file_size)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a hostile file must never surface as some library's exception type
+        raise CheckpointError(path, f"unreadable file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    raise CheckpointError(path, f"not a PyTorch .pt file (a zip or legacy pickle); it starts with "
+                                f"{head[:12]!r}")
 
 
 def _check_file(path: Path) -> int:
@@ -148,8 +175,9 @@ def _state_dict(path: Path, obj: object) -> dict[str, TensorRef]:
             wrapped = [
                 v for k, v in obj.items() if k in _WRAPPER_KEYS and isinstance(v, dict) and _has_tensors(v)
             ]
-            if len(wrapped) == 1:
-                obj = wrapped[0]
+            ema = obj.get("params_ema")
+            if len(wrapped) == 1 or (isinstance(ema, dict) and _has_tensors(ema)):
+                obj = wrapped[0] if len(wrapped) == 1 else ema
                 continue
         break
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, TensorRef)}

@@ -7,6 +7,7 @@ all written in this module:
 * torch's tensor-rebuild functions become functions that build a lazy ``TensorRef`` (a checked view
   description over a storage; no data is read until someone asks for the array),
 * torch storage types and dtype objects become inert tokens naming an element type,
+* ``torch.nn.ParameterDict`` becomes a plain dict of its tensors (``ParameterDictStandIn``),
 * a few harmless globals that real training checkpoints contain (Lightning's ``ModelCheckpoint`` as a
   dict key, numpy scalars for a saved metric, ``_codecs.encode`` for bytes) become inert placeholders.
 
@@ -140,6 +141,17 @@ class Opaque:
         return f"<placeholder for {self.global_name}>"
 
 
+class ParameterDictStandIn(dict):
+    """``torch.nn.ParameterDict`` (early textual-inversion files keep their vectors in one) read as a plain
+    dict of its parameters' tensors: the module is never built, and of its pickled state only the
+    ``_parameters`` entries that are tensors are kept."""
+
+    def __setstate__(self, state: object) -> None:
+        params = state.get("_parameters") if isinstance(state, dict) else None
+        if isinstance(params, dict):
+            self.update({k: v for k, v in params.items() if isinstance(k, str) and isinstance(v, TensorRef)})
+
+
 def _opaque_type(global_name: str) -> type:
     return type("Opaque_" + global_name.replace(".", "_"), (Opaque,), {"global_name": global_name})
 
@@ -266,6 +278,7 @@ _ALLOWED: dict[str, object] = {
     "torch._utils._rebuild_parameter_with_state": _Function(_rebuild_parameter),
     "torch._tensor._rebuild_from_type_v2": _Function(_rebuild_from_type_v2),
     "torch.Size": _Function(_torch_size),
+    "torch.nn.modules.container.ParameterDict": ParameterDictStandIn,
     "_codecs.encode": _Function(_codecs_encode),
     "builtins.set": set,
     "__builtin__.set": set,

@@ -42,6 +42,7 @@ _DDPM_BUFFERS = frozenset({
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar",
+    "v_pred", "ztsnr",  # empty prediction-type markers (sd/loading/prediction.py reads them)
 })
 _IGNORED_PREFIXES = (
     "model_ema.",  # EMA copy of the UNet (names with dots removed); the plain weights are what loads

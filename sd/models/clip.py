@@ -118,8 +118,10 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def __call__(self, tokens: mx.array) -> mx.array:
-        return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[1]]
+    def __call__(self, tokens: mx.array, inputs_embeds: mx.array | None = None) -> mx.array:
+        """Token vectors (or ``inputs_embeds`` [B, N, C] given in their place) plus position vectors."""
+        x = self.token_embedding(tokens) if inputs_embeds is None else inputs_embeds
+        return x + self.position_embedding.weight[: tokens.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
@@ -149,10 +151,13 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def __call__(self, tokens: mx.array) -> CLIPTextOutput:
-        """tokens [B, N<=max_positions] int32 -> all hidden states, the normed last one and pooled."""
+    def __call__(self, tokens: mx.array, inputs_embeds: mx.array | None = None) -> CLIPTextOutput:
+        """tokens [B, N<=max_positions] int32 -> all hidden states, the normed last one and pooled.
+
+        ``inputs_embeds`` [B, N, C], when given, replaces the token vectors (textual-inversion vectors spliced
+        in, sd/text/encode.py); ``tokens`` still place the pooled output at each row's end token."""
         tm = self.text_model
-        x = tm.embeddings(tokens)
+        x = tm.embeddings(tokens, inputs_embeds)
         hidden = [x]
         for layer in tm.encoder.layers:
             x = layer(x)
@@ -166,7 +171,8 @@ class CLIPTextModel(nn.Module):
         return CLIPTextOutput(hidden_states=hidden, last_hidden_state=last, pooled=pooled)
 
 
-def encode_tokens(model: CLIPTextModel, tokens: mx.array, clip_skip: int = -1) -> tuple[mx.array, mx.array]:
+def encode_tokens(model: CLIPTextModel, tokens: mx.array, clip_skip: int = -1,
+                  inputs_embeds: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Hidden states for conditioning and the pooled output, as ComfyUI's SD1 CLIP gives them.
 
     ``clip_skip`` is ComfyUI's ``stop_at_clip_layer``: -1 is the last layer, -2 the penultimate, ... The final
@@ -177,6 +183,6 @@ def encode_tokens(model: CLIPTextModel, tokens: mx.array, clip_skip: int = -1) -
     if not -layers <= clip_skip <= -1:
         raise SDGraphError(f"clip_skip must be between -{layers} and -1 for this {layers}-layer CLIP, "
                            f"got {clip_skip}")
-    out = model(tokens)
+    out = model(tokens, inputs_embeds)
     chosen = out.hidden_states[clip_skip]  # hidden_states has layers + 1 entries, so -1 is the last layer
     return model.text_model.final_layer_norm(chosen), out.pooled

@@ -60,8 +60,20 @@ class Attention(nn.Module):
         self.to_out = [nn.Linear(inner, query_dim)]
 
     def __call__(self, x: mx.array, context: mx.array | None = None, ops: PlainOps = PLAIN) -> mx.array:
-        q, k, v = ops.projections(self, x, context)
+        if "kv_patches" in self:  # hypernetworks (sd/hypernetwork): k and v read their own inputs
+            q, k, v = self._patched_projections(x, context)
+        else:
+            q, k, v = ops.projections(self, x, context)
         return self.to_out[0](ops.attention(q, k, v, self.heads, self.scale))
+
+    def _patched_projections(self, x: mx.array, context: mx.array | None,
+                             ) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v with each patch applied in order to the k and v inputs (ComfyUI's attn1/attn2 patches).
+        Unfused in every backend: a backend's shared or fused k|v projections assume one input."""
+        k_in = v_in = x if context is None else context
+        for patch in self.kv_patches:
+            k_in, v_in = patch(k_in, v_in)
+        return x @ self.to_q.weight.T, k_in @ self.to_k.weight.T, v_in @ self.to_v.weight.T
 
 
 class GEGLU(nn.Module):

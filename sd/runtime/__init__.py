@@ -5,7 +5,8 @@ before anything imports ``mlx.core`` (the CLI, the tests' conftest and the bench
 
 - loads an optimised BLAS for MLX's Linux CPU backend (blas.py; too late once mlx is imported, which it
   says on stderr),
-- sets sdgraph's defaults for MLX's CUDA backend where the user has not (mlx_settings.py),
+- sets sdgraph's defaults for MLX's CUDA backend where the user has not (mlx_settings.py), among them MLX's
+  kernel cache inside sdgraph's kernel folder,
 - sets ``OMP_WAIT_POLICY=PASSIVE`` unless set (idle OpenMP threads of the CPU kernels would otherwise spin
   and starve MLX's own threads on a small machine; libgomp reads it when the kernels load),
 - records the folder the CPU kernels are compiled into (``<cache_dir>/kernels``),
@@ -41,7 +42,7 @@ def setup(cache_dir: Path | str | None = None) -> None:
         return
     _done = True
     blas.load_fast_blas()
-    mlx_settings.apply_defaults()
+    mlx_settings.apply_defaults(kernel_cache_dir())
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _keep_freed_memory = sys.platform.startswith("linux")
 

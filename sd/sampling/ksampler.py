@@ -193,7 +193,7 @@ def sample(
     on the CPU, "cuda": ComfyUI on NVIDIA, "a1111": A1111's GPU seeds; None: ``$SDGRAPH_RNG``, else cpu;
     see sd/sampling/rng.py). Returns the unscaled latent.
     """
-    sampler = get_sampler(sampler_name)
+    sampler = get_sampler(sampler_name, model_sampling)
     latent = latent if isinstance(latent, mx.array) else mx.array(latent)
     sigmas = select_sigmas(
         model_sampling, scheduler, sampler_name, steps, denoise, start_step, last_step, force_full_denoise

@@ -6,8 +6,9 @@ The samplers themselves live in sd/sampling/ode.py (deterministic), sd/sampling/
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
-from functools import partial
 
 import mlx.core as mx
 
@@ -42,6 +43,7 @@ from sd.sampling.sde import (
     sample_euler_ancestral,
     sample_lcm,
 )
+from sd.sampling.tcd import sample_tcd
 from sd.sampling.unipc import sample_uni_pc, sample_uni_pc_bh2
 
 __all__ = ["SAMPLERS", "get_sampler", "get_ancestral_step", "linear_multistep_coeff"]
@@ -60,8 +62,8 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
-    "dpmpp_2m_sde_heun": partial(sample_dpmpp_2m_sde, solver_type="heun"),
-    "dpmpp_2m_sde_heun_gpu": partial(sample_dpmpp_2m_sde, solver_type="heun"),
+    "dpmpp_2m_sde_heun": functools.partial(sample_dpmpp_2m_sde, solver_type="heun"),
+    "dpmpp_2m_sde_heun_gpu": functools.partial(sample_dpmpp_2m_sde, solver_type="heun"),
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde,
     "ddpm": sample_ddpm,
@@ -78,6 +80,7 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "ddim": sample_euler,  # ComfyUI's "ddim" is Euler (exactly DDIM's update for eps models)
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
+    "tcd": sample_tcd,
 }
 
 
@@ -114,11 +117,16 @@ SAMPLERS = (
     "ddim",
     "uni_pc",
     "uni_pc_bh2",
+    "tcd",  # not among ComfyUI's built-in names: the TCD sampler of ComfyUI-derived k-diffusion
 )
 
 
-def get_sampler(name: str) -> Callable[..., mx.array]:
-    """The sampler function registered under ComfyUI's ``name``."""
+def get_sampler(name: str, model_sampling=None) -> Callable[..., mx.array]:
+    """The sampler function registered under ComfyUI's ``name``; a sampler that reads the schedule
+    itself (tcd: its timesteps and alpha_bar) gets ``model_sampling`` bound."""
     if name not in _SAMPLER_FUNCTIONS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return _SAMPLER_FUNCTIONS[name]
+    fn = _SAMPLER_FUNCTIONS[name]
+    if model_sampling is not None and "model_sampling" in inspect.signature(fn).parameters:
+        return functools.partial(fn, model_sampling=model_sampling)
+    return fn

@@ -10,7 +10,7 @@ import json
 import struct
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +39,11 @@ def _configs(size: str) -> dict:
 
     if size == "tiny":
         return {"unet": unet.TINY_UNET, "vae": vae.TINY_VAE, "clip": clip.TINY_CLIP}
+    if size == "tiny-inpainting":  # 9 input channels: latent + mask + masked image
+        return {"unet": replace(unet.TINY_UNET, in_channels=9), "vae": vae.TINY_VAE, "clip": clip.TINY_CLIP}
     if size == "full":
         return {"unet": unet.SD15_UNET, "vae": vae.SD15_VAE, "clip": clip.SD15_CLIP}
-    raise ValueError(f"unknown size {size!r}; use 'tiny' or 'full'")
+    raise ValueError(f"unknown size {size!r}; use 'tiny', 'tiny-inpainting' or 'full'")
 
 
 def _part_rng(seed: int, part: str) -> np.random.Generator:
@@ -151,6 +153,26 @@ class _PickleWriter:
         self.global_("collections", "OrderedDict")
         self.out += b")R"  # EMPTY_TUPLE, REDUCE
 
+    def tensor(self, storage_key: str, storage_type: str, shape: tuple[int, ...]) -> None:
+        """torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict()), the storage a
+        persistent id ('storage', torch.<Type>Storage, key, 'cpu', numel) whose data is `data/<key>`."""
+        numel = int(np.prod(shape, dtype=np.int64))
+        strides = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
+        self.global_("torch._utils", "_rebuild_tensor_v2")
+        self.out += b"(("  # MARK args, MARK persistent id
+        self.string("storage")
+        self.global_("torch", storage_type)
+        self.string(storage_key)
+        self.string("cpu")
+        self.integer(numel)
+        self.out += b"tQ"  # TUPLE, BINPERSID
+        self.integer(0)  # storage offset
+        self.int_tuple(shape)
+        self.int_tuple(strides)
+        self.out += b"\x89"  # NEWFALSE: requires_grad
+        self.empty_ordered_dict()  # backward hooks
+        self.out += b"tR"  # TUPLE, REDUCE
+
 
 _STORAGE_TYPES = {"float32": "FloatStorage", "float16": "HalfStorage", "bfloat16": "BFloat16Storage",
                   "int64": "LongStorage"}
@@ -163,23 +185,8 @@ def _state_dict_pickle(specs: list[TensorSpec], dtype: str) -> bytes:
     p.empty_ordered_dict()
     p.out += b"("  # MARK: the items follow, closed by SETITEMS
     for index, spec in enumerate(specs):
-        numel = int(np.prod(spec.shape, dtype=np.int64))
-        strides = tuple(int(np.prod(spec.shape[i + 1:], dtype=np.int64)) for i in range(len(spec.shape)))
         p.string(spec.key)
-        p.global_("torch._utils", "_rebuild_tensor_v2")
-        p.out += b"(("  # MARK args, MARK persistent id
-        p.string("storage")
-        p.global_("torch", _STORAGE_TYPES["int64" if spec.integer else dtype])
-        p.string(str(index))
-        p.string("cpu")
-        p.integer(numel)
-        p.out += b"tQ"  # TUPLE, BINPERSID
-        p.integer(0)  # storage offset
-        p.int_tuple(spec.shape)
-        p.int_tuple(strides)
-        p.out += b"\x89"  # NEWFALSE: requires_grad
-        p.empty_ordered_dict()  # backward hooks
-        p.out += b"tR"  # TUPLE, REDUCE
+        p.tensor(str(index), _STORAGE_TYPES["int64" if spec.integer else dtype], spec.shape)
     p.out += b"u."  # SETITEMS, STOP
     return bytes(p.out)
 
@@ -202,7 +209,7 @@ def make_checkpoint(
     seed: int = 0,
     parts: Iterable[str] = PARTS,
 ) -> Path:
-    """Write a random-weight SD1.x checkpoint (`size` "tiny" or "full") in the LDM key layout.
+    """Write a random-weight SD1.x checkpoint (`size` "tiny", "tiny-inpainting" or "full") in the LDM layout.
 
     `fmt` is "safetensors" or "ckpt" (default: from the file suffix); `dtype` one of float32,
     float16, bfloat16; `parts` any of "unet", "vae", "clip". Same seed, same weights in every format.

@@ -6,7 +6,12 @@
 - A parenthesis that does not close runs to the end of the text; a stray ``)`` just closes nothing.
 - Each weighted segment is tokenized as a whole and becomes one token *group*; chunking (sd/text/encode.py)
   keeps groups shorter than 8 tokens inside one chunk.
-- ``embedding:name`` (textual inversion) is not supported yet and is refused with a clear message.
+- ``embedding:name`` (textual inversion; at the start of a segment or after a space or newline) puts the
+  embedding's vectors in the prompt, with the segment's weight: ``(embedding:name:1.2)``. As ComfyUI's
+  ``_try_get_embedding``: the name is the next word; a name not found is tried again without commas
+  around it (``embedding:easynegative,`` means easynegative and a comma); the rest is ordinary text.
+  A name that is not found is an error (ComfyUI warns and leaves the word out, which silently changes
+  the image: a misspelt negative embedding would never be noticed).
 - Refused too, where ComfyUI would go on: a weight that is not finite (``(x:nan)``, ``(x:inf)``: a black
   image), parentheses nested deeper than MAX_NESTING, and prompts over MAX_PROMPT_CHARS characters (the
   encoding grows with the prompt: 75 tokens a chunk, every chunk through the text encoder).
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from sd.errors import SDGraphError
 from sd.text.tokenizer import CLIPTokenizer, default_tokenizer
@@ -26,6 +33,7 @@ _ESCAPED_CLOSE, _ESCAPED_OPEN = "\0\1", "\0\2"
 MAX_PROMPT_CHARS = 100_000
 MAX_NESTING = 100
 _EMBEDDING_SPLIT = re.compile(f" {EMBEDDING_PREFIX}|\n{EMBEDDING_PREFIX}")
+T = TypeVar("T")
 
 
 class PromptError(SDGraphError):
@@ -101,25 +109,54 @@ def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
     return [(_unescape(segment), weight) for segment, weight in _weigh(_escape(text), 1.0)]
 
 
-def tokenize_weighted(text: str, tokenizer: CLIPTokenizer | None = None) -> list[list[tuple[int, float]]]:
-    """Token groups, one per weighted segment: ``[[(token_id, weight), ...], ...]`` (no start/end tokens)."""
-    tokenizer = tokenizer or default_tokenizer()
-    groups: list[list[tuple[int, float]]] = []
+def prompt_pieces(text: str) -> Iterator[tuple[str, float]]:
+    """The weighted segments cut at each ``embedding:`` that follows a space or newline (ComfyUI's split):
+    (piece, weight), where a piece that starts with ``embedding:`` names an embedding."""
     for segment, weight in parse_prompt_weights(text):
         pieces = _EMBEDDING_SPLIT.split(segment)
-        pieces = [pieces[0]] + [EMBEDDING_PREFIX + p for p in pieces[1:]]
-        for piece in pieces:
-            if piece == "":
-                continue
-            if piece.startswith(EMBEDDING_PREFIX):
-                name = (piece[len(EMBEDDING_PREFIX) :].split() or [""])[0]
-                raise PromptError(
-                    f"prompt uses textual-inversion embedding 'embedding:{name}', which sdgraph does not "
-                    f"support yet; remove it from the prompt (or write 'embedding :' to mean the plain words)"
-                )
-            groups.append([(token, weight) for token in tokenizer.encode(piece)])
-    return groups
+        for piece in [pieces[0]] + [EMBEDDING_PREFIX + p for p in pieces[1:]]:
+            if piece:
+                yield piece, weight
 
+
+def embedding_reference(piece: str, lookup: Callable[[str], T | None]) -> tuple[T | None, str, str]:
+    """For a piece ``embedding:NAME rest``: (lookup's answer or None, the name as written, the text left to
+    tokenize), trying NAME without surrounding commas when NAME itself is not found, as ComfyUI does."""
+    words = piece[len(EMBEDDING_PREFIX):].strip("\n").split()
+    if not words:  # ComfyUI fails here (IndexError); a bare 'embedding:' names nothing
+        raise PromptError("prompt has 'embedding:' without a name after it; write embedding:NAME")
+    name, leftover = words[0], " ".join(words[1:])
+    found = lookup(name)
+    if found is None:
+        stripped = name.strip(",")
+        if len(stripped) < len(name):
+            return lookup(stripped), name, f"{name[len(stripped):]} {leftover}"
+    return found, name, leftover
+
+
+# a group's items: a token id, or one vector [C] of an embedding (sd/text/embeddings.py), with its weight
+Group = list[tuple[object, float]]
+
+
+def tokenize_weighted(text: str, tokenizer: CLIPTokenizer | None = None,
+                      embedding: Callable[[str], object | None] | None = None) -> list[Group]:
+    """Token groups, one per weighted segment: ``[[(token_id, weight), ...], ...]`` (no start/end tokens).
+
+    ``embedding(name)`` gives an embedding's vectors [n, C] (None when there is no such embedding): each
+    vector becomes one item ``(vector, weight)`` of a group of its own, in place of a token id. Without it,
+    or when it answers None, a prompt naming an embedding is a PromptError."""
+    tokenizer = tokenizer or default_tokenizer()
+    groups: list[Group] = []
+    for piece, weight in prompt_pieces(text):
+        if piece.startswith(EMBEDDING_PREFIX):
+            vectors, name, piece = embedding_reference(piece, embedding or (lambda name: None))
+            if vectors is None:
+                raise PromptError(f"prompt names embedding:{name}, which is not in the embeddings folder")
+            groups.append([(vector, weight) for vector in vectors])
+            if not piece:
+                continue
+        groups.append([(token, weight) for token in tokenizer.encode(piece)])
+    return groups
 
 
 def check_prompt(text: str) -> None:
