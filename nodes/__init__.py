@@ -10,9 +10,13 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     checkpoint_configs.py  what CheckpointLoader's config_name may say
     merging.py       ModelMerge*, CLIPMerge* (merges as recipe patches), CheckpointSave
     conditioning.py  CLIPEncode, CLIPSetLastLayer
+    conditioning_ops.py  ConditioningCombine/Concat/Average/ZeroOut/SetArea*/SetMask/SetTimestepRange
     latents.py       EmptyLatent, LatentUpscale, VAEEncode, VAEDecode
     sampling.py      KSampler, KSamplerAdvanced
-    model_patches.py ModelSamplingDiscrete (how a model is sampled, not its weights)
+    sampling_values.py, custom_sampling.py   SIGMAS/SAMPLER/NOISE/GUIDER and ComfyUI's custom sampling nodes
+    conditioning_ops.py  ConditioningCombine/Concat/Average/ZeroOut/SetArea*/SetMask/SetTimestepRange
+    model_patches.py ModelSamplingDiscrete (how a model is sampled), RescaleCFG, FreeU_V2,
+                     SelfAttentionGuidance, PerturbedAttentionGuidance (guidance maths, not weights)
     images.py        LoadImage, SaveImage, PreviewImage (prefix_tokens.py: ComfyUI's %date%/%Node.input%)
     latent_files.py  SaveLatent, LoadLatent (ComfyUI's .latent files)
     vae_tiled.py     VAEDecodeTiled, VAEEncodeTiled
@@ -28,8 +32,10 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
 """
 
 from nodes import values  # noqa: F401, I001  (registers the serializers before the nodes are declared)
+from nodes import sampling_values  # noqa: F401, I001  (the custom-sampling socket types)
 from nodes import conditioning, images, latent_files, latents, loaders, merging, model_patches  # noqa: F401
 from nodes import image_ops, latent_ops, masks, sampling, upscale, vae_tiled  # noqa: F401
+from nodes import conditioning_ops, custom_sampling  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()

@@ -62,6 +62,14 @@ def sampler(lit, inputs, files) -> Estimate:
                     detail=f"UNet activations for {b} latent(s) of {w * SCALE}x{h * SCALE} pixels")
 
 
+def custom_sampler(lit, inputs, files) -> Estimate:
+    """SamplerCustom / SamplerCustomAdvanced: a sampler's memory, two latent outputs (output, denoised)."""
+    est = sampler(lit, inputs, files)
+    if not est.outputs:
+        return est
+    return Estimate(held=2 * est.held, working=est.working, outputs=est.outputs * 2, detail=est.detail)
+
+
 def vae_decode(lit, inputs, files) -> Estimate:
     size = _size(inputs.get("samples"), "latent")
     if size is None:
@@ -154,6 +162,7 @@ def register() -> None:
     table = {"EmptyLatent": empty_latent, "LatentUpscale": latent_upscale, "KSampler": sampler,
              "KSamplerAdvanced": sampler, "VAEDecode": vae_decode, "VAEEncode": vae_encode,
              "LoadImage": load_image, "SaveImage": save_image, "LoadCheckpoint": load_checkpoint,
-             "UpscaleModelLoader": upscale_model_loader, "ImageUpscaleWithModel": image_upscale}
+             "UpscaleModelLoader": upscale_model_loader, "ImageUpscaleWithModel": image_upscale,
+             "SamplerCustom": custom_sampler, "SamplerCustomAdvanced": custom_sampler}
     for name, fn in table.items():
         register_estimate(name, fn)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from graph import CONDITIONING, LATENT, MODEL, Choice, Float, Int, node
 from nodes import models
@@ -43,26 +45,65 @@ class SamplerChoice(Choice):
 
 
 def model_sampling_of(model: ModelRecipe):
-    """The schedule and prediction rules the recipe's sampling patch asks for."""
+    """The noise schedule and prediction rules the model samples with (detected from the checkpoint or set by
+    ModelSamplingDiscrete): the one place KSampler and custom sampling ask."""
     from sd.sampling.model_sampling import model_sampling_for
 
     return model_sampling_for(model.sampling.prediction, model.sampling.zsnr)
 
 
+# Conditioning options that are recipes (a ControlNet, say) become what sd.sampling evaluates (an object with
+# `unet_extras`, sd/sampling/conds.py) through a resolver registered for their key: resolve(value, ctx).
+ENTRY_RESOLVERS: dict[str, Callable[[Any, Any], Any]] = {}
+
+
+def register_entry_resolver(key: str, resolve: Callable[[Any, Any], Any]) -> None:
+    ENTRY_RESOLVERS[key] = resolve
+
+
+def sampling_entries(ctx, *conditionings: Conditioning) -> list[list]:
+    """Each conditioning's (cond, options) pairs for sd.sampling, registered option keys resolved once per
+    equal value across all of them (entries share a UNet call only with the same sources, by identity)."""
+    resolved: dict = {}
+
+    def resolve(key: str, value: Any) -> Any:
+        if key not in ENTRY_RESOLVERS:
+            return value
+        memo = (key, value) if _hashable(value) else (key, id(value))
+        if memo not in resolved:
+            resolved[memo] = ENTRY_RESOLVERS[key](value, ctx)
+        return resolved[memo]
+
+    return [[(e.cond, {k: resolve(k, v) for k, v in e.options.items()}) for e in c] for c in conditionings]
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def progress_callback(ctx):
+    def on_step(i: int, total: int, x, denoised) -> None:
+        ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
+
+    return on_step
+
+
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
+    from nodes.model_patches import sampling_patches
     from sd.sampling.ksampler import sample
 
     resolve_rng(None)  # a misspelt $SDGRAPH_RNG fails here rather than being quietly ignored
     if latent.noise_mask is not None:
         raise ValueError("latents with a noise mask (inpainting) are not supported yet")
     unet = models.unet_for(model, ctx.log)
-
-    def on_step(i: int, total: int, x, denoised) -> None:
-        ctx.progress(i + 1, total)  # also where a cancelled run stops, between two steps
-
-    samples = sample(models.fast_unet(unet), positive.cond, negative.cond, latent.samples, callback=on_step,
-                     model_sampling=model_sampling_of(model), **kwargs)
+    pos, neg = sampling_entries(ctx, positive, negative)
+    samples = sample(models.fast_unet(unet), pos, neg, latent.samples, callback=progress_callback(ctx),
+                     model_sampling=model_sampling_of(model), patches=sampling_patches(model, unet), **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
     return Latent(samples, latent.batch_index)
 

@@ -18,10 +18,11 @@ import io
 import json
 import math
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from types import MappingProxyType
+from typing import Any, Union
 
 import mlx.core as mx
 import numpy as np
@@ -87,14 +88,29 @@ class HypernetworkPatch:
 
 
 @dataclass(frozen=True)
+class GuidancePatch:
+    """A model patch that is maths, not weights (ComfyUI's RescaleCFG, FreeU_V2, SelfAttentionGuidance,
+    PerturbedAttentionGuidance): the node's name and its settings; nodes/model_patches.py turns it into
+    sd.sampling's patches when sampling."""
+
+    kind: str
+    settings: tuple[tuple[str, float], ...] = ()
+
+    def setting(self, name: str) -> float:
+        return dict(self.settings)[name]
+
+
+@dataclass(frozen=True)
 class ModelRecipe:
     """MODEL: a checkpoint's UNet plus patches in order: LoRAs (W + strength * delta) and merges rewrite the
     weights, one after the other; hypernetworks patch the attention of the weights that result. `sampling`:
-    the model sampling KSampler uses (detected from the checkpoint, or set by ModelSamplingDiscrete)."""
+    the model sampling KSampler uses (detected from the checkpoint, or set by ModelSamplingDiscrete);
+    `guidance`: patches applied in order when it samples (RescaleCFG, FreeU_V2, SAG, PAG; no weights)."""
 
     checkpoint: FileRef
     patches: tuple[LoRAPatch | MergePatch | HypernetworkPatch, ...] = ()
     sampling: SamplingPatch = SamplingPatch()
+    sampling_patches: tuple[GuidancePatch, ...] = ()
 
     def with_lora(self, lora: FileRef, strength: float, allow_partial: bool = False) -> ModelRecipe:
         if strength == 0:
@@ -111,6 +127,9 @@ class ModelRecipe:
     @property
     def weight_patches(self) -> tuple[LoRAPatch | MergePatch, ...]:
         return tuple(p for p in self.patches if not isinstance(p, HypernetworkPatch))
+    def with_sampling_patch(self, kind: str, **settings: float) -> ModelRecipe:
+        patch = GuidancePatch(kind, tuple(sorted(settings.items())))
+        return replace(self, sampling_patches=self.sampling_patches + (patch,))
 
 
 @dataclass(frozen=True)
@@ -160,16 +179,88 @@ class UpscaleModelRecipe:
     file: FileRef
 
 
-@dataclass(frozen=True)
-class Conditioning:
-    """A prompt's encoding: cond [B, 77*k, C] and pooled [B, C] (float32)."""
+def _frozen(options: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(options or {}))
+
+
+@dataclass(frozen=True, eq=False)
+class CondEntry:
+    """One entry of a CONDITIONING: a text encoding cond [B, 77*k, C], its pooled output [B, C] (float32)
+    and options with ComfyUI's keys (read by sd/sampling/conds.py):
+
+        area                (h, w, y, x) in latent pixels, or ("percentage", h, w, y, x)
+        strength, mask ([B, H, W] mx.array), mask_strength, set_area_to_bounds
+        start_percent, end_percent
+
+    Later per-entry extras go here too, by the key ComfyUI uses (`control`, `concat_latent_image`,
+    `concat_mask`, `gligen`); a value the disk store cannot write needs an `register_option_codec`. Options
+    are read-only; `with_options` returns a new entry."""
 
     cond: mx.array
     pooled: mx.array | None = None
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, MappingProxyType):
+            object.__setattr__(self, "options", _frozen(self.options))
+
+    def with_options(self, **changes: Any) -> CondEntry:
+        """A copy with options set (a value of None removes the key)."""
+        options = {**self.options, **changes}
+        return replace(self, options={k: v for k, v in options.items() if v is not None})
 
     @property
     def nbytes(self) -> int:
-        return self.cond.nbytes + (self.pooled.nbytes if self.pooled is not None else 0)
+        arrays = [self.cond, self.pooled, *(v for v in self.options.values() if isinstance(v, mx.array))]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass(frozen=True, eq=False, init=False)
+class Conditioning:
+    """CONDITIONING: entries (ComfyUI's list of [cond, options]). `Conditioning(cond, pooled)` is the one
+    entry a prompt encodes to; `Conditioning(entries=...)` any list. `.cond` / `.pooled` are the first
+    entry's (what ComfyUI's nodes read as `conditioning[0][0]`)."""
+
+    entries: tuple[CondEntry, ...]
+
+    def __init__(self, cond: mx.array | None = None, pooled: mx.array | None = None, *,
+                 entries: Sequence[CondEntry] | None = None):
+        if entries is None:
+            if cond is None:
+                raise ValueError("a conditioning needs a cond array or entries")
+            entries = (CondEntry(cond, pooled),)
+        elif cond is not None or pooled is not None:
+            raise ValueError("give a cond array or entries, not both")
+        object.__setattr__(self, "entries", tuple(entries))
+
+    @property
+    def cond(self) -> mx.array:
+        return self.entries[0].cond
+
+    @property
+    def pooled(self) -> mx.array | None:
+        return self.entries[0].pooled
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def map(self, change: Callable[[CondEntry], CondEntry]) -> Conditioning:
+        """Every entry changed by `change` (how ComfyUI's ConditioningSet* nodes work)."""
+        return Conditioning(entries=[change(e) for e in self.entries])
+
+    def with_options(self, **changes: Any) -> Conditioning:
+        return self.map(lambda e: e.with_options(**changes))
+
+    def for_sampling(self) -> list[tuple[mx.array, Mapping[str, Any]]]:
+        """(cond, options) pairs, what sd.sampling takes."""
+        return [(e.cond, e.options) for e in self.entries]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
 
 
 @dataclass(frozen=True)
@@ -232,13 +323,70 @@ def _to_numpy(a: mx.array) -> np.ndarray:
     return np.array(a)
 
 
+# Option values that are neither arrays nor JSON data are written by a codec registered for their key:
+# encode(value) -> (JSON data, {name: array}), decode(data, arrays) -> value.
+OptionCodec = tuple[Callable[[Any], tuple[Any, dict[str, mx.array]]],
+                    Callable[[Any, dict[str, mx.array]], Any]]
+OPTION_CODECS: dict[str, OptionCodec] = {}
+
+
+def register_option_codec(key: str, encode, decode) -> None:
+    """Let the disk store keep conditioning entries whose option `key` holds a non-JSON value (a ControlNet
+    recipe, say). Without one, such a conditioning stays in memory only."""
+    OPTION_CODECS[key] = (encode, decode)
+
+
+def _is_json(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(_is_json(v) for v in value)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def conditioning_to_bytes(c: Conditioning) -> bytes:
-    return _npz({"cond": c.cond, "pooled": c.pooled})
+    arrays: dict[str, mx.array | None] = {}
+    entries = []
+    for i, e in enumerate(c.entries):
+        arrays[f"{i}.cond"], arrays[f"{i}.pooled"] = e.cond, e.pooled
+        options: dict[str, Any] = {}
+        for key, value in sorted(e.options.items()):
+            if key in OPTION_CODECS:
+                data, parts = OPTION_CODECS[key][0](value)
+                options[key] = {"codec": data, "arrays": sorted(parts)}
+                arrays.update({f"{i}.opt.{key}.{name}": a for name, a in parts.items()})
+            elif isinstance(value, mx.array):
+                options[key] = {"array": True}
+                arrays[f"{i}.opt.{key}"] = value
+            elif _is_json(value):
+                options[key] = {"value": value}
+            else:
+                raise ValueError(f"conditioning option {key!r} ({type(value).__name__}) has no disk codec")
+        entries.append(options)
+    return _npz(arrays, {"entries": entries})
 
 
 def conditioning_from_bytes(blob: bytes) -> Conditioning:
-    arrays, _ = _from_npz(blob)
-    return Conditioning(arrays["cond"], arrays.get("pooled"))
+    arrays, meta = _from_npz(blob)
+    if "entries" not in meta:  # written before conditionings had entries
+        return Conditioning(arrays["cond"], arrays.get("pooled"))
+    entries = []
+    for i, opts in enumerate(meta["entries"]):
+        options = {}
+        for key, spec in opts.items():
+            if "codec" in spec:
+                if key not in OPTION_CODECS:
+                    raise ValueError(f"no codec for conditioning option {key!r}")
+                parts = {name: arrays[f"{i}.opt.{key}.{name}"] for name in spec["arrays"]}
+                options[key] = OPTION_CODECS[key][1](spec["codec"], parts)
+            elif spec.get("array"):
+                options[key] = arrays[f"{i}.opt.{key}"]
+            else:
+                options[key] = _tuples(spec["value"])
+        entries.append(CondEntry(arrays[f"{i}.cond"], arrays.get(f"{i}.pooled"), options))
+    return Conditioning(entries=entries)
 
 
 def latent_to_bytes(latent: Latent) -> bytes:

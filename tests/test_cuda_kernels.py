@@ -162,7 +162,9 @@ def test_a_variant_is_compiled_once_per_machine_and_only_a_verified_binary_is_us
     monkeypatch.setattr(nvrtc, "compile_cubin", lambda source, arch, name: compiles.append(name) or b"CUBIN")
     monkeypatch.setattr(cuda_kernels, "_toolchain", lambda: ("sm_90", "13000", "13.0"))
     monkeypatch.setattr(runtime, "kernel_cache_dir", lambda: tmp_path / "kernels")
-    monkeypatch.setattr(cuda_kernels, "_announced", False)
+    from sd.accel import gpu_cache
+
+    monkeypatch.setattr(gpu_cache, "_state", {"prepared": False, "announced": False})
     args = ("sdgraph_channel_sums", cuda_kernels._SUMS_PARAMS, cuda_kernels._SUMS_BODY,
             (("T", mx.float16),))
 

@@ -59,3 +59,46 @@ def test_recipes_stack_patches_and_zero_strength_is_identity(tmp_path):
     assert base.with_lora(a, 0.0) == base
     assert hash(chained) == hash(ModelRecipe(ckpt).with_lora(a, 0.8).with_lora(b, -0.5))
     assert ClipRecipe(ckpt).with_lora(a, 1.0).stop_at_layer == -1
+
+
+def test_conditioning_entries_and_options_round_trip():
+    from nodes.values import CondEntry, register_option_codec
+
+    class Recipe:  # a stand-in for a non-JSON option value (a ControlNet recipe, say)
+        def __init__(self, name, image):
+            self.name, self.image = name, image
+
+    register_option_codec("test_recipe", lambda r: ({"name": r.name}, {"image": r.image}),
+                          lambda data, arrays: Recipe(data["name"], arrays["image"]))
+    rng = np.random.default_rng(1)
+    arr = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    value = Conditioning(entries=[
+        CondEntry(arr(1, 77, 8), arr(1, 8)),
+        CondEntry(arr(1, 154, 8), None, {"area": (8, 16, 0, 4), "strength": 0.5, "mask": arr(1, 4, 4),
+                                         "set_area_to_bounds": False, "start_percent": 0.2,
+                                         "test_recipe": Recipe("cn", arr(1, 4, 4, 3))}),
+        CondEntry(arr(1, 77, 8), arr(1, 8), {"area": ("percentage", 0.5, 0.5, 0.0, 0.25)}),
+    ])
+    st = SOCKET_TYPES["CONDITIONING"]
+    blob = st.to_bytes(value)
+    back = st.from_bytes(blob)
+    assert st.to_bytes(back) == blob and len(back) == 3
+    for a, b in zip(value, back, strict=True):
+        assert _same(a.cond, b.cond) and _same(a.pooled, b.pooled)
+        assert set(a.options) == set(b.options)
+    opts = back.entries[1].options
+    assert opts["area"] == (8, 16, 0, 4) and opts["strength"] == 0.5
+    assert _same(opts["mask"], value.entries[1].options["mask"]) and opts["test_recipe"].name == "cn"
+    assert back.entries[2].options["area"] == ("percentage", 0.5, 0.5, 0.0, 0.25)
+    with pytest.raises(TypeError):
+        opts["strength"] = 1.0  # read-only
+    with pytest.raises(ValueError, match="no disk codec"):
+        st.to_bytes(value.with_options(other=object()))
+
+
+def test_conditioning_blobs_from_before_entries_still_load():
+    from nodes.values import _npz
+
+    old = _npz({"cond": mx.ones((1, 77, 8)), "pooled": mx.zeros((1, 8))})
+    back = SOCKET_TYPES["CONDITIONING"].from_bytes(old)
+    assert len(back) == 1 and back.cond.shape == (1, 77, 8) and dict(back.entries[0].options) == {}

@@ -117,7 +117,7 @@ def test_ksampler_uses_the_mode_noise(sampler_name):
     x = ms.noise_scaling(
         float(sigmas[0]), source.initial(), latent, max_denoise=ms.is_max_denoise(float(sigmas[0]))
     )
-    denoiser = make_cfg_denoiser(_fake_unet, [cond], [cond], 1.0, ms)
+    denoiser = make_cfg_denoiser(_fake_unet, [cond], [cond], 1.0, ms, latent_shape=latent.shape)
     out = get_sampler(sampler_name)(
         denoiser, x, sigmas, seed=3, noise_sampler=source.sampler(sampler_name, sigmas)
     )

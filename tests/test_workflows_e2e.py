@@ -27,6 +27,8 @@ SIZES = {
     "hires_fix_model": HIRES,  # 32 -> 128 pixels through the demo's 4x ESRGAN, latent resized to 64
     "model_merge": SMALL,
     "hypernetwork": SMALL,
+    "area_composition": SMALL,
+    "custom_sampling": SMALL,
 }
 SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
 
@@ -56,8 +58,12 @@ def test_workflow_runs_and_embeds_itself(world, name):
     embedded = json.loads(text["sdgraph"])
     assert embedded["params"]["seed"] == 5 and embedded["params"]["steps"] == 2  # overrides folded in
     comfy = json.loads(text["prompt"])
-    sampler = next(n for n in comfy.values() if n["class_type"] == "KSampler")
-    assert sampler["inputs"]["seed"] == 5 and sampler["inputs"]["model"][1] == 0
+    sampler = next((n for n in comfy.values() if n["class_type"] == "KSampler"), None)
+    if sampler is not None:
+        assert sampler["inputs"]["seed"] == 5 and sampler["inputs"]["model"][1] == 0
+    else:  # custom sampling: the seed is RandomNoise's
+        noise = next(n for n in comfy.values() if n["class_type"] == "RandomNoise")
+        assert noise["inputs"]["noise_seed"] == 5
 
 
 @pytest.mark.slow

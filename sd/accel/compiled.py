@@ -8,13 +8,19 @@ module.state)`), not as constants — so LoRA patches or reloaded weights reach 
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 
 from sd.accel.ops import FastOps, FastOptions, FusedProjections, options_here
+from sd.models.unet_extras import ControlResiduals, UNetExtras
 
 
 class FastUNet:
-    """`fast(x, timesteps, context)`, as `unet(x, timesteps, context)`; compiled per input shape."""
+    """`fast(x, timesteps, context, extras=None)`, as `unet(x, timesteps, context, extras=...)`; compiled per
+    input shape. Extras that are arrays (concat channels, control residuals) are inputs of a compiled graph
+    of their own; extras with Python hooks (attention or block patches) run the same forward uncompiled, since
+    a compiled graph would keep the first hook it saw."""
 
     def __init__(self, unet, opts: FastOptions | None = None):
         self.unet = unet
@@ -26,10 +32,53 @@ class FastUNet:
         def forward(x, t, c, fused):  # the fused weights are arguments, so new ones reach the compiled graph
             return unet(x, t, c, ops=FastOps(self.opts, fused, layout))
 
-        self._fn = mx.compile(forward, inputs=unet.state) if self.opts.compiles else forward
+        def forward_extras(x, t, c, fused, arrays, shape):
+            return unet(x, t, c, ops=FastOps(self.opts, fused, layout), extras=_extras_from(arrays, shape))
 
-    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
-        return self._fn(x, timesteps, context, self.fused.weights() if self.fused else {})
+        self._forward_extras = forward_extras
+        self._fn = mx.compile(forward, inputs=unet.state) if self.opts.compiles else forward
+        self._with_extras: dict[tuple, object] = {}  # one compiled graph per arrangement of array extras
+
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
+                 extras: UNetExtras | None = None) -> mx.array:
+        fused = self.fused.weights() if self.fused else {}
+        if extras is None or extras.is_empty:
+            return self._fn(x, timesteps, context, fused)
+        if extras.has_hooks or not self.opts.compiles:
+            layout = self.fused.layout if self.fused else None
+            return self.unet(x, timesteps, context, ops=FastOps(self.opts, fused, layout), extras=extras)
+        arrays, shape = _arrays_of(extras)
+        fn = self._with_extras.get(shape)
+        if fn is None:
+            fn = self._with_extras[shape] = mx.compile(partial(self._forward_extras, shape=shape),
+                                                       inputs=self.unet.state)
+        return fn(x, timesteps, context, fused, arrays)
+
+
+def _arrays_of(extras: UNetExtras) -> tuple[list[mx.array], tuple]:
+    """The arrays of hook-free extras as a flat list, and the arrangement that rebuilds them."""
+    control = extras.control or ControlResiduals()
+    parts = {"concat": [extras.concat], "input": list(control.input), "middle": [control.middle],
+             "output": list(control.output)}
+    arrays, shape = [], []
+    for name, values in parts.items():
+        present = tuple(i for i, v in enumerate(values) if v is not None)
+        shape.append((name, len(values), present, extras.control is not None))
+        arrays += [values[i] for i in present]
+    return arrays, tuple(shape)
+
+
+def _extras_from(arrays: list[mx.array], shape: tuple) -> UNetExtras:
+    it = iter(arrays)
+    parts = {}
+    for name, length, present, _ in shape:
+        values = [None] * length
+        for i in present:
+            values[i] = next(it)
+        parts[name] = values
+    control = (ControlResiduals(tuple(parts["input"]), parts["middle"][0], tuple(parts["output"]))
+               if shape[0][3] else None)
+    return UNetExtras(concat=parts["concat"][0], control=control)
 
 
 class FastVAE:

@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from sd.models.ops import PLAIN, PlainOps
 from sd.models.unet_blocks import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm
+from sd.models.unet_extras import NO_EXTRAS, Site, UNetExtras
 
 NORM_GROUPS = 32  # LDM's GroupNorm32
 
@@ -49,9 +50,12 @@ def timestep_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.
 
 
 class UNetModel(nn.Module):
-    """`unet(x [B,h,w,C], timesteps [B], context [B,L,D], ops=PLAIN) -> eps [B,h,w,C]`, output in x's dtype.
+    """`unet(x [B,h,w,C], timesteps [B], context [B,L,D], ops=PLAIN, extras=NO_EXTRAS) -> eps [B,h,w,C]`,
+    output in x's dtype.
 
-    `ops` computes the convolutions, norms and attention (sd/models/ops.py); sd/accel passes its own."""
+    `ops` computes the convolutions, norms and attention (sd/models/ops.py); sd/accel passes its own.
+    `extras` carries what one call adds: concat channels, control residuals, attention and block patches
+    (sd/models/unet_extras.py)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -99,28 +103,41 @@ class UNetModel(nn.Module):
                     nn.Conv2d(channels, config.out_channels, 3, padding=1)]
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
-                 ops: PlainOps = PLAIN) -> mx.array:
+                 ops: PlainOps = PLAIN, extras: UNetExtras = NO_EXTRAS) -> mx.array:
         dtype = self.time_embed[0].weight.dtype
         t_emb = timestep_embedding(timesteps, self.config.model_channels).astype(dtype)
         emb = self.time_embed[2](nn.silu(self.time_embed[0](t_emb)))
         context = context.astype(dtype)
         ops = ops.for_step(self, emb, context)  # a backend may project for many blocks at once here
+        ordinal = 0  # transformer blocks met so far (Site.ordinal)
 
-        h = ops.conv2d(self.input_blocks[0][0], x.astype(dtype))
+        def run(layer, h, site):
+            nonlocal ordinal
+            if isinstance(layer, SpatialTransformer):
+                h = layer(h, emb, context, ops, extras, Site(site[0], site[1], 0, ordinal))
+                ordinal += len(layer.transformer_blocks)
+                return h
+            return layer(h, emb, context, ops)
+
+        x_in = x if extras.concat is None else mx.concatenate([x, extras.concat.astype(x.dtype)], axis=-1)
+        h = extras.add_control("input", 0, ops.conv2d(self.input_blocks[0][0], x_in.astype(dtype)))
         skips = [h]
-        for block in self.input_blocks[1:]:
+        for index, block in enumerate(self.input_blocks[1:], start=1):
             for layer in block:
-                h = layer(h, emb, context, ops)
-            skips.append(h)
+                h = run(layer, h, ("input", index))
+            skips.append(extras.add_control("input", index, h))
+            h = skips[-1]
         for layer in self.middle_block:
-            h = layer(h, emb, context, ops)
-        for block in self.output_blocks:
-            h = mx.concatenate([h, skips.pop()], axis=-1)
+            h = run(layer, h, ("middle", 0))
+        h = extras.add_control("middle", 0, h)
+        for index, block in enumerate(self.output_blocks):
+            h, skip = extras.before_output_block(h, skips.pop(), index, len(skips))
+            h = mx.concatenate([h, skip], axis=-1)
             for layer in block:
                 if isinstance(layer, Upsample):  # match the next skip, which may have an odd side
                     h = layer(h, ops=ops, output_hw=tuple(skips[-1].shape[1:3]))
                 else:
-                    h = layer(h, emb, context, ops)
+                    h = run(layer, h, ("output", index))
         h = ops.norm_silu_conv(self.out[0], self.out[2], h)
         return h.astype(x.dtype)
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from sd.models.ops import PLAIN, PlainOps, upsample_nearest_2x
+from sd.models.unet_extras import NO_EXTRAS, AttentionFn, Site, UNetExtras
 
 # LDM's GroupNorm32 uses 32 groups everywhere; ResBlocks use eps 1e-5, SpatialTransformer's norm 1e-6.
 RESBLOCK_NORM_EPS = 1e-5
@@ -59,12 +60,15 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = [nn.Linear(inner, query_dim)]
 
-    def __call__(self, x: mx.array, context: mx.array | None = None, ops: PlainOps = PLAIN) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | None = None, ops: PlainOps = PLAIN,
+                 replace: AttentionFn | None = None) -> mx.array:
+        """`replace(q, k, v, heads, scale)`, when given, computes the attention instead (unet_extras.py)."""
         if "kv_patches" in self:  # hypernetworks (sd/hypernetwork): k and v read their own inputs
             q, k, v = self._patched_projections(x, context)
         else:
             q, k, v = ops.projections(self, x, context)
-        return self.to_out[0](ops.attention(q, k, v, self.heads, self.scale))
+        attend = replace or ops.attention
+        return self.to_out[0](attend(q, k, v, self.heads, self.scale))
 
     def _patched_projections(self, x: mx.array, context: mx.array | None,
                              ) -> tuple[mx.array, mx.array, mx.array]:
@@ -109,8 +113,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
-    def __call__(self, x: mx.array, context: mx.array, ops: PlainOps = PLAIN) -> mx.array:
-        x = x + self.attn1(self.norm1(x), None, ops)
+    def __call__(self, x: mx.array, context: mx.array, ops: PlainOps = PLAIN,
+                 extras: UNetExtras = NO_EXTRAS, site: Site | None = None) -> mx.array:
+        replace = None
+        if site is not None and extras.attn1_replace:  # a (block, index) key covers all depths (ComfyUI)
+            replace = (extras.attn1_replace.get((site.block, site.index, site.depth))
+                       or extras.attn1_replace.get((site.block, site.index)))
+        x = x + self.attn1(self.norm1(x), None, ops, replace)
+        for patch in extras.middle_patch:
+            x = patch(x, site)
         x = x + self.attn2(self.norm2(x), context, ops)
         return x + self.ff(self.norm3(x), ops)
 
@@ -128,11 +139,13 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def __call__(self, x: mx.array, emb: mx.array | None = None, context: mx.array | None = None,
-                 ops: PlainOps = PLAIN) -> mx.array:
+                 ops: PlainOps = PLAIN, extras: UNetExtras = NO_EXTRAS, site: Site | None = None) -> mx.array:
+        """`site` (depth 0, ordinal of the first block) places `extras`' patches; see unet_extras.py."""
         batch, height, width, channels = x.shape
         h = ops.conv2d(self.proj_in, ops.group_norm(self.norm, x)).reshape(batch, height * width, channels)
-        for block in self.transformer_blocks:
-            h = block(h, context, ops)
+        for depth, block in enumerate(self.transformer_blocks):
+            at = Site(site.block, site.index, depth, site.ordinal + depth) if site else None
+            h = block(h, context, ops, extras, at)
         h = ops.conv2d(self.proj_out, h.reshape(batch, height, width, channels))
         return x + h
 

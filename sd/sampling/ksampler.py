@@ -6,36 +6,33 @@ not scaled). The initial noise is ComfyUI's ``prepare_noise``: one ``torch.randn
 whole NCHW batch from ``seed`` on the CPU generator (sd/sampling/noise.py), so a batch of B images uses
 the same numbers as ComfyUI's batch of B.
 
-CFG works on the denoised prediction: ``uncond + (cond - uncond) * cfg``. Positive and
-negative entries are evaluated in one UNet call (batch 2B) when their token lengths can be
-padded to a common length (ComfyUI's ``CONDCrossAttn``: repeat each to the LCM of the lengths,
-allowed while LCM / shortest <= 4; repeating keys and values leaves attention unchanged);
-otherwise they get separate calls. With cfg == 1 the negative is not evaluated at all.
-Several entries on one side (a list of conditionings) are averaged, as ComfyUI averages
-full-area conds of strength 1.
+CFG works on the denoised prediction: ``uncond + (cond - uncond) * cfg`` (sd/sampling/guidance.py).
+Conditioning entries (areas, masks, strengths, timestep ranges) are evaluated as ComfyUI's
+``calc_cond_batch`` does (sd/sampling/conds.py): positive and negative entries share one UNet call
+when their crops have one shape and their token lengths pad to a common length (LCM / shortest <= 4);
+with cfg == 1 the negative is not evaluated at all. ``run_sampler`` is the loop from given pieces
+(noise, sigmas, sampler, denoiser) that KSampler and SamplerCustomAdvanced both run.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from sd.sampling.conds import Cond, as_entries, resolve
+from sd.sampling.guidance import NO_PATCHES, SamplingPatches, make_denoiser
 from sd.sampling.model_sampling import LATENT_SCALE_FACTOR, SD1_MODEL_SAMPLING, ModelSamplingDiscrete
 from sd.sampling.noise import torch_randn
 from sd.sampling.rng import NoiseSource, resolve_rng
 from sd.sampling.samplers import SAMPLERS, get_sampler
 from sd.sampling.schedulers import SCHEDULERS, ksampler_sigmas
 
-__all__ = ["SAMPLERS", "SCHEDULERS", "sample", "prepare_noise", "select_sigmas"]
+__all__ = ["SAMPLERS", "SCHEDULERS", "sample", "run_sampler", "prepare_noise", "select_sigmas"]
 
 UNetFn = Callable[[mx.array, mx.array, mx.array], mx.array]
 ProgressCallback = Callable[[int, int, mx.array, mx.array], None]
-
-_MAX_TOKEN_PADDING = 4  # ComfyUI's limit on LCM / shortest length when batching conds
-
 
 def prepare_noise(seed: int, latent_shape_nhwc: Sequence[int]) -> mx.array:
     """ComfyUI's initial noise for a latent batch, drawn NCHW (as ComfyUI does) and returned NHWC."""
@@ -67,40 +64,6 @@ def select_sigmas(
     return sigmas if len(sigmas) > 0 else None
 
 
-def _as_entries(conditioning: mx.array | Sequence[mx.array], batch: int) -> list[mx.array]:
-    entries = [conditioning] if isinstance(conditioning, mx.array) else list(conditioning)
-    out = []
-    for entry in entries:
-        entry = mx.array(entry) if not isinstance(entry, mx.array) else entry
-        if entry.shape[0] not in (1, batch):
-            raise ValueError(f"conditioning batch {entry.shape[0]} does not match the latent batch {batch}")
-        out.append(mx.repeat(entry, batch, axis=0) if entry.shape[0] != batch else entry)
-    return out
-
-
-def _can_batch(a: mx.array, b: mx.array) -> bool:
-    la, lb = a.shape[1], b.shape[1]
-    return la == lb or math.lcm(la, lb) // min(la, lb) <= _MAX_TOKEN_PADDING
-
-
-def _group_for_calls(entries: list[mx.array]) -> list[list[int]]:
-    """Indices of entries that share one UNet call (each compatible with the group's first)."""
-    groups: list[list[int]] = []
-    for index, entry in enumerate(entries):
-        for group in groups:
-            if all(_can_batch(entries[g], entry) for g in group):
-                group.append(index)
-                break
-        else:
-            groups.append([index])
-    return groups
-
-
-def _padded_context(contexts: list[mx.array]) -> mx.array:
-    length = math.lcm(*(c.shape[1] for c in contexts))
-    return mx.concatenate([mx.tile(c, (1, length // c.shape[1], 1)) for c in contexts], axis=0)
-
-
 class StepPipeline:
     """One run's step hook, given to the sampler as its callback (always, so that pipelining happens without
     a user callback too): it starts evaluating step i, then waits for step i-1, so the device computes step i
@@ -124,39 +87,21 @@ class StepPipeline:
 
 def make_cfg_denoiser(
     unet_fn: UNetFn,
-    positive: list[mx.array],
-    negative: list[mx.array],
+    positive,
+    negative,
     cfg: float,
     ms: ModelSamplingDiscrete,
+    latent_shape: Sequence[int] | None = None,
+    patches: SamplingPatches = NO_PATCHES,
 ) -> Callable[[mx.array, float], mx.array]:
-    """denoise(x, sigma) for the samplers: batched UNet calls, eps -> x0, then CFG."""
-    skip_uncond = math.isclose(cfg, 1.0)
-    entries = positive + ([] if skip_uncond else negative)
-    groups = _group_for_calls(entries)
-    contexts = [_padded_context([entries[g] for g in group]) for group in groups]  # fixed for all steps
-
-    def denoise(x: mx.array, sigma: float) -> mx.array:
-        batch = x.shape[0]
-        sigma_b = mx.full((batch,), sigma, dtype=mx.float32)
-        x_in = ms.calculate_input(sigma_b, x)
-        timestep = float(ms.timestep(np.float32(sigma)))
-        denoised: list[mx.array | None] = [None] * len(entries)
-        for group, context in zip(groups, contexts, strict=True):
-            n = len(group)
-            eps = unet_fn(
-                mx.concatenate([x_in] * n, axis=0),
-                mx.full((batch * n,), timestep, dtype=mx.float32),
-                context,
-            )
-            for k, g in enumerate(group):
-                denoised[g] = ms.calculate_denoised(sigma_b, eps[k * batch : (k + 1) * batch], x)
-        cond = sum(denoised[: len(positive)]) / len(positive)
-        if skip_uncond:
-            return cond
-        uncond = sum(denoised[len(positive) :]) / len(negative)
-        return uncond + (cond - uncond) * cfg
-
-    return denoise
+    """denoise(x, sigma) for the samplers: the entries resolved (areas, masks, timestep ranges), batched
+    UNet calls, eps -> x0, then CFG (sd/sampling/conds.py, sd/sampling/guidance.py). `positive`/`negative`:
+    lists of `Cond`, or of arrays / (array, options) pairs resolved here for a latent of `latent_shape`."""
+    if not all(isinstance(c, Cond) for c in [*positive, *negative]):
+        batch = latent_shape[0]
+        sides = [as_entries(positive, batch), as_entries(negative, batch)]
+        positive, negative = resolve(sides, latent_shape, ms)
+    return make_denoiser(unet_fn, positive, negative, cfg, ms, patches)
 
 
 def sample(
@@ -180,6 +125,7 @@ def sample(
     model_sampling: ModelSamplingDiscrete = SD1_MODEL_SAMPLING,
     rng: str | None = None,
     eta_noise_seed_delta: int = 0,
+    patches: SamplingPatches = NO_PATCHES,
 ) -> mx.array:
     """Sample like ComfyUI's KSampler (and KSamplerAdvanced through the step arguments).
 
@@ -202,9 +148,34 @@ def sample(
         return latent
 
     batch = latent.shape[0]
-    pos, neg = _as_entries(positive, batch), _as_entries(negative, batch)
+    sides = [as_entries(positive, batch), as_entries(negative, batch)]
+    pos, neg = resolve(sides, latent.shape, model_sampling)
     source = NoiseSource(resolve_rng(rng), seed, latent.shape, eta_noise_seed_delta)
     noise = source.initial() if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
+    noise_sampler = source.sampler(sampler_name, sigmas)  # None: the sampler's own (ComfyUI on the CPU)
+    denoiser = make_denoiser(unet_fn, pos, neg, cfg, model_sampling, patches)
+    out, _ = run_sampler(denoiser, latent, noise, sigmas, sampler, seed=seed, model_sampling=model_sampling,
+                         callback=callback, cancel=cancel,
+                         sampler_options=None if noise_sampler is None else {"noise_sampler": noise_sampler})
+    return out
+
+
+def run_sampler(
+    denoiser: Callable[[mx.array, float], mx.array],
+    latent: mx.array,
+    noise: mx.array,
+    sigmas: np.ndarray,
+    sampler: Callable[..., mx.array],
+    *,
+    seed: int,
+    model_sampling: ModelSamplingDiscrete = SD1_MODEL_SAMPLING,
+    callback: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+    sampler_options: dict | None = None,
+) -> tuple[mx.array, mx.array | None]:
+    """The sampler loop from given pieces (ComfyUI's KSAMPLER.sample, what SamplerCustomAdvanced runs):
+    noise scaled onto the (unscaled) latent at sigmas[0], the sampler over `sigmas` with `denoiser`, and
+    back. Returns the unscaled latent and the last step's unscaled x0 prediction (None without steps)."""
     first_sigma = float(sigmas[0])
     x = model_sampling.noise_scaling(
         first_sigma,
@@ -213,16 +184,17 @@ def sample(
         max_denoise=model_sampling.is_max_denoise(first_sigma),
     )
     total = len(sigmas) - 1
+    last: list[mx.array] = []
 
     def on_step(i: int, x_step: mx.array, denoised: mx.array) -> None:
-        callback(i, total, x_step / LATENT_SCALE_FACTOR, denoised / LATENT_SCALE_FACTOR)
+        last[:] = [denoised]
+        if callback is not None:
+            callback(i, total, x_step / LATENT_SCALE_FACTOR, denoised / LATENT_SCALE_FACTOR)
 
-    denoiser = make_cfg_denoiser(unet_fn, pos, neg, cfg, model_sampling)
-    steps_hook = StepPipeline(on_step if callback is not None else None)
-    noise_sampler = source.sampler(sampler_name, sigmas)  # None: the sampler's own (ComfyUI on the CPU)
-    x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed,
-                noise_sampler=noise_sampler)
+    steps_hook = StepPipeline(on_step)
+    x = sampler(denoiser, x, sigmas, callback=steps_hook, cancel=cancel, seed=seed, **(sampler_options or {}))
     x = model_sampling.inverse_noise_scaling(float(sigmas[-1]), x)
     out = x / LATENT_SCALE_FACTOR
-    mx.eval(out)
-    return out
+    denoised = last[0] / LATENT_SCALE_FACTOR if last else None
+    mx.eval(out, *([denoised] if denoised is not None else []))
+    return out, denoised

@@ -27,15 +27,63 @@ def _append_zero(sigmas: np.ndarray) -> np.ndarray:
 
 
 def karras(ms: ModelSamplingDiscrete, steps: int, rho: float = 7.0) -> np.ndarray:
+    return karras_sigmas(steps, ms.sigma_min, ms.sigma_max, rho)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022): uniform in sigma^(1/rho) between sigma_max and sigma_min."""
     ramp = np.linspace(0.0, 1.0, steps)
-    max_inv_rho, min_inv_rho = ms.sigma_max ** (1 / rho), ms.sigma_min ** (1 / rho)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
 def exponential(ms: ModelSamplingDiscrete, steps: int) -> np.ndarray:
+    return exponential_sigmas(steps, ms.sigma_min, ms.sigma_max)
+
+
+def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
     """Uniform in log-sigma between sigma_max and sigma_min."""
-    return _append_zero(np.exp(np.linspace(math.log(ms.sigma_max), math.log(ms.sigma_min), steps)))
+    return _append_zero(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps)))
+
+
+def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> np.ndarray:
+    """k-diffusion's polyexponential: log-sigma falls along ramp^rho (rho 1 = exponential)."""
+    ramp = np.linspace(1.0, 0.0, steps) ** rho
+    return _append_zero(np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
+
+
+def sd_turbo_sigmas(ms: ModelSamplingDiscrete, steps: int, denoise: float = 1.0) -> np.ndarray:
+    """ComfyUI's SDTurboScheduler: timesteps 999, 899, ..., 99, from 10 - int(10 * denoise) on."""
+    start = 10 - int(10 * denoise)
+    timesteps = (np.arange(1, 11) * 100 - 1)[::-1][start : start + steps]
+    return _append_zero(ms.sigma(timesteps.astype(np.float32)))
+
+
+# Align Your Steps (Sabour et al. 2024): NVIDIA's optimised 10-step noise levels, as ComfyUI ships them.
+AYS_NOISE_LEVELS = {
+    "SD1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "SDXL": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+    "SVD": [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
+}
+
+
+def align_your_steps_sigmas(model_type: str, steps: int, denoise: float = 1.0) -> np.ndarray:
+    """ComfyUI's AlignYourStepsScheduler: the levels log-linearly resampled to steps + 1, the tail kept for
+    denoise < 1 (round(steps * denoise) steps), the last set to 0."""
+    total = steps
+    if denoise < 1.0:
+        if denoise <= 0.0:
+            return np.zeros(0, np.float32)
+        total = round(steps * denoise)
+    levels = np.array(AYS_NOISE_LEVELS[model_type], dtype=np.float64)
+    if steps + 1 != len(levels):
+        xs = np.linspace(0, 1, len(levels))
+        levels = np.exp(np.interp(np.linspace(0, 1, steps + 1), xs, np.log(levels[::-1])))[::-1].copy()
+    levels = levels[-(total + 1) :]
+    levels[-1] = 0
+    return levels.astype(np.float32)
 
 
 def normal(ms: ModelSamplingDiscrete, steps: int, sgm: bool = False) -> np.ndarray:
@@ -195,6 +243,18 @@ def calculate_sigmas(ms: ModelSamplingDiscrete, scheduler: str, steps: int) -> n
     except KeyError:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}") from None
     return schedule(ms, steps).astype(np.float32)
+
+
+def basic_scheduler_sigmas(ms: ModelSamplingDiscrete, scheduler: str, steps: int,
+                           denoise: float = 1.0) -> np.ndarray:
+    """ComfyUI's BasicScheduler: like KSampler's sigmas without its per-sampler adjustments; denoise < 1
+    computes int(steps / denoise) steps and keeps the last steps + 1 sigmas (none for denoise <= 0)."""
+    total = steps
+    if denoise < 1.0:
+        if denoise <= 0.0:
+            return np.zeros(0, dtype=np.float32)
+        total = int(steps / denoise)
+    return calculate_sigmas(ms, scheduler, total)[-(steps + 1) :]
 
 
 def ksampler_sigmas(
