@@ -18,6 +18,7 @@ SIZES = {
     "img2img": ["--set", "steps=2"],  # the size comes from input/example.png (64x64 here)
     "multi_lora": SMALL,
     "prompt_sweep": SMALL,
+    "same_seed_elsewhere": SMALL,
     "external_vae": SMALL,
     "embeddings": SMALL,  # the demo's random models/embeddings/easynegative.safetensors
     "v_prediction": SMALL,

@@ -25,6 +25,7 @@ from sd.sampling.conds import Cond, as_entries, resolve
 from sd.sampling.guidance import NO_PATCHES, SamplingPatches, make_denoiser
 from sd.sampling.model_sampling import LATENT_SCALE_FACTOR, SD1_MODEL_SAMPLING, ModelSamplingDiscrete
 from sd.sampling.noise import torch_randn
+from sd.sampling.rng import NoiseSource, resolve_rng
 from sd.sampling.samplers import SAMPLERS, get_sampler
 from sd.sampling.schedulers import SCHEDULERS, ksampler_sigmas
 
@@ -122,6 +123,8 @@ def sample(
     callback: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
     model_sampling: ModelSamplingDiscrete = SD1_MODEL_SAMPLING,
+    rng: str | None = None,
+    eta_noise_seed_delta: int = 0,
     patches: SamplingPatches = NO_PATCHES,
 ) -> mx.array:
     """Sample like ComfyUI's KSampler (and KSamplerAdvanced through the step arguments).
@@ -132,7 +135,9 @@ def sample(
     ``force_full_denoise=(return_with_leftover_noise == "disable")``; the plain KSampler node is
     the defaults. ``callback(i, total, x, denoised)`` is called at each step i = 0..total-1
     with the current latent and its prediction (unscaled NHWC); ``cancel()`` is polled between
-    steps and raises :class:`sd.errors.Cancelled`. Returns the unscaled latent.
+    steps and raises :class:`sd.errors.Cancelled`. ``rng`` picks whose noise to reproduce ("cpu": ComfyUI
+    on the CPU, "cuda": ComfyUI on NVIDIA, "a1111": A1111's GPU seeds; None: ``$SDGRAPH_RNG``, else cpu;
+    see sd/sampling/rng.py). Returns the unscaled latent.
     """
     sampler = get_sampler(sampler_name, model_sampling)
     latent = latent if isinstance(latent, mx.array) else mx.array(latent)
@@ -145,10 +150,13 @@ def sample(
     batch = latent.shape[0]
     sides = [as_entries(positive, batch), as_entries(negative, batch)]
     pos, neg = resolve(sides, latent.shape, model_sampling)
-    noise = prepare_noise(seed, latent.shape) if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
+    source = NoiseSource(resolve_rng(rng), seed, latent.shape, eta_noise_seed_delta)
+    noise = source.initial() if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
+    noise_sampler = source.sampler(sampler_name, sigmas)  # None: the sampler's own (ComfyUI on the CPU)
     denoiser = make_denoiser(unet_fn, pos, neg, cfg, model_sampling, patches)
     out, _ = run_sampler(denoiser, latent, noise, sigmas, sampler, seed=seed, model_sampling=model_sampling,
-                         callback=callback, cancel=cancel)
+                         callback=callback, cancel=cancel,
+                         sampler_options=None if noise_sampler is None else {"noise_sampler": noise_sampler})
     return out
 
 
