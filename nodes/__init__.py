@@ -35,7 +35,7 @@ from nodes import values  # noqa: F401, I001  (registers the serializers before 
 from nodes import sampling_values  # noqa: F401, I001  (the custom-sampling socket types)
 from nodes import conditioning, images, latent_files, latents, loaders, merging, model_patches  # noqa: F401
 from nodes import image_ops, latent_ops, masks, sampling, upscale, vae_tiled  # noqa: F401
-from nodes import conditioning_ops, custom_sampling  # noqa: F401
+from nodes import conditioning_ops, custom_sampling, inpaint  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()
