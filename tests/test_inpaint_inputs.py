@@ -125,3 +125,16 @@ def test_inpaint_concat_equals_comfyui(case):
                             None if image is None else _nchw(image),
                             None if mask is None else torch.from_numpy(mask)[:, None])
     np.testing.assert_allclose(np.array(ours).transpose(0, 3, 1, 2), ref.numpy(), atol=1e-6)
+
+
+def test_concat_source_crops_to_each_chunks_area():
+    from sd.sampling.inpaint import ConcatSource
+
+    concat = mx.array(np.arange(2 * 4 * 6 * 5, dtype=np.float32).reshape(2, 4, 6, 5))
+    source = ConcatSource(concat)
+    x = mx.zeros((4, 2, 3, 4))  # two chunks of batch 2, each cropped to a 2x3 area
+    extras = source.unet_extras(x, None, None, [(2, 3, 1, 2), (2, 3, 0, 0)])
+    expected = np.concatenate([np.array(concat)[:, 1:3, 2:5], np.array(concat)[:, 0:2, 0:3]])
+    np.testing.assert_array_equal(np.array(extras.concat), expected)
+    whole = source.unet_extras(mx.zeros((2, 4, 6, 4)), None, None, [None])
+    np.testing.assert_array_equal(np.array(whole.concat), np.array(concat))

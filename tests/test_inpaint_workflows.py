@@ -110,3 +110,10 @@ def test_outpaint_workflow_runs(world):
     assert result.rc == 0, result.err
     out = pixels(world.output / "outpaint_00001_.png")
     assert out.shape[:2] == (64, 64 + 24)
+
+
+def test_inpainting_checkpoint_without_a_mask_runs_txt2img(world):
+    """No mask anywhere: the 9-channel UNet gets ComfyUI's ones and mid-grey latent (test_inpaint_inputs)."""
+    result = run(world, WORKFLOWS / "txt2img.yaml", "--set", "ckpt=sd-v1-5-inpainting.safetensors",
+                 "--set", "width=64", "--set", "height=64", "--set", "steps=2")
+    assert result.rc == 0, result.err
