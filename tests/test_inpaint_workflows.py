@@ -117,3 +117,34 @@ def test_inpainting_checkpoint_without_a_mask_runs_txt2img(world):
     result = run(world, WORKFLOWS / "txt2img.yaml", "--set", "ckpt=sd-v1-5-inpainting.safetensors",
                  "--set", "width=64", "--set", "height=64", "--set", "steps=2")
     assert result.rc == 0, result.err
+
+
+COMFY_API = {
+    '1': {'class_type': 'CheckpointLoaderSimple', 'inputs': {'ckpt_name': 'sd-v1-5-inpainting.safetensors'}},
+    '2': {'class_type': 'LoadImage', 'inputs': {'image': 'example.png'}},
+    '3': {'class_type': 'LoadImageMask', 'inputs': {'image': 'example_mask.png', 'channel': 'red'}},
+    '4': {'class_type': 'CLIPTextEncode', 'inputs': {'clip': ['1', 1], 'text': 'a cat'}},
+    '5': {'class_type': 'CLIPTextEncode', 'inputs': {'clip': ['1', 1], 'text': ''}},
+    '6': {'class_type': 'InpaintModelConditioning',
+          'inputs': {'positive': ['4', 0], 'negative': ['5', 0], 'vae': ['1', 2], 'pixels': ['2', 0],
+                     'mask': ['3', 0], 'noise_mask': True}},
+    '7': {'class_type': 'DifferentialDiffusion', 'inputs': {'model': ['1', 0]}},
+    '8': {'class_type': 'KSampler',
+          'inputs': {'model': ['7', 0], 'positive': ['6', 0], 'negative': ['6', 1], 'latent_image': ['6', 2],
+                     'seed': 1, 'steps': 2, 'cfg': 7, 'sampler_name': 'euler', 'scheduler': 'normal',
+                     'denoise': 1.0}},
+    '9': {'class_type': 'VAEDecode', 'inputs': {'samples': ['8', 0], 'vae': ['1', 2]}},
+    '10': {'class_type': 'SaveImage', 'inputs': {'images': ['9', 0], 'filename_prefix': 'ci'}},
+}
+
+
+def test_comfyui_api_inpaint_workflow_imports_and_runs(world, tmp_path):
+    """InpaintModelConditioning and DifferentialDiffusion (without the `strength` older ComfyUI lacks) by
+    ComfyUI's class names, links by output index."""
+    import json
+
+    path = tmp_path / "inpaint_api.json"
+    path.write_text(json.dumps(COMFY_API))
+    result = run(world, path)
+    assert result.rc == 0, result.err
+    assert [p.name for p in world.pngs()] == ["ci_00001_.png"]
