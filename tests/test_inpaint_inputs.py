@@ -138,3 +138,17 @@ def test_concat_source_crops_to_each_chunks_area():
     np.testing.assert_array_equal(np.array(extras.concat), expected)
     whole = source.unet_extras(mx.zeros((2, 4, 6, 4)), None, None, [None])
     np.testing.assert_array_equal(np.array(whole.concat), np.array(concat))
+
+
+@pytest.mark.parametrize("sizes", [((24, 32), (43, 61)), ((100, 70), (33, 200)), ((64, 64), (43, 61)),
+                                   ((512, 384), (64, 48)), ((20, 28), (640, 448))])
+def test_bilinear_rounds_binary_masks_as_torch(sizes):
+    """Resized binary masks land on 0.5 exactly in many places; rounding them must go torch's way."""
+    from sd.image.bilinear import bilinear
+
+    (h, w), (nh, nw) = sizes
+    m = (np.random.default_rng(h).random((2, h, w)) > 0.5).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(m)[:, None], size=(nh, nw), mode="bilinear")[:, 0].numpy()
+    ours = bilinear(m[..., None], nh, nw)[..., 0]
+    assert np.abs(ours - ref).max() <= 2.5e-7
+    np.testing.assert_array_equal(np.round(ours), np.round(ref))

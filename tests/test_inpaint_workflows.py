@@ -148,3 +148,45 @@ def test_comfyui_api_inpaint_workflow_imports_and_runs(world, tmp_path):
     result = run(world, path)
     assert result.rc == 0, result.err
     assert [p.name for p in world.pngs()] == ["ci_00001_.png"]
+
+
+def test_inpaint_nodes_equal_comfyui_around_the_vae(world):
+    """VAEEncodeForInpaint and InpaintModelConditioning called as nodes: their latents are the VAE's encoding
+    of the pixels ComfyUI's code (transcribed in torch, test_inpaint_inputs) hands to vae.encode, their masks
+    ComfyUI's; on an image whose sides are not multiples of 8."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    from test_inpaint_inputs import comfy_vae_encode_for_inpaint
+
+    from nodes import models
+    from nodes.inpaint import InpaintModelConditioning, VAEEncodeForInpaint
+    from nodes.values import Conditioning, FileRef, VaeRecipe
+    from sd.image.codec import encode_image
+
+    ctx = SimpleNamespace(log=lambda msg: None)
+    vae = VaeRecipe(FileRef.of(world.models / "checkpoints" / "sd-v1-5-inpainting.safetensors"))
+    model = models.vae_for(vae)
+    rng = np.random.default_rng(8)
+    pixels = rng.random((1, 43, 61, 3)).astype(np.float32)
+    mask = (rng.random((1, 24, 32)) > 0.6).astype(np.float32)
+    image, m = mx.array(pixels), mx.array(mask)
+    filled, noise_mask, resized = comfy_vae_encode_for_inpaint(torch.from_numpy(pixels),
+                                                               torch.from_numpy(mask), 6)
+    expected = np.array(encode_image(model, mx.array(filled.numpy())))
+
+    latent = VAEEncodeForInpaint(image, vae, m, 6, ctx=ctx)
+    np.testing.assert_allclose(np.array(latent.samples), expected, atol=1e-5)
+    np.testing.assert_array_equal(np.array(latent.noise_mask), noise_mask.numpy()[:, 0])
+
+    cond = Conditioning(mx.zeros((1, 77, 64)))
+    positive, negative, out = InpaintModelConditioning(cond, cond, vae, image, m, True, ctx=ctx)
+    for c in (positive, negative):
+        [entry] = list(c)
+        np.testing.assert_allclose(np.array(entry.options["concat_latent_image"]), expected, atol=1e-5)
+        np.testing.assert_allclose(np.array(entry.options["concat_mask"]), resized.numpy()[:, 0], atol=1e-5)
+    whole = np.array(encode_image(model, mx.array(pixels)))  # ComfyUI's VAE.encode crops the same, centred
+    np.testing.assert_allclose(np.array(out.samples), whole, atol=1e-5)
+    np.testing.assert_allclose(np.array(out.noise_mask), resized.numpy()[:, 0], atol=1e-5)
+    _, _, no_mask = InpaintModelConditioning(cond, cond, vae, image, m, False, ctx=ctx)
+    assert no_mask.noise_mask is None

@@ -9,7 +9,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from sd.image.resize import resize
+from sd.image.bilinear import bilinear
 
 SCALE = 8  # the VAE's downscale ratio
 
@@ -26,7 +26,7 @@ def masked_pixels(pixels: mx.array, mask) -> tuple[mx.array, mx.array]:
     h8, w8 = h // SCALE * SCALE, w // SCALE * SCALE
     if h8 == 0 or w8 == 0:
         raise ValueError(f"image of {w}x{h} pixels is too small to encode (at least 8x8)")
-    m = np.array(resize(mx.array(_mask_batch(mask)[..., None]), h, w, "bilinear"))[..., 0]
+    m = bilinear(_mask_batch(mask)[..., None], h, w)[..., 0]
     dy, dx = (h % SCALE) // 2, (w % SCALE) // 2
     image = np.array(pixels.astype(mx.float32))[:, dy:dy + h8, dx:dx + w8].copy()
     m = m[:, dy:dy + h8, dx:dx + w8]

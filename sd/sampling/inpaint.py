@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from sd.image.resize import center_crop_to_aspect, resize
+from sd.image.bilinear import bilinear
+from sd.image.resize import center_crop_to_aspect
 from sd.models.unet_extras import UNetExtras
 
 # fn(sigma, mask, sigmas, model_sampling) -> mask: ComfyUI's model_options["denoise_mask_function"]
@@ -62,8 +63,7 @@ def prepare_mask(mask, latent_shape: Sequence[int]) -> mx.array:
     """ComfyUI's `prepare_mask` (reshape_mask): bilinear to the latent's size (align_corners=False), repeated
     over its channels and batch -> [B, h, w, C]."""
     b, h, w, c = latent_shape
-    m = resize(_mask_nhwc(mask), h, w, "bilinear")
-    m = repeat_to_batch(np.array(m), b)
+    m = repeat_to_batch(bilinear(np.array(_mask_nhwc(mask)), h, w), b)
     return mx.array(np.ascontiguousarray(np.broadcast_to(m, (b, h, w, c)), dtype=np.float32))
 
 
@@ -117,9 +117,7 @@ def differential_diffusion(strength: float = 1.0) -> MaskFunction:
 
 def _upscale_center(a: np.ndarray, h: int, w: int) -> np.ndarray:
     """common_upscale(..., "bilinear", "center") on NHWC."""
-    x = mx.array(a)
-    x = center_crop_to_aspect(x, w, h)
-    return np.array(resize(x, h, w, "bilinear"))
+    return bilinear(np.array(center_crop_to_aspect(mx.array(a), w, h)), h, w)
 
 
 def inpaint_concat(latent_shape: Sequence[int], latent: mx.array, denoise_mask: mx.array | None,
