@@ -25,6 +25,8 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     latent_ops.py    LatentUpscaleBy, Repeat/FromBatch, LatentComposite(Masked), Blend, Crop, Flip, Rotate
     masks.py         LoadImageMask, ImageToMask, MaskToImage, Invert/Solid/Grow/Feather/ThresholdMask,
                      MaskComposite
+    inpaint.py       SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning, DifferentialDiffusion,
+                     and the 9-channel UNet's concat input added to the samplers' entries
     upscale.py       UpscaleModelLoader, ImageUpscaleWithModel (ESRGAN-family upscale models)
     estimates.py     memory estimates of a plan, checked before it runs (image_estimates.py: the ops above)
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
