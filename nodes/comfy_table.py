@@ -82,6 +82,12 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "FeatherMask": Mapping("FeatherMask", "mask"),
     "MaskComposite": Mapping("MaskComposite", "mask"),
     "ThresholdMask": Mapping("ThresholdMask", "mask"),
+    "SetLatentNoiseMask": Mapping("SetLatentNoiseMask", "noise_mask"),
+    "VAEEncodeForInpaint": Mapping("VAEEncodeForInpaint", "inpaint_encode"),
+    "InpaintModelConditioning": Mapping("InpaintModelConditioning", "inpaint"),
+    # `strength` is optional in current ComfyUI (older versions have no input at all)
+    "DifferentialDiffusion": Mapping("DifferentialDiffusion", "differential_diffusion",
+                                     ours_only=frozenset({"strength"})),
     "PreviewImage": Mapping("PreviewImage", "preview"),
     "CheckpointLoader": Mapping("CheckpointLoader", "ckpt"),
     "VAELoader": Mapping("VAELoader", "vae"),

@@ -7,7 +7,8 @@ models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that 
 models/vae/vae-ft-mse-840000-ema-pruned.safetensors (a random VAE in the LDM layout of the real file, for
 workflows/external_vae.yaml), models/embeddings/easynegative.safetensors (a random 8-vector textual-inversion
 embedding as wide as that checkpoint's text encoder), models/upscale_models/4x-UltraSharp.pth (a small random
-ESRGAN x4 in the old ESRGAN key layout, as the real file has it), input/example.png, and for the merging
+ESRGAN x4 in the old ESRGAN key layout, as the real file has it), input/example.png and its inpainting mask
+input/example_mask.png (white over the image's disc), and for the merging and inpainting
 examples a second checkpoint (other-model.safetensors), a 9-channel inpainting one
 (sd-v1-5-inpainting.safetensors) and an A1111 hypernetwork (models/hypernetworks/demo-hypernetwork.pt, written
 by sdgraph's own torch-free pickle writer, for the main checkpoint's widths).
@@ -29,6 +30,7 @@ HYPERNETWORK_NAME = "demo-hypernetwork.pt"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 UPSCALE_MODEL_NAME = "4x-UltraSharp.pth"
 EXAMPLE_IMAGE = "example.png"
+EXAMPLE_MASK = "example_mask.png"  # white where the inpainting examples repaint (the example's disc)
 VAE_NAME = "vae-ft-mse-840000-ema-pruned.safetensors"
 EMBEDDING_NAME = "easynegative.safetensors"
 
@@ -131,6 +133,17 @@ def write_example_image(path: Path, size: int = 512) -> Path:
     return path
 
 
+def write_example_mask(path: Path, size: int = 512) -> Path:
+    """A black-and-white mask for the example image: white (paint here) over its disc, a little wider."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    disc = ((x - 0.5) ** 2 + (y - 0.55) ** 2) < 0.1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((disc * 255).astype(np.uint8)).save(path)
+    return path
+
+
 def write_upscale_stand_in(path: Path) -> Path:
     """A random ESRGAN x4 (16 features, 1 block; the real 4x-UltraSharp has 64 and 23) in the old ESRGAN
     layout, written whole or not at all."""
@@ -187,6 +200,9 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
+    mask = input_dir / EXAMPLE_MASK
+    if not mask.exists():
+        written.append(write_example_mask(mask, image_size))
     for path in written:
         print(f"wrote {path}", file=out)
     if any(p.suffix in (".safetensors", ".pth", ".pt") for p in written):

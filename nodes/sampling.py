@@ -94,18 +94,18 @@ def progress_callback(ctx):
 
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
+    from nodes.inpaint import denoise_mask_function, with_inpaint_concat
     from nodes.model_patches import sampling_patches
     from sd.sampling.ksampler import sample
 
     resolve_rng(None)  # a misspelt $SDGRAPH_RNG fails here rather than being quietly ignored
-    if latent.noise_mask is not None:
-        raise ValueError("latents with a noise mask (inpainting) are not supported yet")
     unet = models.unet_for(model, ctx.log)
-    pos, neg = sampling_entries(ctx, positive, negative)
+    pos, neg = with_inpaint_concat(unet, sampling_entries(ctx, positive, negative), latent)
     samples = sample(models.fast_unet(unet), pos, neg, latent.samples, callback=progress_callback(ctx),
-                     model_sampling=model_sampling_of(model), patches=sampling_patches(model, unet), **kwargs)
+                     model_sampling=model_sampling_of(model), patches=sampling_patches(model, unet),
+                     denoise_mask=latent.noise_mask, mask_function=denoise_mask_function(model), **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
-    return Latent(samples, latent.batch_index)
+    return Latent(samples, latent.batch_index, latent.noise_mask)
 
 
 # Keyword-only parameters keep ComfyUI's input order (sockets among the widgets) while staying required.

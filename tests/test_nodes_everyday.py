@@ -94,8 +94,9 @@ def test_checkpoint_loader_config_names(tmp_path):
     folders = Folders(tmp_path / "models", tmp_path / "in", tmp_path / "out")
     assert config_clip_layer("v1-inference.yaml", folders) == -1
     assert config_clip_layer("v1-inference_clip_skip_2.yaml", folders) == -2
-    for refused in ("v2-inference-v.yaml", "v1-inpainting-inference.yaml"):
-        with pytest.raises(ValueError, match="SD2.x, v-prediction or inpainting"):
+    assert config_clip_layer("v1-inpainting-inference.yaml", folders) == -1  # 9-channel UNets load
+    for refused in ("v2-inference-v.yaml", "v2-inpainting-inference.yaml"):
+        with pytest.raises(ValueError, match="SD2.x or v-prediction"):
             config_clip_layer(refused, folders)
     with pytest.raises(ValueError, match="neither a file"):
         config_clip_layer("mystery.yaml", folders)

@@ -29,8 +29,10 @@ SIZES = {
     "hypernetwork": SMALL,
     "area_composition": SMALL,
     "custom_sampling": SMALL,
+    "inpaint": ["--set", "steps=2"],  # input/example.png and example_mask.png, 64x64 here
 }
 SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
+WIDER = {"outpaint"}  # its image is the input plus margins: tests/test_inpaint_workflows.py
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ MODEL_FREE = {"outpaint_canvas"}  # image operations only: run by tests/test_ima
 
 
 def test_every_shipped_workflow_is_covered():
-    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES) | MODEL_FREE | SAVE_ONLY
+    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES) | MODEL_FREE | SAVE_ONLY | WIDER
 
 
 @pytest.mark.slow
