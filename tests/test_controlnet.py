@@ -1,0 +1,100 @@
+"""ControlNet: the MLX model against diffusers' ControlNetModel on the same random weights (LDM layout through
+diffusers' single-file converter, and the diffusers layout itself), and the loader's layouts."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from sd.loading.controlnet_file import load_controlnet
+from sd.synthetic.controlnet import TINY_HINT, make_controlnet, random_controlnet
+from sd.synthetic.unet import TINY_UNET
+
+TOL = 1e-4
+
+
+def _diffusers_model(state: dict):
+    from diffusers import ControlNetModel
+
+    cfg = TINY_UNET
+    levels = range(len(cfg.channel_mult))
+    model = ControlNetModel(
+        in_channels=cfg.in_channels,
+        block_out_channels=tuple(m * cfg.model_channels for m in cfg.channel_mult),
+        down_block_types=tuple("CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D"
+                               for lv in levels),
+        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=cfg.num_heads,
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, use_linear_projection=False,
+        conditioning_embedding_out_channels=TINY_HINT[1::2])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model.eval()
+
+
+def _ldm_to_diffusers(ldm: dict) -> dict:
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    state = {"control_model." + k: torch.from_numpy(v) for k, v in ldm.items()}
+    return convert_controlnet_checkpoint(state, {"layers_per_block": TINY_UNET.num_res_blocks})
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    hint = rng.uniform(size=(2, 3, 64, 64)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, TINY_UNET.context_dim)).astype(np.float32)
+    t = np.array([999.0, 311.0], dtype=np.float32)
+    return x, hint, ctx, t
+
+
+def _compare(ours, theirs_model):
+    x, hint, ctx, t = _inputs()
+    with torch.no_grad():
+        down, mid = theirs_model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx),
+                                 controlnet_cond=torch.from_numpy(hint), return_dict=False)
+    res = ours(mx.array(x.transpose(0, 2, 3, 1)), mx.array(t), mx.array(ctx),
+               mx.array(hint.transpose(0, 2, 3, 1)))
+    assert len(res.output) == len(down)
+    for a, b in zip(res.output, down, strict=True):
+        np.testing.assert_allclose(np.array(a).transpose(0, 3, 1, 2), b.numpy(), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(np.array(res.middle).transpose(0, 3, 1, 2), mid.numpy(), atol=TOL, rtol=TOL)
+
+
+def test_ldm_layout_equals_diffusers(tmp_path):
+    ldm = random_controlnet(seed=3)
+    ours = load_controlnet(make_controlnet(tmp_path / "cn.safetensors", seed=3))
+    _compare(ours, _diffusers_model(_ldm_to_diffusers(ldm)))
+
+
+def test_diffusers_layout_equals_diffusers(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _ldm_to_diffusers(random_controlnet(seed=4))
+    path = tmp_path / "diffusion_pytorch_model.fp16.safetensors"
+    save_file({k: v.half().float().contiguous() for k, v in state.items()}, str(path))
+    ours = load_controlnet(path)
+    _compare(ours, _diffusers_model({k: v.half().float() for k, v in state.items()}))
+
+
+@pytest.mark.parametrize("name,prefix,dtype", [("cn.pth", "control_model.", "float16"),
+                                                ("cn.safetensors", "", "float32")])
+def test_layouts_and_formats_load_the_same_weights(tmp_path, name, prefix, dtype):
+    ref = load_controlnet(make_controlnet(tmp_path / "ref.safetensors", seed=5, dtype=dtype))
+    other = load_controlnet(make_controlnet(tmp_path / name, seed=5, dtype=dtype, prefix=prefix))
+    from mlx.utils import tree_flatten
+
+    pairs = zip(tree_flatten(ref.parameters()), tree_flatten(other.parameters()), strict=True)
+    for (ka, a), (kb, b) in pairs:
+        assert ka == kb and mx.array_equal(a, b)
+
+
+def test_not_a_controlnet_names_the_file(tmp_path):
+    from sd.errors import CheckpointError
+    from sd.synthetic import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors.*not a ControlNet"):
+        load_controlnet(path)
