@@ -192,7 +192,8 @@ def _add_same_area(others: list[tuple[mx.array, dict]], entry: tuple[mx.array, d
 
 
 def _sources(opts: Mapping[str, Any]) -> tuple:
-    return tuple(v for k, v in opts.items() if k not in OPTION_KEYS and hasattr(v, "unet_extras"))
+    return tuple(v for k, v in opts.items() if k not in OPTION_KEYS
+                 and (hasattr(v, "unet_extras") or hasattr(v, "unet_extras_at")))
 
 
 def resolve(sides: Sequence[list[tuple[mx.array, Mapping[str, Any]]]], latent_shape: Sequence[int],
@@ -270,14 +271,17 @@ class CondBatcher:
         return plan
 
     def _call(self, x_in: mx.array, timestep: float, context: mx.array, conds: list[Cond],
-              sides: tuple[int, ...]) -> mx.array:
+              sides: tuple[int, ...], sigma: float) -> mx.array:
         t = mx.full((x_in.shape[0],), timestep, dtype=mx.float32)
         extras = self.extras
         if self.call_extras is not None:
             ids = self.side_ids or tuple(range(len(self.sides)))
             extras = extras.merged(self.call_extras(tuple(ids[s] for s in sides)))
+        areas = [c.area for c in conds]
         for source in conds[0].sources:
-            extras = extras.merged(source.unet_extras(x_in, t, context, [c.area for c in conds]))
+            at = getattr(source, "unet_extras_at", None)  # a source that depends on the sigma (ControlNet)
+            extras = extras.merged(at(x_in, t, context, areas, sigma=sigma, model_sampling=self.ms) if at
+                                   else source.unet_extras(x_in, t, context, areas))
         if extras.is_empty:
             return self.unet_fn(x_in, t, context)
         return self.unet_fn(x_in, t, context, extras)
@@ -294,7 +298,7 @@ class CondBatcher:
             conds = [self.sides[s][i] for s, i in members]
             crops = [c.crop(x) for c in conds]
             x_in = self.ms.calculate_input(mx.concatenate([sigma_b] * len(conds)), mx.concatenate(crops))
-            eps = self._call(x_in, timestep, context, conds, tuple(s for s, _ in members))
+            eps = self._call(x_in, timestep, context, conds, tuple(s for s, _ in members), sigma)
             for k, (member, crop) in enumerate(zip(members, crops, strict=True)):
                 outputs[member] = self.ms.calculate_denoised(sigma_b, eps[k * batch : (k + 1) * batch], crop)
         return [None if (s < len(skip) and skip[s]) else
