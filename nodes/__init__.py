@@ -26,6 +26,7 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     masks.py         LoadImageMask, ImageToMask, MaskToImage, Invert/Solid/Grow/Feather/ThresholdMask,
                      MaskComposite
     upscale.py       UpscaleModelLoader, ImageUpscaleWithModel (ESRGAN-family upscale models)
+    controlnet.py    ControlNetLoader, DiffControlNetLoader, ControlNetApply(Advanced), Canny
     estimates.py     memory estimates of a plan, checked before it runs (image_estimates.py: the ops above)
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
     doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
@@ -36,6 +37,7 @@ from nodes import sampling_values  # noqa: F401, I001  (the custom-sampling sock
 from nodes import conditioning, images, latent_files, latents, loaders, merging, model_patches  # noqa: F401
 from nodes import image_ops, latent_ops, masks, sampling, upscale, vae_tiled  # noqa: F401
 from nodes import conditioning_ops, custom_sampling  # noqa: F401
+from nodes import controlnet  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()

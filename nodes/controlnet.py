@@ -1,0 +1,134 @@
+"""ControlNetLoader, DiffControlNetLoader, ControlNetApply, ControlNetApplyAdvanced (ComfyUI's nodes.py) and
+Canny (comfy_extras/nodes_canny.py).
+
+A CONTROL_NET is a recipe (the file, and for a diff ControlNet the MODEL whose UNet weights it adds); the
+apply nodes store a `ControlRecipe` under the conditioning option "control", chained to the entry's previous
+one (ComfyUI's `previous_controlnet`). When a sampler runs, the resolver registered here turns each recipe
+into an sd.sampling.control.ControlSource with the loaded, accelerated model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from graph import CONDITIONING, IMAGE, MODEL, VAE, Float, String, node, socket_type
+from nodes import models
+from nodes.paths import resolve_controlnet
+from nodes.sampling import register_entry_resolver
+from nodes.values import FileRef, ModelRecipe
+
+CONTROL_NET = socket_type("CONTROL_NET")
+
+
+@dataclass(frozen=True)
+class ControlNetRecipe:
+    """CONTROL_NET: a ControlNet or T2I-Adapter file; `diff_model`: the MODEL a diff ControlNet is relative
+    to."""
+
+    file: FileRef
+    diff_model: ModelRecipe | None = None
+
+    @property
+    def global_average_pooling(self) -> bool:
+        # ComfyUI's rule (comfy/controlnet.py load_controlnet): the shuffle models pool their residuals
+        stem = self.file.path.stem
+        return stem.endswith("_shuffle") or stem.endswith("_shuffle_fp16")
+
+
+@dataclass(frozen=True, eq=False)
+class ControlRecipe:
+    """The conditioning option "control": a ControlNet with its hint, strength and range, after `previous`.
+    Compared by identity, as ComfyUI's objects are: positive and negative entries of one apply share it."""
+
+    net: ControlNetRecipe
+    hint: mx.array  # [B, H, W, C] in [0, 1]
+    strength: float
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    previous: ControlRecipe | None = None
+
+
+def control_source(recipe: ControlRecipe, ctx):
+    from sd.sampling.control import ControlSource
+
+    model = models.controlnet_for(recipe.net, ctx.log)
+    previous = None if recipe.previous is None else control_source(recipe.previous, ctx)
+    return ControlSource(models.fast_controlnet(model), recipe.hint, recipe.strength, recipe.start_percent,
+                         recipe.end_percent, previous, recipe.net.global_average_pooling)
+
+
+register_entry_resolver("control", control_source)
+
+
+def _inspect(ref: FileRef, ctx) -> None:
+    from sd.errors import CheckpointError
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.controlnet_file import ldm_names
+
+    names = ldm_names(list(open_tensors(ref.path)))  # the header only: a wrong file fails here
+    if "zero_convs.0.0.weight" not in names:
+        raise CheckpointError(ref.path, "not a ControlNet (no zero_convs.0.0.weight)")
+
+
+@node(category="loaders", outputs=(CONTROL_NET,), reads_files={"control_net_name": resolve_controlnet})
+def ControlNetLoader(control_net_name: String(), ctx=None):
+    """Load a ControlNet from models/controlnet: the LDM layout (`control_model.*`, or without the prefix) or
+    diffusers' ControlNetModel layout, `.safetensors` or `.pth`/`.ckpt` (read safely). Sizes come from the
+    file's shapes."""
+    ref = FileRef.of(resolve_controlnet(control_net_name, ctx.folders), ctx.fingerprint)
+    _inspect(ref, ctx)
+    return ControlNetRecipe(ref)
+
+
+@node(category="loaders", outputs=(CONTROL_NET,), reads_files={"control_net_name": resolve_controlnet})
+def DiffControlNetLoader(model: MODEL, control_net_name: String(), ctx=None):
+    """Load a ControlNet whose file holds differences from a UNet's weights (a `difference` key): the model's
+    UNet weights (with its LoRAs) are added to every layer the UNet also has. An ordinary ControlNet loads
+    as ControlNetLoader loads it."""
+    ref = FileRef.of(resolve_controlnet(control_net_name, ctx.folders), ctx.fingerprint)
+    _inspect(ref, ctx)
+    return ControlNetRecipe(ref, model)
+
+
+def _hint(image: mx.array) -> mx.array:
+    return image[..., :3].astype(mx.float32)
+
+
+@node(category="conditioning/controlnet", outputs=(CONDITIONING,))
+def ControlNetApply(conditioning: CONDITIONING, control_net: CONTROL_NET, image: IMAGE,
+                    strength: Float(0.0, 10.0) = 1.0):
+    """Guide a conditioning with a ControlNet and a hint image (ComfyUI's deprecated "Apply ControlNet
+    (OLD)"): over the whole schedule, after any ControlNet the entries already carry. Strength 0 returns the
+    conditioning unchanged."""
+    if strength == 0:
+        return conditioning
+    hint = _hint(image)
+    return conditioning.map(lambda e: e.with_options(control=ControlRecipe(
+        control_net, hint, strength, previous=e.options.get("control"))))
+
+
+@node(category="conditioning/controlnet", outputs=(CONDITIONING, CONDITIONING),
+      output_names=("positive", "negative"))
+def ControlNetApplyAdvanced(positive: CONDITIONING, negative: CONDITIONING, control_net: CONTROL_NET,
+                            image: IMAGE, strength: Float(0.0, 10.0) = 1.0,
+                            start_percent: Float(0.0, 1.0) = 0.0, end_percent: Float(0.0, 1.0) = 1.0,
+                            vae: VAE = None):
+    """Guide positive and negative with a ControlNet and a hint image between start_percent and end_percent
+    of the schedule ("Apply ControlNet"). Several chain: their residuals add up. Strength 0 returns both
+    unchanged. vae is accepted for ComfyUI's workflows and unused: it serves ControlNets that take latent
+    hints (SD3/Flux), which SD1.5's do not."""
+    if strength == 0:
+        return positive, negative
+    hint = _hint(image)
+    made: dict[int, ControlRecipe] = {}  # one recipe per previous ControlNet, shared by both sides
+
+    def apply(entry):
+        prev = entry.options.get("control")
+        key = id(prev)
+        if key not in made:
+            made[key] = ControlRecipe(control_net, hint, strength, start_percent, end_percent, prev)
+        return entry.with_options(control=made[key])
+
+    return positive.map(apply), negative.map(apply)
