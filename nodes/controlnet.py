@@ -132,3 +132,18 @@ def ControlNetApplyAdvanced(positive: CONDITIONING, negative: CONDITIONING, cont
         return entry.with_options(control=made[key])
 
     return positive.map(apply), negative.map(apply)
+
+
+@node(category="image/preprocessors", outputs=(IMAGE,))
+def Canny(image: IMAGE, low_threshold: Float(0.01, 0.99) = 0.4, high_threshold: Float(0.01, 0.99) = 0.8):
+    """Canny edges of images, white on black, as ComfyUI's Canny (kornia's algorithm: 5x5 Gaussian blur,
+    Sobel gradients, non-maximum suppression, hysteresis between the two thresholds; the thresholds are in
+    units of the unnormalised Sobel magnitude)."""
+    import numpy as np
+
+    from sd.image.canny import canny
+
+    if low_threshold > high_threshold:
+        raise ValueError(f"low_threshold {low_threshold} is above high_threshold {high_threshold}")
+    edges = canny(np.array(image.astype(mx.float32)), low_threshold, high_threshold)
+    return mx.repeat(mx.array(edges)[..., None], 3, axis=-1)
