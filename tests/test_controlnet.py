@@ -63,12 +63,14 @@ def _compare(ours, theirs_model):
     np.testing.assert_allclose(np.array(res.middle).transpose(0, 3, 1, 2), mid.numpy(), atol=TOL, rtol=TOL)
 
 
+@pytest.mark.slow  # diffusers import ~15 s on a loaded machine
 def test_ldm_layout_equals_diffusers(tmp_path):
     ldm = random_controlnet(seed=3)
     ours = load_controlnet(make_controlnet(tmp_path / "cn.safetensors", seed=3))
     _compare(ours, _diffusers_model(_ldm_to_diffusers(ldm)))
 
 
+@pytest.mark.slow
 def test_diffusers_layout_equals_diffusers(tmp_path):
     from safetensors.torch import save_file
 

@@ -1,0 +1,133 @@
+"""ControlNets in sampling: two chained ControlNets in the UNet equal diffusers' UNet fed the sum of two
+ControlNetModels' residuals (ComfyUI's control_merge); strength 0 and end_percent 0 leave the sampled latents
+bit-identical; workflows/controlnet.yaml runs after `sdgraph demo`."""
+
+from __future__ import annotations
+
+import io
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from sd_nodes_testing import WORKFLOWS, run_cli
+
+from nodes.demo import make_demo
+from sd.loading.controlnet_file import load_controlnet
+from sd.sampling.control import ControlSource
+from sd.sampling.model_sampling import model_sampling_for
+from sd.synthetic.controlnet import make_controlnet
+
+MS = model_sampling_for()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from sd.loading.checkpoint import load_component
+    from sd.synthetic import make_checkpoint
+
+    d = tmp_path_factory.mktemp("cn")
+    unet_path = make_checkpoint(d / "unet.safetensors", parts=("unet",), seed=2)
+    nets = [make_controlnet(d / f"cn{i}.safetensors", seed=10 + i) for i in range(2)]
+    unet = load_component(unet_path, "unet", dtype="float32")
+    return unet_path, unet, nets, [load_controlnet(p) for p in nets]
+
+
+def _inputs(batch=2):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((batch, 77, 64)).astype(np.float32)
+    hints = [rng.uniform(size=(1, 64, 64, 3)).astype(np.float32) for _ in range(2)]
+    return x, ctx, hints
+
+
+@pytest.mark.slow  # diffusers' import takes ~15 s on a loaded 2-core machine
+def test_two_chained_controlnets_equal_diffusers_sum(world):
+    import torch
+    from diffusers import ControlNetModel
+    from reference import diffusers_unet, read_state
+    from test_controlnet import _diffusers_model, _ldm_to_diffusers
+
+    from sd.accel.compiled import FastUNet
+    from sd.io.checkpoint_io import open_tensors
+    from sd.models.unet import unet_config_from_weights
+
+    unet_path, unet, net_paths, nets = world
+    x, ctx, hints = _inputs()
+    strengths = (0.7, 1.3)
+    first = ControlSource(nets[0], mx.array(hints[0]), strengths[0])
+    chain = ControlSource(nets[1], mx.array(hints[1]), strengths[1], start_percent=0.0, end_percent=1.0,
+                          previous=first)
+    t = mx.array([999.0, 999.0])
+    extras = chain.unet_extras_at(mx.array(x), t, mx.array(ctx), [None, None], sigma=MS.sigma_max,
+                                  model_sampling=MS)
+    ours = unet(mx.array(x), t, mx.array(ctx), extras=extras)
+    fast = FastUNet(unet)(mx.array(x), t, mx.array(ctx), extras)
+
+    state = read_state(unet_path)
+    shapes = {k[len("model.diffusion_model."):]: tuple(v.shape) for k, v in state.items()}
+    theirs_unet = diffusers_unet(unet_config_from_weights(shapes), state)
+    down, mid = None, None
+    xt, ct = torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(ctx)
+    with torch.no_grad():
+        for path, hint, strength in zip(net_paths, hints, strengths, strict=True):
+            tensors = open_tensors(path)
+            ldm = {k[len("control_model."):]: np.asarray(tensors[k]) for k in tensors}
+            model: ControlNetModel = _diffusers_model(_ldm_to_diffusers(ldm))
+            d, m = model(xt, torch.tensor([999.0, 999.0]), ct,
+                         controlnet_cond=torch.from_numpy(hint.transpose(0, 3, 1, 2)).repeat(2, 1, 1, 1),
+                         conditioning_scale=strength, return_dict=False)
+            down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        theirs = theirs_unet(xt, torch.tensor([999.0, 999.0]), ct, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid).sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.array(ours), theirs, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.array(fast), theirs, atol=1e-4, rtol=1e-4)
+
+
+def _sample(unet_fn, control):
+    from sd.sampling.ksampler import sample
+
+    x, ctx, _ = _inputs(batch=1)
+    opts = {} if control is None else {"control": control}
+    negative = mx.array(np.ascontiguousarray(ctx[:, ::-1]))
+    return sample(unet_fn, [(mx.array(ctx), opts)], [(negative, opts)], mx.zeros((1, 8, 8, 4)), seed=3,
+                  steps=3, cfg=5.0, sampler_name="euler", scheduler="normal")
+
+
+def test_end_percent_zero_and_strength_zero_are_bit_identical(world):
+    from sd.accel.compiled import FastControlNet, FastUNet
+
+    _, unet, _, nets = world
+    fast = FastUNet(unet)
+    _, _, hints = _inputs()
+    net = FastControlNet(nets[0])
+    plain = np.array(_sample(fast, None))
+    off = np.array(_sample(fast, ControlSource(net, mx.array(hints[0]), 1.0, 0.0, 0.0)))
+    assert np.array_equal(plain, off)
+    on = np.array(_sample(fast, ControlSource(net, mx.array(hints[0]), 1.0)))
+    assert np.abs(on - plain).max() > 1e-3  # the ControlNet does steer
+    late = np.array(_sample(fast, ControlSource(net, mx.array(hints[0]), 1.0, 0.5, 1.0)))
+    assert not np.array_equal(late, on) and not np.array_equal(late, plain)
+
+
+def test_apply_nodes_with_strength_zero_return_their_inputs():
+    from nodes.controlnet import ControlNetApply, ControlNetApplyAdvanced
+    from nodes.values import Conditioning
+
+    pos, neg = Conditioning(mx.zeros((1, 77, 64))), Conditioning(mx.ones((1, 77, 64)))
+    image = mx.zeros((1, 64, 64, 3))
+    assert ControlNetApplyAdvanced(pos, neg, object(), image, 0.0) == (pos, neg)
+    assert ControlNetApply(pos, object(), image, 0.0) is pos
+    p2, n2 = ControlNetApplyAdvanced(pos, neg, "net", image, 0.5, 0.1, 0.9)
+    assert p2.entries[0].options["control"] is n2.entries[0].options["control"]  # one source, one UNet call
+    p3, _ = ControlNetApplyAdvanced(p2, n2, "net2", image, 1.0)
+    assert p3.entries[0].options["control"].previous is p2.entries[0].options["control"]
+
+
+def test_controlnet_workflow_runs_after_demo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_demo("models", "input", image_size=64, out=io.StringIO())
+    args = ["--set", "width=64", "--set", "height=64", "--set", "steps=2", "--cache-dir", "cache", "-q"]
+    result = run_cli("run", WORKFLOWS / "controlnet.yaml", *args)
+    assert result.rc == 0, result.err
+    assert result.out.split() == ["output/controlnet_00001_.png"]
