@@ -51,10 +51,14 @@ class ControlRecipe:
 
 
 def control_source(recipe: ControlRecipe, ctx):
+    from sd.models.t2i_adapter import T2IAdapter
     from sd.sampling.control import ControlSource
 
     model = models.controlnet_for(recipe.net, ctx.log)
     previous = None if recipe.previous is None else control_source(recipe.previous, ctx)
+    if isinstance(model, T2IAdapter):  # runs once per hint size: nothing to accelerate
+        return ControlSource(model, recipe.hint, recipe.strength, recipe.start_percent, recipe.end_percent,
+                             previous, adapter=True, adapter_channels=model.config.hint_channels)
     return ControlSource(models.fast_controlnet(model), recipe.hint, recipe.strength, recipe.start_percent,
                          recipe.end_percent, previous, recipe.net.global_average_pooling)
 
@@ -65,18 +69,20 @@ register_entry_resolver("control", control_source)
 def _inspect(ref: FileRef, ctx) -> None:
     from sd.errors import CheckpointError
     from sd.io.checkpoint_io import open_tensors
-    from sd.loading.controlnet_file import ldm_names
+    from sd.loading.controlnet_file import adapter_names, ldm_names
 
-    names = ldm_names(list(open_tensors(ref.path)))  # the header only: a wrong file fails here
-    if "zero_convs.0.0.weight" not in names:
-        raise CheckpointError(ref.path, "not a ControlNet (no zero_convs.0.0.weight)")
+    keys = list(open_tensors(ref.path))  # the header only: a wrong file fails here
+    if "zero_convs.0.0.weight" not in ldm_names(keys) and adapter_names(keys) is None:
+        raise CheckpointError(ref.path, "not a ControlNet or T2I-Adapter (no zero_convs.0.0.weight, no "
+                                        "conv_in.weight or body.0.in_conv.weight)")
 
 
 @node(category="loaders", outputs=(CONTROL_NET,), reads_files={"control_net_name": resolve_controlnet})
 def ControlNetLoader(control_net_name: String(), ctx=None):
-    """Load a ControlNet from models/controlnet: the LDM layout (`control_model.*`, or without the prefix) or
-    diffusers' ControlNetModel layout, `.safetensors` or `.pth`/`.ckpt` (read safely). Sizes come from the
-    file's shapes."""
+    """Load a ControlNet or T2I-Adapter from models/controlnet: ControlNets in the LDM layout
+    (`control_model.*`, or without the prefix) or diffusers' ControlNetModel layout; T2I-Adapters (full and
+    light, TencentARC's or diffusers' names); `.safetensors` or `.pth`/`.ckpt` (read safely). Sizes come
+    from the file's shapes."""
     ref = FileRef.of(resolve_controlnet(control_net_name, ctx.folders), ctx.fingerprint)
     _inspect(ref, ctx)
     return ControlNetRecipe(ref)

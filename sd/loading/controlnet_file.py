@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 from sd.errors import ArchitectureError, CheckpointError
 from sd.io.checkpoint_io import open_tensors
 from sd.models.controlnet import ControlNet, controlnet_config_from_weights
+from sd.models.t2i_adapter import T2IAdapter, adapter_config_from_weights
 
 LDM_PREFIX = "control_model."
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -78,25 +79,65 @@ def ldm_names(names: list[str]) -> dict[str, str]:
     return out
 
 
+_ADAPTER_BLOCK = re.compile(r"adapter\.body\.(\d+)\.(resnets\.(\d+)\.)?(.+)$")
+
+
+def adapter_names(names: list[str]) -> dict[str, str] | None:
+    """{our name: file key} for a T2I-Adapter (TencentARC/ComfyUI layout, or diffusers' `adapter.*` names:
+    FullAdapter's `body.i.resnets.j` become `body.{i * blocks + j}`, LightAdapter's `body.i.body.j`), else
+    None."""
+    if "conv_in.weight" in names or "body.0.in_conv.weight" in names:
+        return {k: k for k in names}
+    if "adapter.conv_in.weight" not in names and "adapter.body.0.in_conv.weight" not in names:
+        return None
+    light = "adapter.body.0.out_conv.weight" in names
+    per_level = len({m.group(3) for k in names if (m := _ADAPTER_BLOCK.match(k)) and m.group(1) == "0"
+                     and m.group(3) is not None})
+    out = {}
+    for key in names:
+        m = _ADAPTER_BLOCK.match(key)
+        if m is None:
+            out[key.removeprefix("adapter.")] = key
+            continue
+        level, block, rest = int(m.group(1)), m.group(3), m.group(4)
+        if light:
+            out[f"body.{level}." + (f"body.{block}.{rest}" if block is not None else rest)] = key
+        else:
+            out[f"body.{level * per_level + int(block or 0)}.{rest}"] = key
+    return out
+
+
 def _resnet(rest: str) -> str:
     stem, _, kind = rest.rpartition(".")
     return f"{_RESNET.get(stem, stem)}.{kind}"
 
 
-def describe(model: ControlNet) -> str:
+def describe(model: ControlNet | T2IAdapter) -> str:
+    if isinstance(model, T2IAdapter):
+        c = model.config
+        return (f"T2I-Adapter{' (light)' if c.light else ''}, channels {c.channels}, hint "
+                f"{c.hint_channels} channel{'s' if c.hint_channels > 1 else ''}")
     c = model.control_config.unet
     return (f"ControlNet, {c.model_channels} channels x {c.channel_mult}, hint "
             f"{model.control_config.hint_channels[0]} channels")
 
 
 def load_controlnet(path: str | Path, dtype: mx.Dtype = mx.float32,
-                    unet_weights: Mapping[str, mx.array] | None = None) -> ControlNet:
-    """The ControlNet in `path`. `unet_weights` (our UNet's parameters, MLX layout) are added to a diff
-    ControlNet's weights (ComfyUI's DiffControlNetLoader); without them a diff ControlNet is an error."""
+                    unet_weights: Mapping[str, mx.array] | None = None) -> ControlNet | T2IAdapter:
+    """The ControlNet (or T2I-Adapter, as ComfyUI's ControlNetLoader also reads them) in `path`.
+    `unet_weights` (our UNet's parameters, MLX layout) are added to a diff ControlNet's weights (ComfyUI's
+    DiffControlNetLoader); without them a diff ControlNet is an error."""
     path = Path(path)
     tensors = open_tensors(path)
     keys = list(tensors)
     names = ldm_names(keys)
+    if "zero_convs.0.0.weight" not in names and (adapter := adapter_names(keys)) is not None:
+        shapes = {name: tuple(tensors.shape(key)) for name, key in adapter.items()}
+        try:
+            model = T2IAdapter(adapter_config_from_weights(shapes))
+        except (KeyError, ValueError) as e:
+            raise ArchitectureError(path, f"a T2I-Adapter sdgraph cannot read: {e}") from None
+        return _fill(path, model, tensors, adapter, dtype, None)
     if "zero_convs.0.0.weight" not in names:
         if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "lora_")) for k in keys):
             raise ArchitectureError(path, "this is a Stable Diffusion checkpoint or LoRA, not a ControlNet; "
@@ -112,11 +153,16 @@ def load_controlnet(path: str | Path, dtype: mx.Dtype = mx.float32,
     if difference and unet_weights is None:
         raise ArchitectureError(path, "a diff ControlNet (weights relative to a UNet): load it with "
                                       "DiffControlNetLoader, which adds the model's UNet weights")
+    return _fill(path, model, tensors, names, dtype, unet_weights if difference else None)
+
+
+def _fill(path: Path, model, tensors, names: Mapping[str, str], dtype: mx.Dtype,
+          unet_weights: Mapping[str, mx.array] | None):
     params = dict(tree_flatten(model.parameters()))
     missing = sorted(set(params) - set(names))
     unexpected = sorted(set(names) - set(params))
     if missing or unexpected:
-        raise CheckpointError(path, f"ControlNet layout mismatch: missing {missing[:4]}, unexpected "
+        raise CheckpointError(path, f"layout mismatch: missing {missing[:4]}, unexpected "
                                     f"{[names[u] for u in unexpected[:4]]}")
     weights = []
     for name, param in params.items():
@@ -127,7 +173,7 @@ def load_controlnet(path: str | Path, dtype: mx.Dtype = mx.float32,
             raise CheckpointError(path, f"tensor {names[name]} has shape {array.shape}, expected "
                                         f"{tuple(param.shape)}")
         value = mx.array(array)
-        if difference and name in unet_weights:
+        if unet_weights is not None and name in unet_weights:
             value = value + unet_weights[name].astype(mx.float32)
         weights.append((name, value.astype(dtype)))
     model.load_weights(weights, strict=True)

@@ -36,7 +36,9 @@ def broadcast_hint(hint: mx.array, batch: int, chunks: int) -> mx.array:
 
 @dataclass(eq=False)
 class ControlSource:
-    """`model(x, timesteps, context, hint) -> ControlResiduals`; hint [B,H,W,C] in [0, 1]."""
+    """`model(x, timesteps, context, hint) -> ControlResiduals`; hint [B,H,W,C] in [0, 1]. With `adapter`
+    (a T2I-Adapter, ComfyUI's T2IAdapter object) `model(hint)`, run once per hint size and batch (it sees
+    neither x nor the timestep); a 1-channel adapter gets the hint's channel mean."""
 
     model: object
     hint: mx.array
@@ -45,7 +47,10 @@ class ControlSource:
     end_percent: float = 1.0
     previous: ControlSource | None = None
     global_average_pooling: bool = False
+    adapter: bool = False
+    adapter_channels: int = 3
     _sized: dict = field(default_factory=dict)
+    _features: dict = field(default_factory=dict)
 
     def residuals(self, x: mx.array, timestep: mx.array, context: mx.array, chunks: int, sigma: float,
                   model_sampling) -> ControlResiduals | None:
@@ -55,7 +60,16 @@ class ControlSource:
         end = percent_to_sigma(model_sampling, self.end_percent)
         if sigma > start or sigma < end:
             return prev
-        out = self.model(x, timestep, context, self._hint(x.shape, chunks))
+        hint = self._hint(x.shape, chunks)
+        if self.adapter:
+            key = (x.shape, chunks)
+            if key not in self._features:
+                if self.adapter_channels == 1 and hint.shape[-1] > 1:
+                    hint = mx.mean(hint, axis=-1, keepdims=True)
+                self._features = {key: self.model(hint)}
+            out = self._features[key]
+        else:
+            out = self.model(x, timestep, context, hint)
         scale = self._scaled
         out = ControlResiduals(tuple(scale(r, x.dtype) for r in out.input), scale(out.middle, x.dtype),
                                tuple(scale(r, x.dtype) for r in out.output))
