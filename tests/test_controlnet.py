@@ -100,3 +100,26 @@ def test_not_a_controlnet_names_the_file(tmp_path):
     path = make_checkpoint(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors.*not a ControlNet"):
         load_controlnet(path)
+
+
+def test_diff_controlnet_adds_the_unet_weights(tmp_path):
+    from mlx.utils import tree_flatten
+
+    from sd.errors import ArchitectureError
+    from sd.loading.checkpoint import load_component
+    from sd.synthetic import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m.safetensors", parts=("unet",))
+    unet = load_component(path, "unet", dtype="float32")
+    unet_weights = dict(tree_flatten(unet.parameters()))
+    plain = load_controlnet(make_controlnet(tmp_path / "plain.safetensors", seed=6))
+    diff_path = make_controlnet(tmp_path / "diff.safetensors", seed=6,
+                                extra={"difference": np.zeros((1,), np.float32)})
+    with pytest.raises(ArchitectureError, match="DiffControlNetLoader"):
+        load_controlnet(diff_path)
+    diff = dict(tree_flatten(load_controlnet(diff_path, unet_weights=unet_weights).parameters()))
+    for name, value in tree_flatten(plain.parameters()):
+        expected = value + unet_weights[name] if name in unet_weights else value
+        assert mx.allclose(diff[name], expected, atol=1e-6), name
+    assert "input_blocks.1.0.in_layers.2.weight" in unet_weights
+    assert "zero_convs.0.0.weight" not in unet_weights

@@ -131,3 +131,24 @@ def test_controlnet_workflow_runs_after_demo(tmp_path, monkeypatch):
     result = run_cli("run", WORKFLOWS / "controlnet.yaml", *args)
     assert result.rc == 0, result.err
     assert result.out.split() == ["output/controlnet_00001_.png"]
+
+
+def test_t2i_adapter_source_steers_once_per_hint(world):
+    from sd.accel.compiled import FastUNet
+    from sd.models.t2i_adapter import AdapterConfig, T2IAdapter
+
+    unet = FastUNet(world[1])
+    adapter = T2IAdapter(AdapterConfig(False, 64 * 3, (32, 64, 128, 128), 1))
+    mx.eval(adapter.parameters())
+    calls = []
+
+    def counted(hint):
+        calls.append(hint.shape)
+        return adapter(hint)
+
+    _, _, hints = _inputs()
+    plain = np.array(_sample(unet, None))
+    source = ControlSource(counted, mx.array(hints[0]), 0.8, adapter=True)
+    steered = np.array(_sample(unet, source))
+    assert np.abs(steered - plain).max() > 1e-3
+    assert calls == [(2, 64, 64, 3)]  # positive and negative share the call; features kept over the steps
