@@ -15,30 +15,10 @@ from sd.synthetic.unet import TINY_UNET
 TOL = 1e-4
 
 
-def _diffusers_model(state: dict):
-    from diffusers import ControlNetModel
+def _diffusers_model(ldm: dict):
+    from reference import diffusers_controlnet
 
-    cfg = TINY_UNET
-    levels = range(len(cfg.channel_mult))
-    model = ControlNetModel(
-        in_channels=cfg.in_channels,
-        block_out_channels=tuple(m * cfg.model_channels for m in cfg.channel_mult),
-        down_block_types=tuple("CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D"
-                               for lv in levels),
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-        attention_head_dim=cfg.num_heads,
-        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, use_linear_projection=False,
-        conditioning_embedding_out_channels=TINY_HINT[1::2])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return model.eval()
-
-
-def _ldm_to_diffusers(ldm: dict) -> dict:
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
-    state = {"control_model." + k: torch.from_numpy(v) for k, v in ldm.items()}
-    return convert_controlnet_checkpoint(state, {"layers_per_block": TINY_UNET.num_res_blocks})
+    return diffusers_controlnet(TINY_UNET, TINY_HINT, ldm)
 
 
 def _inputs(seed=0):
@@ -67,18 +47,18 @@ def _compare(ours, theirs_model):
 def test_ldm_layout_equals_diffusers(tmp_path):
     ldm = random_controlnet(seed=3)
     ours = load_controlnet(make_controlnet(tmp_path / "cn.safetensors", seed=3))
-    _compare(ours, _diffusers_model(_ldm_to_diffusers(ldm)))
+    _compare(ours, _diffusers_model(ldm))
 
 
 @pytest.mark.slow
 def test_diffusers_layout_equals_diffusers(tmp_path):
     from safetensors.torch import save_file
 
-    state = _ldm_to_diffusers(random_controlnet(seed=4))
+    ldm = {k: v.astype(np.float16).astype(np.float32) for k, v in random_controlnet(seed=4).items()}
+    theirs = _diffusers_model(ldm)
     path = tmp_path / "diffusion_pytorch_model.fp16.safetensors"
-    save_file({k: v.half().float().contiguous() for k, v in state.items()}, str(path))
-    ours = load_controlnet(path)
-    _compare(ours, _diffusers_model({k: v.half().float() for k, v in state.items()}))
+    save_file({k: v.half().contiguous() for k, v in theirs.state_dict().items()}, str(path))
+    _compare(load_controlnet(path), theirs)
 
 
 @pytest.mark.parametrize("name,prefix,dtype", [("cn.pth", "control_model.", "float16"),

@@ -45,7 +45,7 @@ def test_two_chained_controlnets_equal_diffusers_sum(world):
     import torch
     from diffusers import ControlNetModel
     from reference import diffusers_unet, read_state
-    from test_controlnet import _diffusers_model, _ldm_to_diffusers
+    from test_controlnet import _diffusers_model
 
     from sd.accel.compiled import FastUNet
     from sd.io.checkpoint_io import open_tensors
@@ -72,7 +72,7 @@ def test_two_chained_controlnets_equal_diffusers_sum(world):
         for path, hint, strength in zip(net_paths, hints, strengths, strict=True):
             tensors = open_tensors(path)
             ldm = {k[len("control_model."):]: np.asarray(tensors[k]) for k in tensors}
-            model: ControlNetModel = _diffusers_model(_ldm_to_diffusers(ldm))
+            model: ControlNetModel = _diffusers_model(ldm)
             d, m = model(xt, torch.tensor([999.0, 999.0]), ct,
                          controlnet_cond=torch.from_numpy(hint.transpose(0, 3, 1, 2)).repeat(2, 1, 1, 1),
                          conditioning_scale=strength, return_dict=False)
