@@ -28,6 +28,7 @@ SIZES = {
     "hypernetwork": SMALL,
     "area_composition": SMALL,
     "custom_sampling": SMALL,
+    "controlnet": SMALL,  # the demo's random ControlNet on the Canny edges of input/example.png
 }
 SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
 
