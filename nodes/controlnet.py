@@ -67,14 +67,10 @@ register_entry_resolver("control", control_source)
 
 
 def _inspect(ref: FileRef, ctx) -> None:
-    from sd.errors import CheckpointError
     from sd.io.checkpoint_io import open_tensors
-    from sd.loading.controlnet_file import adapter_names, ldm_names
+    from sd.loading.controlnet_file import check_kind
 
-    keys = list(open_tensors(ref.path))  # the header only: a wrong file fails here
-    if "zero_convs.0.0.weight" not in ldm_names(keys) and adapter_names(keys) is None:
-        raise CheckpointError(ref.path, "not a ControlNet or T2I-Adapter (no zero_convs.0.0.weight, no "
-                                        "conv_in.weight or body.0.in_conv.weight)")
+    check_kind(ref.path, list(open_tensors(ref.path)))  # the header only: a wrong file fails here
 
 
 @node(category="loaders", outputs=(CONTROL_NET,), reads_files={"control_net_name": resolve_controlnet})

@@ -112,6 +112,18 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET.get(stem, stem)}.{kind}"
 
 
+def check_kind(path: object, keys: list[str]) -> None:
+    """ArchitectureError naming the file unless its keys are a ControlNet's or a T2I-Adapter's."""
+    if "zero_convs.0.0.weight" in ldm_names(keys) or adapter_names(keys) is not None:
+        return
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "lora_")) for k in keys):
+        raise ArchitectureError(path, "this is a Stable Diffusion checkpoint or LoRA, not a ControlNet; "
+                                      "put it in models/checkpoints or models/loras")
+    sample = ", ".join(sorted(keys)[:4]) or "no tensors"
+    raise ArchitectureError(path, "not a ControlNet or T2I-Adapter (no zero_convs.0.0.weight, "
+                                  f"conv_in.weight or body.0.in_conv.weight; its keys start {sample})")
+
+
 def describe(model: ControlNet | T2IAdapter) -> str:
     if isinstance(model, T2IAdapter):
         c = model.config
@@ -138,12 +150,7 @@ def load_controlnet(path: str | Path, dtype: mx.Dtype = mx.float32,
         except (KeyError, ValueError) as e:
             raise ArchitectureError(path, f"a T2I-Adapter sdgraph cannot read: {e}") from None
         return _fill(path, model, tensors, adapter, dtype, None)
-    if "zero_convs.0.0.weight" not in names:
-        if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "lora_")) for k in keys):
-            raise ArchitectureError(path, "this is a Stable Diffusion checkpoint or LoRA, not a ControlNet; "
-                                          "put it in models/checkpoints or models/loras")
-        sample = ", ".join(sorted(keys)[:4]) or "no tensors"
-        raise ArchitectureError(path, f"not a ControlNet (no zero_convs.0.0.weight; its keys start {sample})")
+    check_kind(path, keys)
     shapes = {name: tuple(tensors.shape(key)) for name, key in names.items()}
     try:
         model = ControlNet(controlnet_config_from_weights(shapes))
