@@ -102,13 +102,14 @@ def _hint(image: mx.array) -> mx.array:
 def ControlNetApply(conditioning: CONDITIONING, control_net: CONTROL_NET, image: IMAGE,
                     strength: Float(0.0, 10.0) = 1.0):
     """Guide a conditioning with a ControlNet and a hint image (ComfyUI's deprecated "Apply ControlNet
-    (OLD)"): over the whole schedule, after any ControlNet the entries already carry. Strength 0 returns the
-    conditioning unchanged."""
+    (OLD)"): over the whole schedule, after any ControlNet the entries already carry. As in ComfyUI, when
+    the negative carries no ControlNet the sampler gives it this one too (control_apply_to_uncond).
+    Strength 0 returns the conditioning unchanged."""
     if strength == 0:
         return conditioning
     hint = _hint(image)
     return conditioning.map(lambda e: e.with_options(control=ControlRecipe(
-        control_net, hint, strength, previous=e.options.get("control"))))
+        control_net, hint, strength, previous=e.options.get("control")), control_apply_to_uncond=True))
 
 
 @node(category="conditioning/controlnet", outputs=(CONDITIONING, CONDITIONING),
@@ -131,7 +132,7 @@ def ControlNetApplyAdvanced(positive: CONDITIONING, negative: CONDITIONING, cont
         key = id(prev)
         if key not in made:
             made[key] = ControlRecipe(control_net, hint, strength, start_percent, end_percent, prev)
-        return entry.with_options(control=made[key])
+        return entry.with_options(control=made[key], control_apply_to_uncond=False)
 
     return positive.map(apply), negative.map(apply)
 

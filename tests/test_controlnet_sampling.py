@@ -152,3 +152,24 @@ def test_t2i_adapter_source_steers_once_per_hint(world):
     steered = np.array(_sample(unet, source))
     assert np.abs(steered - plain).max() > 1e-3
     assert calls == [(2, 64, 64, 3)]  # positive and negative share the call; features kept over the steps
+
+
+def test_old_apply_gives_its_controlnet_to_the_negative():
+    """ComfyUI's apply_empty_x_to_equal_area for "control": only control_apply_to_uncond entries (the old
+    ControlNetApply), only when no area-less negative entry has a ControlNet; the last one reaching an entry
+    stays."""
+    from sd.sampling.conds import resolve
+
+    ctx = mx.zeros((1, 77, 64))
+    a, b, own = (ControlSource(None, mx.zeros((1, 8, 8, 3))) for _ in range(3))
+
+    def negative_sources(positive, negative):
+        return [c.sources for c in resolve([positive, negative], (1, 8, 8, 4), MS)[1]]
+
+    old = {"control": a, "control_apply_to_uncond": True}
+    assert negative_sources([(ctx, old)], [(ctx, {})]) == [(a,)]
+    assert negative_sources([(ctx, {**old, "control_apply_to_uncond": False})], [(ctx, {})]) == [()]
+    assert negative_sources([(ctx, old)], [(ctx, {"control": own})]) == [(own,)]
+    two = [(ctx, old), (ctx, {"control": b, "control_apply_to_uncond": True})]
+    assert negative_sources(two, [(ctx, {})]) == [(b,)]
+    assert negative_sources(two, [(ctx, {}), (ctx, {})]) == [(a,), (b,)]

@@ -40,7 +40,7 @@ _EPSILON_COUNT = 1e-37  # ComfyUI's start value of the weight sums
 Area = tuple[int, int, int, int]  # h, w, y, x
 UNetFn = Callable[..., mx.array]
 OPTION_KEYS = ("area", "strength", "mask", "mask_strength", "set_area_to_bounds", "start_percent",
-               "end_percent", "timestep_start", "timestep_end")
+               "end_percent", "timestep_start", "timestep_end", "control_apply_to_uncond")
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +196,26 @@ def _sources(opts: Mapping[str, Any]) -> tuple:
                  and (hasattr(v, "unet_extras") or hasattr(v, "unet_extras_at")))
 
 
+def _control_to_uncond(positive: list, negative: list) -> None:
+    """apply_empty_x_to_equal_area for "control": when no area-less negative entry has a ControlNet, the
+    ControlNets of area-less positive entries marked `control_apply_to_uncond` (ComfyUI's old ControlNetApply)
+    go onto the area-less negative entries in turn (with more ControlNets than entries, the last one to reach
+    an entry stays: ComfyUI replaces the entry each time)."""
+    def whole(opts):
+        return opts.get("area") is None
+
+    cnets = [o["control"] for _, o in positive if whole(o) and o.get("control_apply_to_uncond")
+             and o.get("control") is not None]
+    if any(whole(o) and o.get("control") is not None for _, o in negative):
+        return
+    others = [(i, e) for i, e in enumerate(negative) if whole(e[1])]
+    for k, cnet in enumerate(cnets):
+        if not others:
+            return
+        index, (cond, opts) = others[k % len(others)]
+        negative[index] = (cond, {**opts, "control": cnet})
+
+
 def resolve(sides: Sequence[list[tuple[mx.array, Mapping[str, Any]]]], latent_shape: Sequence[int],
             ms) -> list[list[Cond]]:
     """ComfyUI's process_conds for the sides (positive, negative, ...) of one sampling run."""
@@ -207,6 +227,8 @@ def resolve(sides: Sequence[list[tuple[mx.array, Mapping[str, Any]]]], latent_sh
             for kk, other in enumerate(resolved):
                 if kk != k:
                     _add_same_area(other, entry)
+    if len(resolved) >= 2:
+        _control_to_uncond(resolved[0], resolved[1])
     out = []
     for side in resolved:
         conds = []
