@@ -59,8 +59,10 @@ def control_source(recipe: ControlRecipe, ctx):
     if isinstance(model, T2IAdapter):  # runs once per hint size: nothing to accelerate
         return ControlSource(model, recipe.hint, recipe.strength, recipe.start_percent, recipe.end_percent,
                              previous, adapter=True, adapter_channels=model.config.hint_channels)
+    unet = model.control_config.unet
     return ControlSource(models.fast_controlnet(model), recipe.hint, recipe.strength, recipe.start_percent,
-                         recipe.end_percent, previous, recipe.net.global_average_pooling)
+                         recipe.end_percent, previous, recipe.net.global_average_pooling,
+                         expects=(unet.in_channels, unet.context_dim), name=recipe.net.file.name)
 
 
 register_entry_resolver("control", control_source)

@@ -173,3 +173,13 @@ def test_old_apply_gives_its_controlnet_to_the_negative():
     two = [(ctx, old), (ctx, {"control": b, "control_apply_to_uncond": True})]
     assert negative_sources(two, [(ctx, {})]) == [(b,)]
     assert negative_sources(two, [(ctx, {}), (ctx, {})]) == [(a,), (b,)]
+
+
+def test_a_controlnet_for_another_model_family_is_named(world):
+    _, _, _, nets = world
+    source = ControlSource(nets[0], mx.zeros((1, 64, 64, 3)), expects=(4, 1024),
+                           name="sd21_canny.safetensors")
+    with pytest.raises(ValueError, match="sd21_canny.safetensors was made for 4-channel latents and text "
+                                         "encodings 1024 wide"):
+        source.unet_extras_at(mx.zeros((1, 8, 8, 4)), mx.array([1.0]), mx.zeros((1, 77, 64)), [None],
+                              sigma=1.0, model_sampling=MS)

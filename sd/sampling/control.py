@@ -49,6 +49,8 @@ class ControlSource:
     global_average_pooling: bool = False
     adapter: bool = False
     adapter_channels: int = 3
+    expects: tuple[int, int] | None = None  # (latent channels, text-encoding width) a ControlNet was made for
+    name: str = "the ControlNet"
     _sized: dict = field(default_factory=dict)
     _features: dict = field(default_factory=dict)
 
@@ -60,6 +62,10 @@ class ControlSource:
         end = percent_to_sigma(model_sampling, self.end_percent)
         if sigma > start or sigma < end:
             return prev
+        if self.expects is not None and (x.shape[-1], context.shape[-1]) != self.expects:
+            raise ValueError(f"{self.name} was made for {self.expects[0]}-channel latents and text encodings "
+                             f"{self.expects[1]} wide; this model samples {x.shape[-1]}-channel latents with "
+                             f"encodings {context.shape[-1]} wide (another model family)")
         hint = self._hint(x.shape, chunks)
         if self.adapter:
             key = (x.shape, chunks)
