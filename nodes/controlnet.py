@@ -9,15 +9,18 @@ into an sd.sampling.control.ControlSource with the loaded, accelerated model.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from graph import CONDITIONING, IMAGE, MODEL, VAE, Float, String, node, socket_type
 from nodes import models
 from nodes.paths import resolve_controlnet
 from nodes.sampling import register_entry_resolver
-from nodes.values import FileRef, ModelRecipe
+from nodes.values import FileRef, ModelRecipe, register_option_codec
 
 CONTROL_NET = socket_type("CONTROL_NET")
 
@@ -40,7 +43,8 @@ class ControlNetRecipe:
 @dataclass(frozen=True, eq=False)
 class ControlRecipe:
     """The conditioning option "control": a ControlNet with its hint, strength and range, after `previous`.
-    Compared by identity, as ComfyUI's objects are: positive and negative entries of one apply share it."""
+    Equal by value (the hint by a hash of its pixels), so the positive and negative entries of one apply
+    share one source and one UNet call, also after a trip through the disk cache."""
 
     net: ControlNetRecipe
     hint: mx.array  # [B, H, W, C] in [0, 1]
@@ -48,6 +52,46 @@ class ControlRecipe:
     start_percent: float = 0.0
     end_percent: float = 1.0
     previous: ControlRecipe | None = None
+
+    @property
+    def key(self) -> tuple:
+        if "_key" not in self.__dict__:
+            digest = hashlib.sha256(np.array(self.hint).tobytes()).hexdigest()
+            object.__setattr__(self, "_key", (self.net, digest, tuple(self.hint.shape), self.strength,
+                                              self.start_percent, self.end_percent,
+                                              None if self.previous is None else self.previous.key))
+        return self.__dict__["_key"]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ControlRecipe) and (other is self or other.key == self.key)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _encode_control(recipe: ControlRecipe) -> tuple[list, dict]:
+    """The chain as JSON (first ControlNet first) and its hints; a diff ControlNet (holding a MODEL) has
+    no disk form."""
+    links, arrays, r = [], {}, recipe
+    while r is not None:
+        if r.net.diff_model is not None:
+            raise ValueError("a diff ControlNet's conditioning holds a MODEL and stays in memory")
+        arrays[f"hint{len(links)}"] = r.hint
+        links.append({"path": str(r.net.file.path), "identity": r.net.file.identity, "strength": r.strength,
+                      "start": r.start_percent, "end": r.end_percent})
+        r = r.previous
+    return links[::-1], {f"hint{len(links) - 1 - int(k[4:])}": v for k, v in arrays.items()}
+
+
+def _decode_control(links: list, arrays: dict) -> ControlRecipe:
+    recipe = None
+    for i, link in enumerate(links):
+        net = ControlNetRecipe(FileRef(Path(link["path"]), link["identity"]))
+        recipe = ControlRecipe(net, arrays[f"hint{i}"], link["strength"], link["start"], link["end"], recipe)
+    return recipe
+
+
+register_option_codec("control", _encode_control, _decode_control)
 
 
 def control_source(recipe: ControlRecipe, ctx):
@@ -127,11 +171,11 @@ def ControlNetApplyAdvanced(positive: CONDITIONING, negative: CONDITIONING, cont
     if strength == 0:
         return positive, negative
     hint = _hint(image)
-    made: dict[int, ControlRecipe] = {}  # one recipe per previous ControlNet, shared by both sides
+    made: dict = {}  # one recipe per previous ControlNet, shared by both sides
 
     def apply(entry):
         prev = entry.options.get("control")
-        key = id(prev)
+        key = None if prev is None else prev.key
         if key not in made:
             made[key] = ControlRecipe(control_net, hint, strength, start_percent, end_percent, prev)
         return entry.with_options(control=made[key], control_apply_to_uncond=False)

@@ -183,3 +183,23 @@ def test_a_controlnet_for_another_model_family_is_named(world):
                                          "encodings 1024 wide"):
         source.unet_extras_at(mx.zeros((1, 8, 8, 4)), mx.array([1.0]), mx.zeros((1, 77, 64)), [None],
                               sigma=1.0, model_sampling=MS)
+
+
+def test_control_recipes_survive_the_disk_cache(tmp_path):
+    from pathlib import Path
+
+    from nodes.controlnet import ControlNetApplyAdvanced, ControlNetRecipe
+    from nodes.values import Conditioning, FileRef, conditioning_from_bytes, conditioning_to_bytes
+
+    nets = [ControlNetRecipe(FileRef(Path(tmp_path / f"n{i}.safetensors"), f"id{i}")) for i in range(2)]
+    pos, neg = Conditioning(mx.zeros((1, 77, 64))), Conditioning(mx.ones((1, 77, 64)))
+    image = mx.array(np.random.default_rng(0).uniform(size=(1, 16, 16, 3)).astype(np.float32))
+    pos, neg = ControlNetApplyAdvanced(pos, neg, nets[0], image, 0.5, 0.1, 0.9)
+    pos, neg = ControlNetApplyAdvanced(pos, neg, nets[1], image * 0.5, 1.0)
+    back_pos = conditioning_from_bytes(conditioning_to_bytes(pos))
+    back_neg = conditioning_from_bytes(conditioning_to_bytes(neg))
+    original, restored = pos.entries[0].options["control"], back_pos.entries[0].options["control"]
+    assert restored == original and restored == back_neg.entries[0].options["control"]
+    assert hash(restored) == hash(original)
+    assert restored.previous.net == nets[0] and restored.previous.strength == 0.5
+    assert restored != ControlNetApplyAdvanced(pos, neg, nets[1], image, 1.0)[0].entries[0].options["control"]
