@@ -203,3 +203,37 @@ def test_control_recipes_survive_the_disk_cache(tmp_path):
     assert hash(restored) == hash(original)
     assert restored.previous.net == nets[0] and restored.previous.strength == 0.5
     assert restored != ControlNetApplyAdvanced(pos, neg, nets[1], image, 1.0)[0].entries[0].options["control"]
+
+
+def test_hint_is_sized_and_batched_as_comfyui_does():
+    """common_upscale(hint, 8w, 8h, "nearest-exact", "center") and broadcast_image_to, in torch."""
+    import torch
+
+    def comfy_hint(hint, width, height, batch, chunks):
+        s = torch.from_numpy(hint).movedim(-1, 1)
+        old_w, old_h = s.shape[-1], s.shape[-2]
+        old_aspect, new_aspect = old_w / old_h, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        s = s.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+        s = torch.nn.functional.interpolate(s, size=(height, width), mode="nearest-exact")
+        if s.shape[0] != 1:
+            per = batch // chunks
+            s = s[:per]
+            if per > s.shape[0]:
+                s = torch.cat([s] * (per // s.shape[0]) + [s[:per % s.shape[0]]], dim=0)
+            if s.shape[0] != batch:
+                s = torch.cat([s] * chunks, dim=0)
+        return s.movedim(1, -1).expand(batch, -1, -1, -1).numpy()
+
+    rng = np.random.default_rng(2)
+    for shape, latent, chunks in [((1, 40, 100, 3), (2, 8, 6, 4), 2), ((3, 90, 50, 3), (4, 8, 8, 4), 2),
+                                  ((2, 64, 64, 3), (6, 4, 5, 4), 2)]:
+        hint = rng.uniform(size=shape).astype(np.float32)
+        source = ControlSource(None, mx.array(hint))
+        ours = np.array(source._hint(latent, chunks))
+        expected = comfy_hint(hint, latent[2] * 8, latent[1] * 8, latent[0], chunks)
+        assert np.array_equal(ours, expected), (shape, latent)
