@@ -196,3 +196,33 @@ def Canny(image: IMAGE, low_threshold: Float(0.01, 0.99) = 0.4, high_threshold: 
         raise ValueError(f"low_threshold {low_threshold} is above high_threshold {high_threshold}")
     edges = canny(np.array(image.astype(mx.float32)), low_threshold, high_threshold)
     return mx.repeat(mx.array(edges)[..., None], 3, axis=-1)
+
+
+def _loader_estimate(lit, inputs, files):
+    from graph.memory_plan import Estimate
+
+    path = files.get("control_net_name")
+    return Estimate(held=path.stat().st_size if path is not None else 0, outputs=(None,),
+                    detail="the ControlNet's weights")
+
+
+def _canny_estimate(lit, inputs, files):
+    from graph.memory_plan import Estimate
+
+    size = inputs.get("image")
+    if not (isinstance(size, tuple) and size[:1] == ("image",)):
+        return Estimate()
+    _, b, h, w = size
+    return Estimate(held=b * h * w * 3 * 4, working=b * h * w * 4 * 16, outputs=(size,),
+                    detail=f"{b} edge map(s) of {w}x{h} pixels and the gradients")
+
+
+def _register_estimates() -> None:
+    from graph.memory_plan import register_estimate
+
+    for name in ("ControlNetLoader", "DiffControlNetLoader"):
+        register_estimate(name, _loader_estimate)
+    register_estimate("Canny", _canny_estimate)
+
+
+_register_estimates()
