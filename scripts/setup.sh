@@ -28,7 +28,5 @@ if [ -n "$extras" ]; then
     # spandrel (the upscale models' reference) without its dependencies: they would pull a torchvision (and
     # with it another torch) that does not load beside the pinned torch; the tests stub what it imports
     .venv/bin/python -m pip install -qq --no-deps "spandrel>=0.4"
-    # kornia (the Canny node's reference, as ComfyUI calls it) without its dependencies, for the same reason
-    .venv/bin/python -m pip install -qq --no-deps "kornia>=0.7" kornia_rs
 fi
 echo "setup: done. Run: .venv/bin/sdgraph --help"
