@@ -11,7 +11,9 @@ ESRGAN x4 in the old ESRGAN key layout, as the real file has it), input/example.
 input/example_mask.png (white over the image's disc), and for the merging and inpainting
 examples a second checkpoint (other-model.safetensors), a 9-channel inpainting one
 (sd-v1-5-inpainting.safetensors) and an A1111 hypernetwork (models/hypernetworks/demo-hypernetwork.pt, written
-by sdgraph's own torch-free pickle writer, for the main checkpoint's widths).
+by sdgraph's own torch-free pickle writer, for the main checkpoint's widths) and
+models/controlnet/control_v11p_sd15_canny.safetensors (a random ControlNet in the LDM layout, for that
+checkpoint's UNet).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ EXAMPLE_IMAGE = "example.png"
 EXAMPLE_MASK = "example_mask.png"  # white where the inpainting examples repaint (the example's disc)
 VAE_NAME = "vae-ft-mse-840000-ema-pruned.safetensors"
 EMBEDDING_NAME = "easynegative.safetensors"
+CONTROLNET_NAME = "control_v11p_sd15_canny.safetensors"
 
 # 2-D weights a kohya LoRA patches: UNet attention projections, CLIP attention and MLP
 _UNET_LAYERS = (".attn1.to_q.weight", ".attn1.to_k.weight", ".attn1.to_v.weight", ".attn1.to_out.0.weight",
@@ -156,6 +159,23 @@ def write_upscale_stand_in(path: Path) -> Path:
     return path
 
 
+def write_controlnet_stand_in(path: Path, checkpoint: Path) -> Path:
+    """A random LDM-layout ControlNet fitting `checkpoint`'s UNet, written whole or not at all."""
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.checkpoint import PREFIXES
+    from sd.models.unet import unet_config_from_weights
+    from sd.synthetic.controlnet import SD15_HINT, TINY_HINT, make_controlnet
+
+    tensors, prefix = open_tensors(checkpoint), PREFIXES["unet"]
+    shapes = {k[len(prefix):]: tensors.shape(k) for k in tensors if k.startswith(prefix)}
+    cfg = unet_config_from_weights(shapes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.safetensors")
+    make_controlnet(tmp, cfg, SD15_HINT if cfg.model_channels >= 320 else TINY_HINT, seed=8)
+    tmp.replace(path)
+    return path
+
+
 def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 512,
               out: TextIO | None = None) -> list[Path]:
     """Write the stand-in files that are missing; returns the paths written (existing files are kept)."""
@@ -197,6 +217,12 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
             written.append(write_demo_hypernetwork(hypernetwork, checkpoint))
         except SDGraphError as e:
             print(f"skipped {hypernetwork}: {e}", file=out)
+    controlnet = models_dir / "controlnet" / CONTROLNET_NAME
+    if not controlnet.exists():
+        try:
+            written.append(write_controlnet_stand_in(controlnet, checkpoint))
+        except (SDGraphError, KeyError, ValueError) as e:  # its sizes come from the user's checkpoint
+            print(f"skipped {controlnet}: {e}", file=out)
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
@@ -209,7 +235,8 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint}, real LoRAs in "
               f"{models_dir / 'loras'}, embeddings in {models_dir / 'embeddings'}, a real VAE in "
-              f"{models_dir / 'vae'} and a real upscale model at {upscaler} under those names to get real "
+              f"{models_dir / 'vae'}, a real upscale model at {upscaler} and a real ControlNet at "
+              f"{controlnet} under those names to get real "
               "images.", file=out)
     return written
 

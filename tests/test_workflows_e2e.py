@@ -30,6 +30,7 @@ SIZES = {
     "area_composition": SMALL,
     "custom_sampling": SMALL,
     "inpaint": ["--set", "steps=2"],  # input/example.png and example_mask.png, 64x64 here
+    "controlnet": SMALL,  # the demo's random ControlNet on the Canny edges of input/example.png
 }
 SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
 WIDER = {"outpaint"}  # its image is the input plus margins: tests/test_inpaint_workflows.py
