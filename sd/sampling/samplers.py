@@ -12,6 +12,15 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from sd.sampling.cfg_pp import (
+    sample_dpmpp_2m_cfg_pp,
+    sample_dpmpp_2s_ancestral_cfg_pp,
+    sample_euler_ancestral_cfg_pp,
+    sample_euler_cfg_pp,
+    sample_gradient_estimation_cfg_pp,
+    sample_res_multistep_ancestral_cfg_pp,
+    sample_res_multistep_cfg_pp,
+)
 from sd.sampling.common import get_ancestral_step
 from sd.sampling.multistep import (
     sample_ddpm,
@@ -50,16 +59,20 @@ __all__ = ["SAMPLERS", "get_sampler", "get_ancestral_step", "linear_multistep_co
 
 _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "euler": sample_euler,
+    "euler_cfg_pp": sample_euler_cfg_pp,
     "euler_ancestral": sample_euler_ancestral,
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
     "heun": sample_heun,
     "heunpp2": sample_heunpp2,
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_sde_gpu": sample_dpmpp_sde,  # _gpu twins differ only in their tree device (sd/sampling/rng.py)
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_heun": functools.partial(sample_dpmpp_2m_sde, solver_type="heun"),
@@ -72,8 +85,11 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "ipndm_v": sample_ipndm_v,
     "deis": sample_deis,
     "res_multistep": sample_res_multistep,
+    "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
     "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
     "gradient_estimation": sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
     "seeds_3": sample_seeds_3,
@@ -87,16 +103,20 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
 # ComfyUI's order (KSAMPLER_NAMES, then ddim and the uni_pc pair), restricted to what we implement.
 SAMPLERS = (
     "euler",
+    "euler_cfg_pp",
     "euler_ancestral",
+    "euler_ancestral_cfg_pp",
     "heun",
     "heunpp2",
     "dpm_2",
     "dpm_2_ancestral",
     "lms",
     "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp",
     "dpmpp_sde",
     "dpmpp_sde_gpu",
     "dpmpp_2m",
+    "dpmpp_2m_cfg_pp",
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_gpu",
     "dpmpp_2m_sde_heun",
@@ -109,8 +129,11 @@ SAMPLERS = (
     "ipndm_v",
     "deis",
     "res_multistep",
+    "res_multistep_cfg_pp",
     "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp",
     "gradient_estimation",
+    "gradient_estimation_cfg_pp",
     "er_sde",
     "seeds_2",
     "seeds_3",
