@@ -22,6 +22,7 @@ from sd.sampling.cfg_pp import (
     sample_res_multistep_cfg_pp,
 )
 from sd.sampling.common import get_ancestral_step
+from sd.sampling.dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from sd.sampling.multistep import (
     sample_ddpm,
     sample_deis,
@@ -67,6 +68,8 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": sample_dpmpp_sde,
@@ -111,6 +114,8 @@ SAMPLERS = (
     "dpm_2",
     "dpm_2_ancestral",
     "lms",
+    "dpm_fast",
+    "dpm_adaptive",
     "dpmpp_2s_ancestral",
     "dpmpp_2s_ancestral_cfg_pp",
     "dpmpp_sde",
