@@ -44,6 +44,7 @@ from sd.sampling.ode import (
     sample_heun,
     sample_lms,
 )
+from sd.sampling.sa_solver import sample_sa_solver, sample_sa_solver_pece
 from sd.sampling.sde import (
     sample_dpm_2_ancestral,
     sample_dpmpp_2m_sde,
@@ -96,6 +97,8 @@ _SAMPLER_FUNCTIONS: dict[str, Callable[..., mx.array]] = {
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
     "seeds_3": sample_seeds_3,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": sample_sa_solver_pece,
     "ddim": sample_euler,  # ComfyUI's "ddim" is Euler (exactly DDIM's update for eps models)
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
@@ -142,6 +145,8 @@ SAMPLERS = (
     "er_sde",
     "seeds_2",
     "seeds_3",
+    "sa_solver",
+    "sa_solver_pece",
     "ddim",
     "uni_pc",
     "uni_pc_bh2",
@@ -151,7 +156,7 @@ SAMPLERS = (
 
 def get_sampler(name: str, model_sampling=None) -> Callable[..., mx.array]:
     """The sampler function registered under ComfyUI's ``name``; a sampler that reads the schedule
-    itself (tcd: its timesteps and alpha_bar) gets ``model_sampling`` bound."""
+    itself (tcd: its timesteps and alpha_bar; sa_solver: its tau interval) gets ``model_sampling`` bound."""
     if name not in _SAMPLER_FUNCTIONS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     fn = _SAMPLER_FUNCTIONS[name]
