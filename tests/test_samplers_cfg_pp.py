@@ -18,7 +18,14 @@ from test_samplers import relative_error
 from test_samplers_more import Replay, get_ancestral_step, to_d
 
 from sd.sampling.conds import as_entries, resolve
-from sd.sampling.guidance import NO_PATCHES, CFGDenoiser, cfg_function, with_uncond
+from sd.sampling.guidance import (
+    NO_PATCHES,
+    CFGDenoiser,
+    DualCFGDenoiser,
+    PerpNegDenoiser,
+    cfg_function,
+    with_uncond,
+)
 from sd.sampling.model_sampling import SD1_MODEL_SAMPLING
 from sd.sampling.samplers import SAMPLERS, get_sampler
 from sd.sampling.schedulers import ksampler_sigmas
@@ -216,6 +223,28 @@ def test_deterministic_cfg_pp_samplers_converge_at_their_order(name, min_ratio, 
     assert errors[0] > errors[2] > errors[3]
     assert errors[2] / errors[3] >= min_ratio, errors
     assert errors[3] < bound, errors
+
+
+def _entries(n):
+    rng = np.random.default_rng(8)
+    sides = [as_entries([mx.array(rng.standard_normal((1, L, D)).astype(np.float32))], B) for _ in range(n)]
+    return resolve(sides, (B, H, W, C), SD1_MODEL_SAMPLING)
+
+
+@pytest.mark.parametrize("kind", ["dual_cfg", "perp_neg"])
+def test_other_guiders_hand_their_negative_to_the_capture(kind):
+    # ComfyUI's DualCFGGuider and PerpNegGuider give post-CFG functions the negative's prediction as uncond
+    first, second, negative = _entries(3)
+    if kind == "dual_cfg":
+        guider = DualCFGDenoiser(fake_unet_mx, first, second, negative, 1.5, 2.0, SD1_MODEL_SAMPLING)
+    else:
+        guider = PerpNegDenoiser(fake_unet_mx, first, negative, second, 3.0, 1.0, SD1_MODEL_SAMPLING)
+    sigma = float(SD1_MODEL_SAMPLING.sigmas[400])
+    x = mx.array(np.random.default_rng(9).standard_normal((B, H, W, C)).astype(np.float32))
+    denoised, uncond = with_uncond(guider)(x, sigma)
+    np.testing.assert_allclose(np.array(denoised), np.array(guider(x, sigma)), atol=1e-6)
+    alone = CFGDenoiser(fake_unet_mx, negative, [], 1.0, SD1_MODEL_SAMPLING)(x, sigma)
+    np.testing.assert_allclose(np.array(uncond), np.array(alone), atol=1e-5)
 
 
 def _cfg_denoiser(cfg, with_negative=True, calls=None):
