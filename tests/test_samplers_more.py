@@ -24,6 +24,7 @@ ORDERS = [  # (sampler, minimum error ratio 40 -> 80 steps, error bound at 80 st
     ("gradient_estimation", 1.8, 3e-2),
     ("heunpp2", 1.8, 3e-2),  # its sigma-weighted slope mix is first order
     ("deis", 6.0, 2e-4),  # third order
+    ("exp_heun_2_x0", 3.5, 1e-3),  # second order
 ]
 
 
@@ -40,6 +41,7 @@ STOCHASTIC = [
     ("er_sde", 50, 0.015),
     ("seeds_2", 50, 0.015),
     ("seeds_3", 50, 0.015),
+    ("exp_heun_2_x0_sde", 50, 0.015),
     ("res_multistep_ancestral", 50, 0.02),
 ]
 
@@ -247,7 +249,14 @@ def comfy_er_sde(model, x, sigmas, noise_sampler, s_noise=1.0, max_stage=3):
     return x
 
 
-def comfy_seeds_2(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r=0.5):
+def comfy_seeds_2(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
+    def ei_h_phi_1(h):
+        return torch.expm1(h)
+
+    def ei_h_phi_2(h):
+        return (torch.expm1(h) - h) / h
+
+    inject_noise = eta > 0 and s_noise > 0
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -260,17 +269,24 @@ def comfy_seeds_2(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r=0.5):
         lambda_s_1 = torch.lerp(lambda_s, lambda_t, r)
         sigma_s_1 = lambda_s_1.neg().exp()
         x_2 = sigma_s_1 / sigmas[i] * (-r * h * eta).exp() * x - torch.expm1(-r * h_eta) * denoised
-        sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
-        x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        if inject_noise:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
+            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
         denoised_2 = model(x_2, sigma_s_1)
-        denoised_d = torch.lerp(denoised, denoised_2, fac)
-        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - torch.expm1(-h_eta) * denoised_d
-        segment_factor = (r - 1) * h * eta
-        sde_noise = sde_noise * segment_factor.exp()
-        sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(
-            sigma_s_1, sigmas[i + 1]
-        )
-        x = x + sde_noise * sigmas[i + 1] * s_noise
+        if solver_type == "phi_1":
+            denoised_d = torch.lerp(denoised, denoised_2, fac)
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - torch.expm1(-h_eta) * denoised_d
+        else:
+            b2 = ei_h_phi_2(-h_eta) / r
+            b1 = ei_h_phi_1(-h_eta) - b2
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - (b1 * denoised + b2 * denoised_2)
+        if inject_noise:
+            segment_factor = (r - 1) * h * eta
+            sde_noise = sde_noise * segment_factor.exp()
+            sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(
+                sigma_s_1, sigmas[i + 1]
+            )
+            x = x + sde_noise * sigmas[i + 1] * s_noise
     return x
 
 
@@ -427,6 +443,8 @@ COMFY = {
     "ddpm": comfy_ddpm,
     "er_sde": comfy_er_sde,
     "seeds_2": comfy_seeds_2,
+    "exp_heun_2_x0": lambda *a: comfy_seeds_2(*a, eta=0.0, s_noise=0.0, r=1.0, solver_type="phi_2"),
+    "exp_heun_2_x0_sde": lambda *a: comfy_seeds_2(*a, r=1.0, solver_type="phi_2"),
     "seeds_3": comfy_seeds_3,
     "heunpp2": comfy_heunpp2,
     "deis": comfy_deis,

@@ -301,8 +301,12 @@ def sample_seeds_2(
     eta: float = 1.0,
     s_noise: float = 1.0,
     r: float = 0.5,
+    solver_type: str = "phi_1",
 ) -> mx.array:
-    """SEEDS-2 (data prediction, phi_1): a stochastic stage at ratio r of the step, then the full step."""
+    """SEEDS-2 (data prediction): a stochastic stage at ratio r of the step, then the full step from the two
+    predictions mixed (``phi_1``) or weighted by the second exponential integrator term (``phi_2``)."""
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError("seeds_2's solver_type must be 'phi_1' or 'phi_2'")
     sigmas = sigma_list(sigmas)
     noise_sampler = ancestral_noise(x, noise_sampler, seed)
     inject = eta > 0 and s_noise > 0
@@ -323,8 +327,13 @@ def sample_seeds_2(
             sde_noise = noise_sampler(sigmas[i], sigma_mid) * math.sqrt(-math.expm1(-2 * r * h * eta))
             x_2 = x_2 + sde_noise * (sigma_mid * s_noise)
         denoised_2 = denoise(x_2, sigma_mid)
-        denoised_d = denoised + (denoised_2 - denoised) * fac
-        x = x * (sigmas[i + 1] / sigmas[i] * math.exp(-h * eta)) - denoised_d * math.expm1(-h_eta)
+        decay = sigmas[i + 1] / sigmas[i] * math.exp(-h * eta)
+        if solver_type == "phi_1":
+            denoised_d = denoised + (denoised_2 - denoised) * fac
+            x = x * decay - denoised_d * math.expm1(-h_eta)
+        else:
+            b2 = _ei_phi2(-h_eta) / r
+            x = x * decay - (denoised * (_ei_phi1(-h_eta) - b2) + denoised_2 * b2)
         if inject:
             segment = (r - 1) * h * eta
             sde_noise = sde_noise * math.exp(segment)
@@ -332,6 +341,38 @@ def sample_seeds_2(
             sde_noise = sde_noise + fresh
             x = x + sde_noise * (sigmas[i + 1] * s_noise)
     return x
+
+
+def sample_exp_heun_2_x0(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+) -> mx.array:
+    """Exponential Heun (second order, data prediction, in log-sigma): seeds_2 with r = 1, phi_2, no noise."""
+    return sample_seeds_2(denoise, x, sigmas, callback=callback, cancel=cancel, seed=seed, eta=0.0,
+                          s_noise=0.0, r=1.0, solver_type="phi_2")
+
+
+def sample_exp_heun_2_x0_sde(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sigmas,
+    *,
+    callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    cancel: CancelCheck | None = None,
+    seed: int = 0,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> mx.array:
+    """Stochastic exponential Heun: seeds_2 with r = 1 and phi_2."""
+    return sample_seeds_2(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler, cancel=cancel,
+                          seed=seed, eta=eta, s_noise=s_noise, r=1.0, solver_type="phi_2")
 
 
 def _ei_phi1(h: float) -> float:
