@@ -4,6 +4,7 @@
     python -m bench --device gpu                    # MLX CUDA vs diffusers eager, channels-last, compile
     python -m bench --sections unet,levers --size tiny --device cpu   # smoke test
     python -m bench --sections upscale --device gpu   # 4x ESRGAN of 512x512, MLX vs spandrel
+    python -m bench --sections controlnet --device gpu   # ControlNet + UNet step, MLX vs diffusers
 
 A full-size SD1.5-shaped random checkpoint (fp16, real LDM layout) is generated once under bench/out/
 (git-ignored); random weights time the same as real ones. Times are medians of several runs after warm-up.
@@ -22,7 +23,7 @@ from pathlib import Path
 from bench.common import OUT_DIR, Row, ensure_checkpoint, machine_info
 from sd import runtime
 
-ALL_SECTIONS = ("unet", "unet_rr", "vae", "clip", "txt2img", "load", "levers", "upscale")
+ALL_SECTIONS = ("unet", "unet_rr", "vae", "clip", "txt2img", "load", "levers", "upscale", "controlnet")
 
 
 def parse_args(argv=None):

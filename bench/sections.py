@@ -412,8 +412,14 @@ def section_upscale(ctx: Context):
     run(ctx)
 
 
+def section_controlnet(ctx: Context):
+    from bench.controlnet import section_controlnet as run
+
+    run(ctx)
+
+
 SECTIONS = {"unet": section_unet, "unet_rr": section_unet_rr, "vae": section_vae, "clip": section_clip,
-            "txt2img": section_txt2img, "upscale": section_upscale}
+            "txt2img": section_txt2img, "upscale": section_upscale, "controlnet": section_controlnet}
 
 
 def ratio_table(rows: list[Row]) -> str:

@@ -25,8 +25,11 @@ their socket types, and the ComfyUI / PNG workflow importers. It sets up nothing
     latent_ops.py    LatentUpscaleBy, Repeat/FromBatch, LatentComposite(Masked), Blend, Crop, Flip, Rotate
     masks.py         LoadImageMask, ImageToMask, MaskToImage, Invert/Solid/Grow/Feather/ThresholdMask,
                      MaskComposite
+    inpaint.py       SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning, DifferentialDiffusion,
+                     and the 9-channel UNet's concat input added to the samplers' entries
     gligen.py        GLIGENLoader, GLIGENTextBoxApply (GLIGEN boxes as a conditioning option)
     upscale.py       UpscaleModelLoader, ImageUpscaleWithModel (ESRGAN-family upscale models)
+    controlnet.py    ControlNetLoader, DiffControlNetLoader, ControlNetApply(Advanced), Canny
     estimates.py     memory estimates of a plan, checked before it runs (image_estimates.py: the ops above)
     comfy_*.py       ComfyUI API-format import/export; png_workflow.py: workflows inside PNGs
     doctor.py, demo.py   `sdgraph doctor` and `sdgraph demo`
@@ -36,7 +39,7 @@ from nodes import values  # noqa: F401, I001  (registers the serializers before 
 from nodes import sampling_values  # noqa: F401, I001  (the custom-sampling socket types)
 from nodes import conditioning, images, latent_files, latents, loaders, merging, model_patches  # noqa: F401
 from nodes import image_ops, latent_ops, masks, sampling, upscale, vae_tiled  # noqa: F401
-from nodes import conditioning_ops, custom_sampling, gligen  # noqa: F401
+from nodes import conditioning_ops, controlnet, custom_sampling, gligen, inpaint  # noqa: F401
 from nodes import comfy_import, estimates, image_estimates, png_workflow
 
 comfy_import.register()

@@ -5,7 +5,8 @@ a latent of `Size`, one KSampler (`Steps`, `Sampler` + `Schedule type`, `CFG sca
 `Hires upscale`/`Hires resize`, a second pass: the latent upscaled (latent upscalers) or the image
 upscaled by a model / resized (when those node types exist), then sampled again with `Denoising
 strength`. Every setting that changes the image but has no equivalent is listed in the workflow's notes.
-A1111's noise is not ComfyUI's: the same seed gives another image.
+Prompts are read with A1111's weighting (CLIPEncode weighting a1111) and the seed gives A1111's noise
+(KSampler noise_device a1111: its GPU seeds, with ENSD; cpu for `RNG: CPU`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ PIXEL_UPSCALERS = {"lanczos": "lanczos", "nearest": "nearest-exact"}
 USED = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Clip skip", "VAE",
         "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Hires resize",
         "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Hires prompt", "Hires negative prompt",
-        "RNG"}
+        "RNG", "ENSD"}
 # what identifies files or tools but does not change the image (A1111 writes most other keys only when
 # they differ from its defaults, so those are reported)
 INFORMATIONAL = {"Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes", "Version",
@@ -121,6 +122,19 @@ def workflow_from_infotext(text: str, filename: str | None = None) -> Workflow:
     return wf
 
 
+def _noise_inputs(p: dict[str, str], notes: list[str]) -> dict[str, Any]:
+    """KSampler's noise_device (and eta noise seed delta) for A1111's RNG setting."""
+    if p.get("RNG", "").strip().upper() == "CPU":
+        if p.get("ENSD", "").strip() not in ("", "0"):
+            notes.append(f"not mapped: ENSD: {p['ENSD']} (only with A1111's GPU seeds)")
+        return {"noise_device": "cpu"}
+    inputs: dict[str, Any] = {"noise_device": "a1111"}
+    delta = _number(p, "ENSD", int, 0, notes)
+    if delta:
+        inputs["eta_noise_seed_delta"] = delta
+    return inputs
+
+
 def _build(info: Infotext) -> tuple[dict, list[str]]:
     p, notes = info.params, []
     version = _version(p)
@@ -159,12 +173,15 @@ def _build(info: Infotext) -> tuple[dict, list[str]]:
         else:
             notes.append(f"not mapped: VAE '{p['VAE']}' (no VAELoader node yet); the checkpoint's VAE is "
                          "used")
-    nodes["positive"] = {"type": "CLIPTextEncode", "clip": {"from": clip}, "text": "$prompt"}
-    nodes["negative"] = {"type": "CLIPTextEncode", "clip": {"from": clip}, "text": "$negative"}
+    # A1111's weighting (sd/text/a1111_weights.py) and, unless it drew on the CPU, its GPU seeds
+    nodes["positive"] = {"type": "CLIPTextEncode", "clip": {"from": clip}, "text": "$prompt",
+                         "weighting": "a1111"}
+    nodes["negative"] = {"type": "CLIPTextEncode", "clip": {"from": clip}, "text": "$negative",
+                         "weighting": "a1111"}
     nodes["latent"] = {"type": "EmptyLatentImage", "width": "$width", "height": "$height", "batch_size": 1}
     sampling = {"model": {"from": model}, "positive": {"from": "positive.CONDITIONING"},
                 "negative": {"from": "negative.CONDITIONING"}, "seed": "$seed", "steps": "$steps",
-                "cfg": "$cfg", "sampler_name": sampler, "scheduler": scheduler}
+                "cfg": "$cfg", "sampler_name": sampler, "scheduler": scheduler, **_noise_inputs(p, notes)}
     nodes["sampler"] = {"type": "KSampler", **sampling, "latent_image": {"from": "latent.LATENT"},
                         "denoise": 1.0}
     final = "sampler.LATENT"
@@ -179,12 +196,8 @@ def _build(info: Infotext) -> tuple[dict, list[str]]:
 
     for tag in info.other_networks:
         notes.append(f"not mapped: {tag} (removed from the prompt)")
-    for word, what in (("BREAK", "BREAK"), ("[", "[...] (A1111 de-emphasis / prompt editing)")):
-        if word in info.prompt or word in info.negative:
-            notes.append(f"not mapped: {what} in the prompt is read as ComfyUI reads it, not as A1111 does")
-    if re.search(r"\([^()]*:\s*[\d.]+\s*\)", info.prompt + info.negative):
-        notes.append("prompt weights such as (word:1.2) are applied as ComfyUI applies them (A1111 also "
-                     "rescales the weighted embedding to its old mean)")
+    if re.search(r"\[[^\[\]]*:[^\[\]]*\]", info.prompt + info.negative):
+        notes.append("not mapped: [a:b:step] prompt editing (read as plain A1111 brackets: weight 1/1.1)")
     if "Batch size" in p and p["Batch size"].strip() not in ("1", ""):
         notes.append(f"not mapped: Batch size {p['Batch size']} (A1111 gives each image its own seed); "
                      "one image")
@@ -192,11 +205,11 @@ def _build(info: Infotext) -> tuple[dict, list[str]]:
         if key not in USED and key not in INFORMATIONAL and key != "Batch size":
             notes.append(f"not mapped: {key}: {p[key]}")
     if p.get("RNG", "").strip().upper() == "CPU":  # torch.randn on the CPU after manual_seed, as ComfyUI
-        notes.append("RNG: CPU: the starting noise is ComfyUI's for this seed; A1111's prompt weighting and "
-                     "ancestral/SDE noise still differ, so the image may not match exactly")
+        notes.append("RNG: CPU: the starting noise is ComfyUI's for this seed (noise_device cpu); A1111's "
+                     "ancestral/SDE noise still differs, so the image may not match exactly")
     else:
-        notes.append(f"RNG: {p.get('RNG', 'GPU')}: A1111 drew its noise on the GPU, ComfyUI and sdgraph on "
-                     "the CPU: the same seed gives a different image")
+        notes.append(f"RNG: {p.get('RNG', 'GPU')}: A1111's GPU seeds, reproduced with noise_device a1111 "
+                     "(torch's CUDA generator; A1111's samplers and schedules may still differ in places)")
     description = "Converted from A1111 / civitai generation parameters"
     return {"description": description, "params": params, "nodes": nodes}, notes
 
@@ -259,7 +272,7 @@ def _add_hires(nodes: dict, params: dict, sampling: dict, target: tuple[int, int
     for key, node_id in (("Hires prompt", "hires_positive"), ("Hires negative prompt", "hires_negative")):
         if p.get(key, "").strip():  # written only when it differs from the first pass's prompt
             clip = dict(nodes["positive"]["clip"])
-            nodes[node_id] = {"type": "CLIPTextEncode", "clip": clip, "text": p[key]}
+            nodes[node_id] = {"type": "CLIPTextEncode", "clip": clip, "text": p[key], "weighting": "a1111"}
             sampling = sampling | {node_id.split("_")[1]: {"from": f"{node_id}.CONDITIONING"}}
     nodes["hires_sampler"] = {"type": "KSampler", **sampling, "latent_image": {"from": latent},
                               "steps": "$hires_steps", "cfg": "$cfg" if cfg is None else cfg,

@@ -4,7 +4,7 @@ sdgraph reads the architecture off the weights, so a config adds only what weigh
 encoder's output layer (`cond_stage_config.params.layer: hidden` + `layer_idx`, ComfyUI's clip skip) and
 the prediction type. A YAML in models/configs is parsed with yaml.safe_load (nothing in it runs); the
 configs ComfyUI ships in its own models/configs are known by name (SHIPPED), so workflows naming them run
-without the files. Anything sdgraph cannot honour (v-prediction, SD2.x, inpainting UNets) is refused, at
+without the files. Anything sdgraph cannot honour (v-prediction, SD2.x, pix2pix UNets) is refused, at
 validation: `resolve_config` is CheckpointLoader's `reads_files` resolver.
 """
 
@@ -18,7 +18,7 @@ from nodes.paths import check_name, resolve
 SHIPPED = {
     "v1-inference.yaml": -1, "v1-inference_fp16.yaml": -1,
     "v1-inference_clip_skip_2.yaml": -2, "v1-inference_clip_skip_2_fp16.yaml": -2, "anything_v3.yaml": -2,
-    "v1-inpainting-inference.yaml": None, "v2-inference.yaml": None, "v2-inference_fp32.yaml": None,
+    "v1-inpainting-inference.yaml": -1, "v2-inference.yaml": None, "v2-inference_fp32.yaml": None,
     "v2-inference-v.yaml": None, "v2-inference-v_fp32.yaml": None, "v2-inpainting-inference.yaml": None,
 }
 _SUPPORTED = ", ".join(n for n, layer in SHIPPED.items() if layer is not None)
@@ -41,7 +41,7 @@ def _shipped_layer(config_name: str, folders) -> int:
         raise ValueError(f"config_name {config_name!r} is neither a file in {_configs_dir(folders)} nor one "
                          f"of ComfyUI's shipped configs sdgraph knows ({_SUPPORTED})")
     if SHIPPED[name] is None:
-        raise ValueError(f"config_name {config_name!r} is for an SD2.x, v-prediction or inpainting model; "
+        raise ValueError(f"config_name {config_name!r} is for an SD2.x or v-prediction model; "
                          f"sdgraph runs SD1.x eps-prediction checkpoints ({_SUPPORTED})")
     return SHIPPED[name]
 
@@ -87,9 +87,9 @@ def _layer_from_params(path: Path, params: dict) -> int:
         raise ValueError(f"config {path} is for a {params['parameterization']}-prediction model; sdgraph "
                          "samples eps-prediction SD1.x models only")
     unet = (params.get("unet_config") or {}).get("params") or {}
-    if unet.get("in_channels", 4) != 4 or unet.get("context_dim", 768) != 768:
+    if unet.get("in_channels", 4) not in (4, 9) or unet.get("context_dim", 768) != 768:
         raise ValueError(f"config {path} describes a UNet with {unet.get('in_channels')} input channels and "
-                         f"context {unet.get('context_dim')}; SD1.x has 4 and 768")
+                         f"context {unet.get('context_dim')}; SD1.x has 4 (9 for inpainting) and 768")
     clip = params.get("cond_stage_config") or {}
     if "FrozenCLIPEmbedder" not in str(clip.get("target", "FrozenCLIPEmbedder")):
         raise ValueError(f"config {path} uses the text encoder {clip.get('target')}; SD1.x uses "

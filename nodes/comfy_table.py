@@ -31,15 +31,16 @@ class Mapping:
 COMFY_TO_OURS: dict[str, Mapping] = {
     "CheckpointLoaderSimple": Mapping("LoadCheckpoint", "ckpt"),
     "LoraLoader": Mapping("LoadLoRA", "lora", ours_only=frozenset({"allow_partial"})),
-    "CLIPTextEncode": Mapping("CLIPEncode", "encode"),
+    "CLIPTextEncode": Mapping("CLIPEncode", "encode", ours_only=frozenset({"weighting"})),
     "CLIPSetLastLayer": Mapping("CLIPSetLastLayer", "clip_skip"),
     "EmptyLatentImage": Mapping("EmptyLatent", "latent"),
     # `upload` (the upload button) and `choose file to upload` (its older name, in most ComfyUI PNGs)
     "LoadImage": Mapping("LoadImage", "image", ignored=frozenset({"upload", "choose file to upload"})),
     "VAEEncode": Mapping("VAEEncode", "vae_encode"),
     "VAEDecode": Mapping("VAEDecode", "vae_decode"),
-    "KSampler": Mapping("KSampler", "sampler"),
-    "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler"),
+    "KSampler": Mapping("KSampler", "sampler", ours_only=frozenset({"noise_device", "eta_noise_seed_delta"})),
+    "KSamplerAdvanced": Mapping("KSamplerAdvanced", "sampler",
+                                ours_only=frozenset({"noise_device", "eta_noise_seed_delta"})),
     "LatentUpscale": Mapping("LatentUpscale", "upscale"),
     "SaveImage": Mapping("SaveImage", "save"),
     # image, latent and mask operations (same names and inputs)
@@ -81,6 +82,12 @@ COMFY_TO_OURS: dict[str, Mapping] = {
     "FeatherMask": Mapping("FeatherMask", "mask"),
     "MaskComposite": Mapping("MaskComposite", "mask"),
     "ThresholdMask": Mapping("ThresholdMask", "mask"),
+    "SetLatentNoiseMask": Mapping("SetLatentNoiseMask", "noise_mask"),
+    "VAEEncodeForInpaint": Mapping("VAEEncodeForInpaint", "inpaint_encode"),
+    "InpaintModelConditioning": Mapping("InpaintModelConditioning", "inpaint"),
+    # `strength` is optional in current ComfyUI (older versions have no input at all)
+    "DifferentialDiffusion": Mapping("DifferentialDiffusion", "differential_diffusion",
+                                     ours_only=frozenset({"strength"})),
     "PreviewImage": Mapping("PreviewImage", "preview"),
     "CheckpointLoader": Mapping("CheckpointLoader", "ckpt"),
     "VAELoader": Mapping("VAELoader", "vae"),

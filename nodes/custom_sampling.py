@@ -163,8 +163,9 @@ def PerpNegGuider(model: MODEL, positive: CONDITIONING, negative: CONDITIONING,
     return GuiderRecipe("perp_neg", model, (positive, negative, empty_conditioning), (cfg, neg_scale))
 
 
-def _denoiser(guider: GuiderRecipe, latent_shape, ctx):
-    """The guider's denoise(x, sigma) for latents of `latent_shape`, and the model's schedule."""
+def _denoiser(guider: GuiderRecipe, latent: Latent, ctx):
+    """The guider's denoise(x, sigma) for `latent`, the model's schedule and the model."""
+    from nodes.inpaint import with_inpaint_concat
     from nodes.model_patches import sampling_patches
     from sd.sampling.conds import as_entries, resolve
     from sd.sampling.guidance import CFGDenoiser, DualCFGDenoiser, PerpNegDenoiser
@@ -172,10 +173,12 @@ def _denoiser(guider: GuiderRecipe, latent_shape, ctx):
     model: ModelRecipe = guider.model
     unet = models.unet_for(model, ctx.log)
     fast, ms, patches = models.fast_unet(unet), model_sampling_of(model), sampling_patches(model, unet)
+    latent_shape = latent.samples.shape
     batch = latent_shape[0]
 
     def sides(*conds: Conditioning):
-        return resolve([as_entries(e, batch) for e in sampling_entries(ctx, *conds)], latent_shape, ms)
+        entries = with_inpaint_concat(unet, sampling_entries(ctx, *conds), latent)
+        return resolve([as_entries(e, batch) for e in entries], latent_shape, ms)
 
     if guider.kind == "cfg":
         pos, neg = sides(*guider.conds)
@@ -195,21 +198,22 @@ def _denoiser(guider: GuiderRecipe, latent_shape, ctx):
 
 def _run(ctx, noise: NoiseRecipe, guider: GuiderRecipe, sampler: SamplerRecipe, sigmas: mx.array,
          latent: Latent) -> tuple[Latent, Latent]:
+    from nodes.inpaint import denoise_mask_function
     from sd.sampling.ksampler import run_sampler
     from sd.sampling.samplers import get_sampler
 
-    if latent.noise_mask is not None:
-        raise ValueError("latents with a noise mask (inpainting) are not supported yet")
     values = np.array(sigmas, dtype=np.float32)
     if len(values) == 0:
         return latent, latent
-    denoiser, ms, model = _denoiser(guider, latent.samples.shape, ctx)
+    denoiser, ms, model = _denoiser(guider, latent, ctx)
     out, denoised = run_sampler(denoiser, latent.samples, noise.generate(latent.samples.shape), values,
                                 get_sampler(sampler.name, ms), seed=noise.seed, model_sampling=ms,
-                                callback=progress_callback(ctx), cancel=ctx.is_cancelled)
+                                callback=progress_callback(ctx), cancel=ctx.is_cancelled,
+                                denoise_mask=latent.noise_mask, mask_function=denoise_mask_function(model))
     check_finite(out, "the sampled latents", model, "unet")
-    result = Latent(out, latent.batch_index)
-    return result, (Latent(denoised, latent.batch_index) if denoised is not None else result)
+    mask = latent.noise_mask
+    result = Latent(out, latent.batch_index, mask)
+    return result, (Latent(denoised, latent.batch_index, mask) if denoised is not None else result)
 
 
 _OUTPUTS = dict(outputs=(LATENT, LATENT), output_names=("output", "denoised_output"))

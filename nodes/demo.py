@@ -7,12 +7,14 @@ models/loras/detail.safetensors and style.safetensors (kohya LoRAs fitting that 
 models/vae/vae-ft-mse-840000-ema-pruned.safetensors (a random VAE in the LDM layout of the real file, for
 workflows/external_vae.yaml), models/embeddings/easynegative.safetensors (a random 8-vector textual-inversion
 embedding as wide as that checkpoint's text encoder), models/upscale_models/4x-UltraSharp.pth (a small random
-ESRGAN x4 in the old ESRGAN key layout, as the real file has it), input/example.png, and for the merging
+ESRGAN x4 in the old ESRGAN key layout, as the real file has it), input/example.png and its inpainting mask
+input/example_mask.png (white over the image's disc), and for the merging and inpainting
 examples a second checkpoint (other-model.safetensors), a 9-channel inpainting one
 (sd-v1-5-inpainting.safetensors) and an A1111 hypernetwork (models/hypernetworks/demo-hypernetwork.pt, written
-by sdgraph's own torch-free pickle writer, for the main checkpoint's widths), and a random GLIGEN model
-(models/gligen/gligen_sd14_textbox_pruned.safetensors, the layout of ComfyUI's repackaged file, float16, sized
-for the main checkpoint).
+by sdgraph's own torch-free pickle writer, for the main checkpoint's widths),
+models/controlnet/control_v11p_sd15_canny.safetensors (a random ControlNet in the LDM layout, for that
+checkpoint's UNet) and a random GLIGEN model (models/gligen/gligen_sd14_textbox_pruned.safetensors, the
+layout of ComfyUI's repackaged file, float16, sized for the main checkpoint).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ GLIGEN_NAME = "gligen_sd14_textbox_pruned.safetensors"
 LORA_NAMES = ("detail.safetensors", "style.safetensors")
 UPSCALE_MODEL_NAME = "4x-UltraSharp.pth"
 EXAMPLE_IMAGE = "example.png"
+EXAMPLE_MASK = "example_mask.png"  # white where the inpainting examples repaint (the example's disc)
 VAE_NAME = "vae-ft-mse-840000-ema-pruned.safetensors"
 EMBEDDING_NAME = "easynegative.safetensors"
+CONTROLNET_NAME = "control_v11p_sd15_canny.safetensors"
 
 # 2-D weights a kohya LoRA patches: UNet attention projections, CLIP attention and MLP
 _UNET_LAYERS = (".attn1.to_q.weight", ".attn1.to_k.weight", ".attn1.to_v.weight", ".attn1.to_out.0.weight",
@@ -134,6 +138,17 @@ def write_example_image(path: Path, size: int = 512) -> Path:
     return path
 
 
+def write_example_mask(path: Path, size: int = 512) -> Path:
+    """A black-and-white mask for the example image: white (paint here) over its disc, a little wider."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    disc = ((x - 0.5) ** 2 + (y - 0.55) ** 2) < 0.1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((disc * 255).astype(np.uint8)).save(path)
+    return path
+
+
 def write_upscale_stand_in(path: Path) -> Path:
     """A random ESRGAN x4 (16 features, 1 block; the real 4x-UltraSharp has 64 and 23) in the old ESRGAN
     layout, written whole or not at all."""
@@ -142,6 +157,23 @@ def write_upscale_stand_in(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     write_upscale_model(tmp, esrgan_state("old", scale=4, num_feat=16, num_blocks=1, seed=7))
+    tmp.replace(path)
+    return path
+
+
+def write_controlnet_stand_in(path: Path, checkpoint: Path) -> Path:
+    """A random LDM-layout ControlNet fitting `checkpoint`'s UNet, written whole or not at all."""
+    from sd.io.checkpoint_io import open_tensors
+    from sd.loading.checkpoint import PREFIXES
+    from sd.models.unet import unet_config_from_weights
+    from sd.synthetic.controlnet import SD15_HINT, TINY_HINT, make_controlnet
+
+    tensors, prefix = open_tensors(checkpoint), PREFIXES["unet"]
+    shapes = {k[len(prefix):]: tensors.shape(k) for k in tensors if k.startswith(prefix)}
+    cfg = unet_config_from_weights(shapes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.safetensors")
+    make_controlnet(tmp, cfg, SD15_HINT if cfg.model_channels >= 320 else TINY_HINT, seed=8)
     tmp.replace(path)
     return path
 
@@ -187,6 +219,12 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
             written.append(write_demo_hypernetwork(hypernetwork, checkpoint))
         except SDGraphError as e:
             print(f"skipped {hypernetwork}: {e}", file=out)
+    controlnet = models_dir / "controlnet" / CONTROLNET_NAME
+    if not controlnet.exists():
+        try:
+            written.append(write_controlnet_stand_in(controlnet, checkpoint))
+        except (SDGraphError, KeyError, ValueError) as e:  # its sizes come from the user's checkpoint
+            print(f"skipped {controlnet}: {e}", file=out)
     gligen = models_dir / "gligen" / GLIGEN_NAME
     if not gligen.exists():
         from sd.synthetic.gligen import gligen_for_checkpoint
@@ -198,13 +236,17 @@ def make_demo(models_dir: str | Path, input_dir: str | Path, image_size: int = 5
     image = input_dir / EXAMPLE_IMAGE
     if not image.exists():
         written.append(write_example_image(image, image_size))
+    mask = input_dir / EXAMPLE_MASK
+    if not mask.exists():
+        written.append(write_example_mask(mask, image_size))
     for path in written:
         print(f"wrote {path}", file=out)
     if any(p.suffix in (".safetensors", ".pth", ".pt") for p in written):
         print("These models are RANDOM-WEIGHT stand-ins: the workflows run, but the images will be noise "
               f"(or noisy). Put a real SD1.5 checkpoint at {checkpoint}, real LoRAs in "
               f"{models_dir / 'loras'}, embeddings in {models_dir / 'embeddings'}, a real VAE in "
-              f"{models_dir / 'vae'} and a real upscale model at {upscaler} under those names to get real "
+              f"{models_dir / 'vae'}, a real upscale model at {upscaler} and a real ControlNet at "
+              f"{controlnet} under those names to get real "
               "images.", file=out)
     return written
 

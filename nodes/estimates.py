@@ -95,6 +95,27 @@ def vae_encode(lit, inputs, files) -> Estimate:
                     detail=f"the VAE encoder's activations for {b} image(s) of {W}x{H} pixels")
 
 
+def vae_encode_for_inpaint(lit, inputs, files) -> Estimate:
+    """VAEEncodeForInpaint: an encode plus a copy of the pixels and the grown mask."""
+    est = vae_encode(lit, inputs, files)
+    size = _size(inputs.get("pixels"), "image")
+    if size is None:
+        return est
+    b, H, W = size
+    return Estimate(held=est.held + b * H * W * F32, working=est.working + _image_bytes(b, H, W),
+                    outputs=est.outputs, detail=est.detail)
+
+
+def inpaint_model_conditioning(lit, inputs, files) -> Estimate:
+    """InpaintModelConditioning: two encodes (the grey-filled and the whole image); the latent output."""
+    est = vae_encode_for_inpaint(lit, inputs, files)
+    if not est.outputs:
+        return est
+    latent = est.outputs[0]
+    return Estimate(held=est.held + _latent_bytes(*latent[1:]), working=est.working,
+                    outputs=(None, None, latent), detail=est.detail)
+
+
 def load_image(lit, inputs, files) -> Estimate:
     from nodes.images import image_header
 
@@ -163,6 +184,8 @@ def register() -> None:
              "KSamplerAdvanced": sampler, "VAEDecode": vae_decode, "VAEEncode": vae_encode,
              "LoadImage": load_image, "SaveImage": save_image, "LoadCheckpoint": load_checkpoint,
              "UpscaleModelLoader": upscale_model_loader, "ImageUpscaleWithModel": image_upscale,
-             "SamplerCustom": custom_sampler, "SamplerCustomAdvanced": custom_sampler}
+             "SamplerCustom": custom_sampler, "SamplerCustomAdvanced": custom_sampler,
+             "VAEEncodeForInpaint": vae_encode_for_inpaint,
+             "InpaintModelConditioning": inpaint_model_conditioning}
     for name, fn in table.items():
         register_estimate(name, fn)

@@ -50,5 +50,14 @@ def _blame(recipe: Any, part: str) -> str | None:
                                   patches, lambda msg: None)
         name = _first_non_finite(patched)
         if name is not None:
-            return f"the {label} weights are non-finite after applying {models.describe(patches)} ('{name}')"
+            files = ", ".join(dict.fromkeys(str(_patch_file(p)) for p in patches))
+            return (f"the {label} weights are non-finite after applying {models.describe(patches)} ({files}; "
+                    f"first '{name}')")
     return None
+
+
+def _patch_file(patch: Any):
+    """The file a weight patch comes from (a LoRA, or the other checkpoint of a merge)."""
+    if hasattr(patch, "lora"):
+        return patch.lora.path
+    return patch.other.checkpoint.path

@@ -86,7 +86,7 @@ def CheckpointLoader(config_name: String(), ckpt_name: String(), ctx=None):
     The architecture is still read off the weights; config_name is checked, not obeyed blindly: a YAML in
     models/configs is read (safely) and one of ComfyUI's shipped configs (v1-inference.yaml, ...) is known
     by name. A config whose text encoder stops at a hidden layer (v1-inference_clip_skip_2.yaml,
-    anything_v3.yaml) sets CLIP's last layer as ComfyUI does; a v-prediction, SD2.x or inpainting config
+    anything_v3.yaml) sets CLIP's last layer as ComfyUI does; a v-prediction or SD2.x config
     is refused, as are names that are neither: at validation, naming the node and input."""
     layer = config_clip_layer(config_name, ctx.folders)
     model, clip, vae = LoadCheckpoint(ckpt_name, ctx=ctx)

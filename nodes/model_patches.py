@@ -80,6 +80,8 @@ def sampling_patches(recipe: ModelRecipe, unet):
             built = p.sag_patches(s["scale"], s["blur_sigma"])
         elif patch.kind == "PerturbedAttentionGuidance":
             built = p.pag_patches(s["scale"])
+        elif patch.kind == "DifferentialDiffusion":
+            continue  # the noise mask's per-step function (nodes.inpaint.denoise_mask_function), not guidance
         else:
             raise ValueError(f"unknown model patch {patch.kind!r}")
         out = out.then(built)

@@ -19,7 +19,10 @@ held pass a byte budget, arrays shared between entries counted once), keyed by i
                                                                     size; a strength change reuses them)
     ("skeleton", "unet" | "clip", checkpoint identity)              shapes only (unevaluated: weighs nothing)
     ("upscale", file identity)                                      an upscale model (ESRGAN, Compact)
+    ("controlnet", file identity, <diff base>)                      a ControlNet (a diff ControlNet's base:
+                                                                    the UNet's checkpoint identity + patches)
     ("fast" | "fast-vae" | "fast-upscale", <a model's key>)         sd.accel's accelerated wrapper of it
+    ("fast-controlnet", <a ControlNet's key>)                       (the same for a ControlNet)
 
 An identity is the engine's fingerprint of the file (FileRef.identity), patches are in order: (LoRA identity,
 strength, allow_partial), ("merge", the other recipe's key, rule), ("hypernetwork", identity, strength). A
@@ -260,3 +263,32 @@ def upscale_model_for(recipe: UpscaleModelRecipe, log: Log = lambda msg: None) -
         return model
 
     return STORE.get(("upscale", recipe.file.identity), build)
+
+
+def controlnet_for(recipe: Any, log: Log = lambda msg: None) -> Any:
+    """The ControlNet (or T2I-Adapter) of a CONTROL_NET recipe (nodes/controlnet.py), kept by file identity;
+    a diff ControlNet also by the UNet (with its patches) whose weights it adds."""
+    base = recipe.diff_model
+    base_key = None if base is None else (base.checkpoint.identity, _patches_key(base.patches))
+
+    def build() -> Any:
+        from mlx.utils import tree_flatten
+
+        from sd.accel.precision import default_dtype
+        from sd.loading.controlnet_file import describe, load_controlnet
+
+        start = time.perf_counter()
+        unet_weights = None if base is None else dict(tree_flatten(unet_for(base, log).parameters()))
+        model = load_controlnet(recipe.file.path, default_dtype("unet"), unet_weights)
+        LOAD_COUNTS["controlnet"] += 1
+        log(f"loaded {describe(model)} from {recipe.file.name} ({time.perf_counter() - start:.2f} s)")
+        return model
+
+    return STORE.get(("controlnet", recipe.file.identity, base_key), build)
+
+
+def fast_controlnet(net: Any) -> Any:
+    """A callable like the ControlNet, accelerated for this device (sd/accel/compiled.py)."""
+    from sd.accel.compiled import FastControlNet
+
+    return _fast("fast-controlnet", net, FastControlNet) or net

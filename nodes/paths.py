@@ -171,6 +171,14 @@ def resolve_upscale_model(name: str, folders: Folders) -> Path:
     return resolve(name, upscale_models_dir(folders), "upscale model", MODEL_EXTENSIONS, "--models-dir")
 
 
+def controlnet_dir(folders: Folders) -> Path:
+    return Path(folders.models_dir) / "controlnet"
+
+
+def resolve_controlnet(name: str, folders: Folders) -> Path:
+    return resolve(name, controlnet_dir(folders), "ControlNet", MODEL_EXTENSIONS, "--models-dir")
+
+
 def hypernetworks_dir(folders: Folders) -> Path:
     return Path(folders.models_dir) / "hypernetworks"
 

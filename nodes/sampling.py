@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -10,17 +11,22 @@ from nodes import models
 from nodes.finite import check_finite
 from nodes.values import Conditioning, Latent, ModelRecipe
 from sd.sampling.ksampler import SAMPLERS, SCHEDULERS
+from sd.sampling.rng import RNG_ENV, RNG_MODES, resolve_rng
 
 MAX_SEED = 2**64 - 1
 ON_OFF = ("enable", "disable")
+# Whose noise to reproduce (sd/sampling/rng.py). The default is read once, here, so that it is part of
+# the cache key like any written value; a bad $SDGRAPH_RNG is reported when a sampler runs.
+DEFAULT_RNG = os.environ.get(RNG_ENV, "").strip().lower() or "cpu"
+DEFAULT_RNG = DEFAULT_RNG if DEFAULT_RNG in RNG_MODES else "cpu"
 
-# Names real workflow files carry for samplers sdgraph has under another name. ComfyUI's *_gpu variants
-# differ from their base only in drawing the SDE noise (Brownian tree) on the GPU, and sdgraph draws its
-# own SDE noise anyway (README, "Limits"). ComfyUI's first releases (early 2023) named samplers by
-# k-diffusion's functions (sample_euler, sample_dpmpp_2m, ...).
+# Names real workflow files carry for samplers sdgraph has under another name: ComfyUI's first releases
+# (early 2023) named samplers by k-diffusion's functions (sample_euler, sample_dpmpp_2m, ...). (The *_gpu SDE
+# samplers are samplers of their own: their Brownian tree draws from the CUDA generator in noise_device cuda.)
 SAMPLER_ALIASES = {
-    "dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
-    **{f"sample_{name}": name for name in SAMPLERS if name not in ("ddim", "uni_pc", "uni_pc_bh2")},
+    f"sample_{name}": name
+    for name in SAMPLERS
+    if name not in ("ddim", "uni_pc", "uni_pc_bh2") and not name.endswith("_gpu")
 }
 
 
@@ -88,17 +94,18 @@ def progress_callback(ctx):
 
 def _sample(ctx, model: ModelRecipe, positive: Conditioning, negative: Conditioning, latent: Latent,
             **kwargs) -> Latent:
+    from nodes.inpaint import denoise_mask_function, with_inpaint_concat
     from nodes.model_patches import sampling_patches
     from sd.sampling.ksampler import sample
 
-    if latent.noise_mask is not None:
-        raise ValueError("latents with a noise mask (inpainting) are not supported yet")
+    resolve_rng(None)  # a misspelt $SDGRAPH_RNG fails here rather than being quietly ignored
     unet = models.unet_for(model, ctx.log)
-    pos, neg = sampling_entries(ctx, positive, negative)
+    pos, neg = with_inpaint_concat(unet, sampling_entries(ctx, positive, negative), latent)
     samples = sample(models.fast_unet(unet), pos, neg, latent.samples, callback=progress_callback(ctx),
-                     model_sampling=model_sampling_of(model), patches=sampling_patches(model, unet), **kwargs)
+                     model_sampling=model_sampling_of(model), patches=sampling_patches(model, unet),
+                     denoise_mask=latent.noise_mask, mask_function=denoise_mask_function(model), **kwargs)
     check_finite(samples, "the sampled latents", model, "unet")
-    return Latent(samples, latent.batch_index)
+    return Latent(samples, latent.batch_index, latent.noise_mask)
 
 
 # Keyword-only parameters keep ComfyUI's input order (sockets among the widgets) while staying required.
@@ -107,13 +114,19 @@ def KSampler(model: MODEL, *, seed: Int(0, MAX_SEED) = 0, steps: Int(1, 10000) =
              cfg: Float(0.0, 100.0) = 8.0, sampler_name: SamplerChoice() = "euler",
              scheduler: Choice(SCHEDULERS) = "normal", positive: CONDITIONING,
              negative: CONDITIONING, latent_image: LATENT,
-             denoise: Float(0.0, 1.0) = 1.0, ctx=None):
+             denoise: Float(0.0, 1.0) = 1.0, noise_device: Choice(RNG_MODES) = DEFAULT_RNG,
+             eta_noise_seed_delta: Int(0, MAX_SEED) = 0, ctx=None):
     """Denoise latents with a sampler and scheduler, as ComfyUI's KSampler (same seed, same noise).
-    denoise < 1 keeps part of the input latent (img2img). sampler_name also accepts ComfyUI's *_gpu
-    variants (dpmpp_sde_gpu, dpmpp_2m_sde_gpu, dpmpp_3m_sde_gpu) and k-diffusion's sample_* names, as
-    the sampler they name."""
+    denoise < 1 keeps part of the input latent (img2img). sampler_name also accepts k-diffusion's sample_*
+    names, as the sampler they name.
+
+    noise_device (sdgraph's; default $SDGRAPH_RNG, else cpu) picks whose noise the seed gives: "cpu" as
+    ComfyUI on the CPU, "cuda" as ComfyUI on an NVIDIA GPU (its per-step noise comes from torch's CUDA
+    generator; the *_gpu SDE samplers' Brownian tree too), "a1111" as AUTOMATIC1111's GPU seeds (with
+    eta_noise_seed_delta, A1111's ENSD)."""
     return _sample(ctx, model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
-                   sampler_name=sampler_name, scheduler=scheduler, denoise=denoise)
+                   sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, rng=noise_device,
+                   eta_noise_seed_delta=eta_noise_seed_delta)
 
 
 @node(category="sampling", outputs=(LATENT,))
@@ -123,14 +136,18 @@ def KSamplerAdvanced(model: MODEL, *, add_noise: Choice(ON_OFF) = "enable", nois
                      positive: CONDITIONING, negative: CONDITIONING,
                      latent_image: LATENT, start_at_step: Int(0, 10000) = 0,
                      end_at_step: Int(0, 10000) = 10000,
-                     return_with_leftover_noise: Choice(ON_OFF) = "disable", ctx=None):
+                     return_with_leftover_noise: Choice(ON_OFF) = "disable",
+                     noise_device: Choice(RNG_MODES) = DEFAULT_RNG,
+                     eta_noise_seed_delta: Int(0, MAX_SEED) = 0, ctx=None):
     """KSampler over a range of steps (ComfyUI's KSamplerAdvanced).
 
     Runs steps start_at_step up to end_at_step of a `steps`-step schedule; add_noise "disable"
     continues from a latent that still holds noise, return_with_leftover_noise "enable" stops
-    without denoising fully (for a second sampler to finish)."""
+    without denoising fully (for a second sampler to finish). noise_device and eta_noise_seed_delta: as
+    KSampler's."""
     return _sample(ctx, model, positive, negative, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
                    sampler_name=sampler_name, scheduler=scheduler, start_step=start_at_step,
                    last_step=end_at_step, add_noise=add_noise == "enable",
-                   force_full_denoise=return_with_leftover_noise == "disable")
+                   force_full_denoise=return_with_leftover_noise == "disable", rng=noise_device,
+                   eta_noise_seed_delta=eta_noise_seed_delta)
 

@@ -266,7 +266,8 @@ class Conditioning:
 @dataclass(frozen=True)
 class Latent:
     """A batch of latents, NHWC [B, h, w, 4], unscaled. `batch_index` and `noise_mask` mirror
-    ComfyUI's optional LATENT fields; no node here sets them yet."""
+    ComfyUI's optional LATENT fields; `noise_mask` is a MASK [B, H, W] (1 = change) at any resolution
+    (ComfyUI keeps [B, 1, H, W]): the samplers resize it to the latent (nodes/inpaint.py)."""
 
     samples: mx.array
     batch_index: tuple[int, ...] | None = None

@@ -86,3 +86,25 @@ def transformers_clip(cfg: CLIPTextConfig, state: dict):
     assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
     return model.eval()
 
+
+
+def diffusers_controlnet(cfg: UNetConfig, hint_channels: tuple[int, ...], ldm: dict):
+    """diffusers' ControlNetModel from LDM ControlNet keys (prefix-free; numpy or torch values), converted by
+    diffusers' single-file converter. `hint_channels`: the hint block's channels (sd.synthetic.controlnet)."""
+    import numpy as np
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    state = {"control_model." + k: torch.from_numpy(np.array(v)) if not torch.is_tensor(v) else v
+             for k, v in ldm.items()}
+    converted = convert_controlnet_checkpoint(state, {"layers_per_block": cfg.num_res_blocks})
+    unet_args = diffusers_unet_config(cfg)
+    model = ControlNetModel(
+        in_channels=cfg.in_channels, block_out_channels=unet_args["block_out_channels"],
+        down_block_types=unet_args["down_block_types"], layers_per_block=cfg.num_res_blocks,
+        transformer_layers_per_block=cfg.transformer_depth, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=cfg.num_heads, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+        use_linear_projection=False, conditioning_embedding_out_channels=tuple(hint_channels[1::2]))
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    return model.eval()

@@ -110,11 +110,16 @@ def test_full_infotext_becomes_a_hires_workflow():
     assert n["upscale"].inputs["upscale_method"] == "nearest-exact"
     assert n["hires_sampler"].inputs["latent_image"].node == "upscale"
     assert n["decode"].inputs["samples"].node == "hires_sampler"
-    assert "not mapped: ENSD: 31337" in wf.notes
+    # A1111's GPU seeds with its eta noise seed delta, and its prompt weighting, on both passes
+    for sampler in ("sampler", "hires_sampler"):
+        inputs = n[sampler].inputs
+        assert inputs["noise_device"] == "a1111" and inputs["eta_noise_seed_delta"] == 31337
+    assert n["positive"].inputs["weighting"] == "a1111" and n["negative"].inputs["weighting"] == "a1111"
+    assert not any("ENSD" in note for note in wf.notes)
     assert 'not mapped: ADetailer prompt: face, "smiling", eyes' in wf.notes
     assert "not mapped: <lora:style:1> (removed from the prompt)" in wf.notes
     assert not any("Lora hashes" in note or "Model hash" in note for note in wf.notes)  # informational
-    assert any(note.startswith("prompt weights such as (word:1.2)") for note in wf.notes)
+    assert not any(note.startswith("prompt weights such as (word:1.2)") for note in wf.notes)  # A1111's now
 
 
 def test_plain_txt2img_without_hires():
@@ -173,6 +178,8 @@ def test_hires_prompts_and_rng():
     assert wf.nodes["hires_sampler"].inputs["positive"].node == "hires_positive"
     assert wf.nodes["hires_sampler"].inputs["negative"].node == "negative"
     assert any(n.startswith("RNG: CPU: the starting noise is ComfyUI's") for n in wf.notes)
+    assert wf.nodes["hires_sampler"].inputs["noise_device"] == "cpu"
+    assert wf.nodes["hires_positive"].inputs["weighting"] == "a1111"
     assert any(n.startswith("RNG: GPU") for n in workflow_from_infotext(FULL).notes)
 
 

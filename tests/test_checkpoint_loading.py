@@ -118,7 +118,7 @@ def test_old_clip_layout_without_text_model_and_position_ids(tmp_path, tiny):
     ("sd2_openclip", "SD2.x (found an OpenCLIP text encoder"),
     ("sdxl_conditioner", "SDXL (found 'conditioner.embedders.*'"),
     ("sdxl_label_emb", "'label_emb'"),
-    ("inpainting", "an inpainting model (9 input channels"),
+    ("pix2pix", "an instruct-pix2pix style model (8 input channels"),
 ])
 def test_other_families_are_refused_naming_what_was_found(tmp_path, tiny, edit, detected):
     edited = dict(tiny)
@@ -137,8 +137,8 @@ def test_other_families_are_refused_naming_what_was_found(tmp_path, tiny, edit, 
         edited["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = np.ones(8)
     elif edit == "sdxl_label_emb":
         edited[U + "label_emb.0.0.weight"] = np.zeros((128, 2816), np.float32)
-    elif edit == "inpainting":
-        edited[U + "input_blocks.0.0.weight"] = np.zeros((32, 9, 3, 3), np.float32)
+    elif edit == "pix2pix":
+        edited[U + "input_blocks.0.0.weight"] = np.zeros((32, 8, 3, 3), np.float32)
     with pytest.raises(ArchitectureError) as err:
         load_checkpoint(write(tmp_path, edited))
     message = str(err.value)

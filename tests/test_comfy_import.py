@@ -64,10 +64,11 @@ def test_unsupported_classes_are_listed_in_one_error(world):
     assert lines[-1] == "1 error; nothing was run."
     message = lines[0]
     assert message.startswith(f"{COMFY / 'unsupported_api.json'}:4: 2 ComfyUI node type(s)")
-    for part in ("ControlNetApply (node 5, 6)", "ControlNetLoader (node 3)",
+    for part in ("StyleModelApply (node 5, 6)", "StyleModelLoader (node 3)",
                  "supported: ", "CLIPSetLastLayer, "):  # the supported list grows: no fixed first name
         assert part in message
     assert "ImageUpscaleWithModel (node" not in message  # supported since the upscale nodes
+    assert "ControlNetApply (node" not in message  # supported since the ControlNet nodes
     assert not world.output.exists()
 
 

@@ -478,13 +478,13 @@ def test_subgraph_proxy_widgets_carry_inner_widget_values():
 
 def test_unknown_node_types_are_named_with_their_ids(tmp_path):
     g = txt2img()
-    g.add(15, "ControlNetApply", [("conditioning", "CONDITIONING")], ["CONDITIONING"], [1.0])
+    g.add(15, "StyleModelApply", [("conditioning", "CONDITIONING")], ["CONDITIONING"], [1.0])
     g.link(6, 0, 15, "conditioning")
     path = tmp_path / "ui.json"
     path.write_text(json.dumps(g.data()))
     result = run_cli("validate", str(path))
     assert result.rc == 2
-    assert "ControlNetApply (node 15)" in result.err
+    assert "StyleModelApply (node 15)" in result.err
 
 
 @pytest.mark.parametrize(

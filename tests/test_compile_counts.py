@@ -54,3 +54,34 @@ def test_traces_depend_on_shapes_only(unet, monkeypatch):
     # a new size is a new graph (what `sdgraph warmup --size` prepares)
     mx.eval(sample(fast, prompt(), prompt(), mx.zeros((1, 8, 12, 4)), **runs[0]))
     assert traces[1:] == [(2, 8, 12, 4)]
+
+
+def test_controlnet_steps_stay_compiled(unet, tmp_path, monkeypatch):
+    """The ControlNet compiles once per shape, and the UNet with its residuals is one more graph (the
+    residuals are its inputs): new hints, strengths, seeds and steps trace nothing new."""
+    from sd.accel.compiled import FastControlNet
+    from sd.loading.controlnet_file import load_controlnet
+    from sd.models.controlnet import ControlNet
+    from sd.sampling.control import ControlSource
+    from sd.synthetic.controlnet import make_controlnet
+
+    traces = []
+    for cls in (UNetModel, ControlNet):
+        original = cls.__call__
+
+        def counting(self, x, *args, _original=original, _name=cls.__name__, **kwargs):
+            traces.append((_name, tuple(x.shape)))
+            return _original(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", counting)
+    opts = default_options("unet", gpu=True, cuda=False)
+    controlnet = load_controlnet(make_controlnet(tmp_path / "c.safetensors"))
+    fast, net = FastUNet(unet, opts), FastControlNet(controlnet, opts)
+    rng = np.random.default_rng(0)
+    prompt = mx.array(rng.standard_normal((1, 77, unet.config.context_dim)).astype(np.float32))
+    for seed, strength, steps in ((1, 1.0, 3), (2, 0.5, 4)):
+        source = ControlSource(net, mx.array(rng.uniform(size=(1, 64, 64, 3)).astype(np.float32)), strength)
+        mx.eval(sample(fast, [(prompt, {"control": source})], [(prompt, {"control": source})],
+                       mx.zeros((1, 8, 8, 4)), seed=seed, steps=steps, cfg=7.0, sampler_name="euler",
+                       scheduler="normal"))
+    assert traces == [("ControlNet", (2, 8, 8, 4)), ("UNetModel", (2, 8, 8, 4))], traces

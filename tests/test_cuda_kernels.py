@@ -110,7 +110,7 @@ def test_fast_unet_and_vae_with_kernels_match_plain_modules(tiny, levers):
     dim = tiny["float32"].unet_config.context_dim
     args = (mx.array(rng.standard_normal((2, 16, 24, 4)).astype(np.float32)), mx.array([10.0, 800.0]),
             mx.array(rng.standard_normal((2, 77, dim)).astype(np.float32)))
-    gpu = default_options("unet", gpu=True, cuda=True).with_(shared_projections=False, **levers)
+    gpu = default_options("unet", gpu=True, cuda=True).with_(**{"shared_projections": False, **levers})
     ref = tiny["float32"].unet(*args)
     # MLX's CUDA matmuls and convs run fp32 as TF32 (10-bit mantissa): the kernels may differ from the plain
     # modules by what the same path without them differs (~1e-3), not more
@@ -162,7 +162,9 @@ def test_a_variant_is_compiled_once_per_machine_and_only_a_verified_binary_is_us
     monkeypatch.setattr(nvrtc, "compile_cubin", lambda source, arch, name: compiles.append(name) or b"CUBIN")
     monkeypatch.setattr(cuda_kernels, "_toolchain", lambda: ("sm_90", "13000", "13.0"))
     monkeypatch.setattr(runtime, "kernel_cache_dir", lambda: tmp_path / "kernels")
-    monkeypatch.setattr(cuda_kernels, "_announced", False)
+    from sd.accel import gpu_cache
+
+    monkeypatch.setattr(gpu_cache, "_state", {"prepared": False, "announced": False})
     args = ("sdgraph_channel_sums", cuda_kernels._SUMS_PARAMS, cuda_kernels._SUMS_BODY,
             (("T", mx.float16),))
 

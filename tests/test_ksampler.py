@@ -61,9 +61,11 @@ def torch_noise_nhwc(seed, shape_nchw):
 
 def test_names_for_nodes():
     assert (
-        SAMPLERS[:3] == ("euler", "euler_ancestral", "heun") and "uni_pc" in SAMPLERS and "ddim" in SAMPLERS
+        SAMPLERS[:5] == ("euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun")
+        and "uni_pc" in SAMPLERS and "ddim" in SAMPLERS
     )
-    assert SCHEDULERS == ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
+    assert SCHEDULERS == ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
+                          "linear_quadratic", "kl_optimal")
 
 
 @pytest.mark.parametrize("batch", [1, 3])

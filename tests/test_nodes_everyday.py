@@ -70,8 +70,9 @@ nodes:
 
 
 @pytest.mark.parametrize("name,canonical", [
-    ("dpmpp_2m_sde_gpu", "dpmpp_2m_sde"), ("dpmpp_sde_gpu", "dpmpp_sde"),
-    ("dpmpp_3m_sde_gpu", "dpmpp_3m_sde"), ("sample_euler", "euler"),
+    # the *_gpu SDE samplers are samplers of their own (their tree's generator differs in noise_device cuda)
+    ("dpmpp_2m_sde_gpu", "dpmpp_2m_sde_gpu"), ("dpmpp_sde_gpu", "dpmpp_sde_gpu"),
+    ("dpmpp_3m_sde_gpu", "dpmpp_3m_sde_gpu"), ("sample_euler", "euler"),
     ("sample_dpmpp_2m", "dpmpp_2m"), ("euler", "euler")])
 def test_sampler_aliases_become_the_sampler(name, canonical):
     bound = validate(parse_workflow(SAMPLER_WF.replace("NAME", name), "wf.yaml", "yaml"))
@@ -86,15 +87,16 @@ def test_sdgraph_nodes_lists_samplers_not_aliases():
 
     text = cli.describe_node(get_spec("KSampler"))
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("sampler_name"))
-    assert "dpmpp_2m_sde," in line and "_gpu" not in line and "sample_" not in line
+    assert "dpmpp_2m_sde," in line and "dpmpp_2m_sde_gpu," in line and "sample_" not in line
 
 
 def test_checkpoint_loader_config_names(tmp_path):
     folders = Folders(tmp_path / "models", tmp_path / "in", tmp_path / "out")
     assert config_clip_layer("v1-inference.yaml", folders) == -1
     assert config_clip_layer("v1-inference_clip_skip_2.yaml", folders) == -2
-    for refused in ("v2-inference-v.yaml", "v1-inpainting-inference.yaml"):
-        with pytest.raises(ValueError, match="SD2.x, v-prediction or inpainting"):
+    assert config_clip_layer("v1-inpainting-inference.yaml", folders) == -1  # 9-channel UNets load
+    for refused in ("v2-inference-v.yaml", "v2-inpainting-inference.yaml"):
+        with pytest.raises(ValueError, match="SD2.x or v-prediction"):
             config_clip_layer(refused, folders)
     with pytest.raises(ValueError, match="neither a file"):
         config_clip_layer("mystery.yaml", folders)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd.sampling.noise import BrownianNoiseSampler, TorchCPUGenerator, step_noise_sampler, torch_randn
+from sd.sampling.brownian import BrownianTreeNoiseSampler
+from sd.sampling.noise import TorchCPUGenerator, step_noise_sampler, torch_randn
 
 SEEDS = [0, 1, 42, 2**32 - 1, 2**32, 2**63 + 5, 2**64 - 1]
 SHAPES = [(1,), (7,), (15,), (16,), (17,), (33,), (1, 4, 64, 64), (2, 4, 9, 11), (3, 4, 8, 8)]
@@ -56,7 +57,7 @@ def test_step_noise_sampler_is_comfyui_cpu_default_noise_sampler():
 
 def test_brownian_increments_have_brownian_statistics():
     shape = (1, 64, 64, 4)
-    sampler = BrownianNoiseSampler(shape, 0.1, 10.0, seed=5)
+    sampler = BrownianTreeNoiseSampler(shape, 0.1, 10.0, seed=5)
     a = np.array(sampler(10.0, 4.0))
     b = np.array(sampler(4.0, 1.0))
     whole = np.array(sampler(10.0, 1.0))
@@ -64,5 +65,5 @@ def test_brownian_increments_have_brownian_statistics():
     assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.03  # disjoint intervals: independent
     # Consistency: W(10)-W(1) is the sum of the two pieces.
     np.testing.assert_allclose(whole * 3.0, a * 6.0**0.5 + b * 3.0**0.5, atol=1e-4)
-    again = BrownianNoiseSampler(shape, 0.1, 10.0, seed=5)
+    again = BrownianTreeNoiseSampler(shape, 0.1, 10.0, seed=5)
     np.testing.assert_array_equal(np.array(again(10.0, 4.0)), a)

@@ -46,7 +46,7 @@ def test_a_finished_sampling_keeps_no_reference_to_its_arrays(monkeypatch, sampl
 
         return real(denoise, x, sigmas, callback=spy, **kw)
 
-    monkeypatch.setattr(ksampler, "get_sampler", lambda name: recording_sampler)
+    monkeypatch.setattr(ksampler, "get_sampler", lambda name, model_sampling=None: recording_sampler)
     steps = []
     out = sample(unet, mx.ones((1, 3, 8)), mx.zeros((1, 3, 8)), mx.zeros((1, 4, 4, 4)), seed=1, steps=4,
                  cfg=7.0, sampler_name=sampler_name, scheduler="normal",

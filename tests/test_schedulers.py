@@ -80,6 +80,22 @@ def ref_schedule(name, n):
             if i == 0 or t != ts[i - 1]:
                 out.append(float(REF.sigmas[t]))
         return torch.tensor(out + [0.0])
+    if name == "linear_quadratic":  # comfy/samplers.py linear_quadratic_schedule (threshold 0.025)
+        if n == 1:
+            return torch.FloatTensor([1.0, 0.0]) * torch.tensor(SMAX, dtype=torch.float32)
+        lin = n // 2
+        diff = lin - 0.025 * n
+        quad = n - lin
+        qc, lc = diff / (lin * quad**2), 0.025 / lin - 2 * diff / quad**2
+        fractions = [i * 0.025 / lin for i in range(lin)]
+        fractions += [qc * i * i + lc * i + qc * lin * lin for i in range(lin, n)]
+        top = torch.tensor(SMAX, dtype=torch.float32)
+        return torch.FloatTensor([1.0 - f for f in fractions + [1.0]]) * top
+    if name == "kl_optimal":  # comfy/samplers.py kl_optimal_scheduler (one step: NaN there, [max, 0] here)
+        idx = torch.arange(n, dtype=torch.float).div_(max(n - 1, 1))
+        out = torch.zeros(n + 1)
+        out[:-1] = (idx * math.atan(float(MS.sigma_min)) + (1 - idx) * math.atan(float(MS.sigma_max))).tan_()
+        return out
     raise AssertionError(name)
 
 

@@ -18,6 +18,7 @@ SIZES = {
     "img2img": ["--set", "steps=2"],  # the size comes from input/example.png (64x64 here)
     "multi_lora": SMALL,
     "prompt_sweep": SMALL,
+    "same_seed_elsewhere": SMALL,
     "external_vae": SMALL,
     "embeddings": SMALL,  # the demo's random models/embeddings/easynegative.safetensors
     "v_prediction": SMALL,
@@ -28,9 +29,12 @@ SIZES = {
     "hypernetwork": SMALL,
     "area_composition": SMALL,
     "custom_sampling": SMALL,
+    "inpaint": ["--set", "steps=2"],  # input/example.png and example_mask.png, 64x64 here
+    "controlnet": SMALL,  # the demo's random ControlNet on the Canny edges of input/example.png
     "gligen": SMALL,  # the demo's random models/gligen/gligen_sd14_textbox_pruned.safetensors
 }
 SAVE_ONLY = {"add_difference_inpaint"}  # writes a checkpoint, no image: tests/test_merge_workflows.py
+WIDER = {"outpaint"}  # its image is the input plus margins: tests/test_inpaint_workflows.py
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ MODEL_FREE = {"outpaint_canvas"}  # image operations only: run by tests/test_ima
 
 
 def test_every_shipped_workflow_is_covered():
-    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES) | MODEL_FREE | SAVE_ONLY
+    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SIZES) | MODEL_FREE | SAVE_ONLY | WIDER
 
 
 @pytest.mark.slow

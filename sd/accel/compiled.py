@@ -125,3 +125,27 @@ class FastUpscaler:
 
     def __call__(self, x: mx.array) -> mx.array:
         return self._fn(x)
+
+
+class FastControlNet:
+    """`fast(x, timesteps, context, hint) -> ControlResiduals`, as the ControlNet's call
+    (sd/models/controlnet.py), with the UNet's ops and fused projections; compiled per input shape. Its
+    residuals are arrays, so they enter FastUNet's compiled graph as inputs."""
+
+    def __init__(self, net, opts: FastOptions | None = None):
+        self.net = net
+        self.opts = opts or options_here("unet")
+        self.fused = (FusedProjections(net, shared=self.opts.shared_projections) if self.opts.fused_qkv
+                      else None)
+        layout = self.fused.layout if self.fused else None
+
+        def forward(x, t, c, hint, fused):
+            out = net(x, t, c, hint, ops=FastOps(self.opts, fused, layout))
+            return [*out.output, out.middle]
+
+        self._fn = mx.compile(forward, inputs=net.state) if self.opts.compiles else forward
+
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
+                 hint: mx.array) -> ControlResiduals:
+        outs = self._fn(x, timesteps, context, hint, self.fused.weights() if self.fused else {})
+        return ControlResiduals(output=tuple(outs[:-1]), middle=outs[-1])

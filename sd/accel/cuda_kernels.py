@@ -197,7 +197,7 @@ def _partial_sums(x3: mx.array, chunk: int) -> mx.array:
 
 
 _AFFINE_PARAMS = ("const float* part, const WT* weight, const BT* bias, const OT* offset, float* scale, "
-                  "float* shift, int B, int nchunk, int C, int G, int NPIX, int CHUNK, float eps")
+                  "float* shift, int B, int nchunk, int C, int G, int NPIX, int CHUNK, int eps_e9")
 _AFFINE_BODY = """
     // one block per (group, batch): finish the partial sums, then scale/shift for the group's channels.
     // With OFFSET, the statistics are those of x + offset (a per-(batch, channel) shift folded in, never
@@ -247,7 +247,7 @@ _AFFINE_BODY = """
     const float n = (float)NPIX * cpg;
     const float mean = sh1[0] / n;
     const float var = fmaxf(sh2[0] / n - mean * mean, 0.f);
-    const float rstd = rsqrtf(var + eps);
+    const float rstd = rsqrtf(var + eps_e9 * 1e-9f);  // eps as an int: MLX 0.32.4 refuses float scalars
     for (int j = threadIdx.x; j < cpg; j += blockDim.x) {
         const int c = g * cpg + j;
         const float sc = rstd * static_cast<float>(weight[c]);
@@ -274,7 +274,7 @@ def group_norm_affine(gn, x: mx.array, offset_t: mx.array | None = None) -> tupl
     constants = {"WT": weight.dtype, "BT": bias.dtype, "OT": offset.dtype, "OFFSET": offset_t is not None}
     scale, shift = _launch(
         "sdgraph_gn_affine", _AFFINE_PARAMS, _AFFINE_BODY, constants, [part, weight, bias, offset],
-        [b, part.shape[1], c, g, x3.shape[1], chunk, float(gn.eps)],
+        [b, part.shape[1], c, g, x3.shape[1], chunk, round(gn.eps * 1e9)],
         grid=(g * 128, b, 1), threadgroup=(128, 1, 1),
         output_shapes=[(b, c), (b, c)], output_dtypes=[mx.float32, mx.float32])
     return scale, shift

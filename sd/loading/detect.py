@@ -21,9 +21,11 @@ _FAMILY_PREFIXES = (
     (UNET_PREFIX + "double_blocks.", "Flux (found 'double_blocks')"),
 )
 
-# SD1.x's UNet reads the latent (4 channels); variants that feed extra channels need other pipelines.
-_IN_CHANNEL_VARIANTS = {9: "an inpainting model (9 input channels: latent + mask + masked image)",
-                        8: "an instruct-pix2pix style model (8 input channels)"}
+# SD1.x's UNet reads the latent (4 channels); inpainting models (9: latent + mask + masked-image latent, fed
+# through UNetExtras.concat) load too. instruct-pix2pix (8: latent + the input image's latent, with its own
+# three-way CFG) needs a pipeline sdgraph does not have.
+SUPPORTED_IN_CHANNELS = (4, 9)
+_IN_CHANNEL_VARIANTS = {8: "an instruct-pix2pix style model (8 input channels)"}
 
 
 def _refuse(path: object, detected: str) -> ArchitectureError:
@@ -45,7 +47,7 @@ def check_unet_family(path: object, shapes: Mapping[str, tuple]) -> None:
         sample = ", ".join(sorted(shapes)[:3])
         raise _refuse(path, f"an unknown UNet layout (no 'input_blocks.0.0.weight'; keys like {sample})")
     in_channels = shapes["input_blocks.0.0.weight"][1]
-    if in_channels != 4:
+    if in_channels not in SUPPORTED_IN_CHANNELS:
         detected = _IN_CHANNEL_VARIANTS.get(in_channels, f"a UNet with {in_channels} input channels")
         raise _refuse(path, detected)
     for key, shape in shapes.items():

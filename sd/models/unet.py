@@ -49,7 +49,85 @@ def timestep_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 
 
-class UNetModel(nn.Module):
+def input_channels(config: UNetConfig) -> tuple[int, ...]:
+    """Channels of each input block's output (the skips; a ControlNet's zero convs)."""
+    out, last = [config.model_channels], len(config.channel_mult) - 1
+    for level, mult in enumerate(config.channel_mult):
+        out += [mult * config.model_channels] * (config.num_res_blocks + (level < last))
+    return tuple(out)
+
+
+class UNetEncoder(nn.Module):
+    """The UNet's time embedding, input blocks and middle block: what the UNet and a ControlNet
+    (sd/models/controlnet.py) share, with the one traversal both run (`encode`)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        mc, emb_dim, groups = config.model_channels, config.time_embed_dim, NORM_GROUPS
+        self.time_embed = [nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)]
+
+        self.input_blocks = [[nn.Conv2d(config.in_channels, mc, 3, padding=1)]]
+        channels = mc
+        last_level = len(config.channel_mult) - 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                block = [ResBlock(channels, mult * mc, emb_dim, groups)]
+                channels = mult * mc
+                if level in config.attention_levels:
+                    block.append(self._transformer(channels))
+                self.input_blocks.append(block)
+            if level != last_level:
+                self.input_blocks.append([Downsample(channels)])
+
+        self.middle_block = [ResBlock(channels, channels, emb_dim, groups), self._transformer(channels),
+                             ResBlock(channels, channels, emb_dim, groups)]
+
+    def _transformer(self, channels: int) -> SpatialTransformer:
+        c = self.config
+        return SpatialTransformer(channels, c.num_heads, c.transformer_depth, c.context_dim, NORM_GROUPS)
+
+    def embed(self, timesteps: mx.array) -> mx.array:
+        dtype = self.time_embed[0].weight.dtype
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).astype(dtype)
+        return self.time_embed[2](nn.silu(self.time_embed[0](t_emb)))
+
+    def encode(self, x: mx.array, emb: mx.array, context: mx.array, ops: PlainOps, extras: UNetExtras,
+               run: _Runner, after_first: mx.array | None = None) -> tuple[mx.array, list[mx.array]]:
+        """Input blocks and middle block: (middle output, the skips). `after_first` is added to the first
+        conv's output (a ControlNet's guided hint); control residuals are added where extras say."""
+        h = ops.conv2d(self.input_blocks[0][0], x)
+        if after_first is not None:
+            h = h + after_first.astype(h.dtype)
+        h = extras.add_control("input", 0, h)
+        skips = [h]
+        for index, block in enumerate(self.input_blocks[1:], start=1):
+            for layer in block:
+                h = run(layer, h, ("input", index))
+            skips.append(extras.add_control("input", index, h))
+            h = skips[-1]
+        for layer in self.middle_block:
+            h = run(layer, h, ("middle", 0))
+        return extras.add_control("middle", 0, h), skips
+
+
+class _Runner:
+    """Runs one layer of a block, counting transformer blocks over the model (Site.ordinal)."""
+
+    def __init__(self, emb: mx.array, context: mx.array, ops: PlainOps, extras: UNetExtras):
+        self.emb, self.context, self.ops, self.extras = emb, context, ops, extras
+        self.ordinal = 0
+
+    def __call__(self, layer, h: mx.array, site: tuple[str, int]) -> mx.array:
+        if isinstance(layer, SpatialTransformer):
+            site = Site(site[0], site[1], 0, self.ordinal)
+            h = layer(h, self.emb, self.context, self.ops, self.extras, site)
+            self.ordinal += len(layer.transformer_blocks)
+            return h
+        return layer(h, self.emb, self.context, self.ops)
+
+
+class UNetModel(UNetEncoder):
     """`unet(x [B,h,w,C], timesteps [B], context [B,L,D], ops=PLAIN, extras=NO_EXTRAS) -> eps [B,h,w,C]`,
     output in x's dtype.
 
@@ -58,35 +136,10 @@ class UNetModel(nn.Module):
     (sd/models/unet_extras.py)."""
 
     def __init__(self, config: UNetConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         mc, emb_dim, groups = config.model_channels, config.time_embed_dim, NORM_GROUPS
-
-        def transformer(channels: int) -> SpatialTransformer:
-            return SpatialTransformer(channels, config.num_heads, config.transformer_depth,
-                                      config.context_dim, groups)
-
-        self.time_embed = [nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)]
-
-        self.input_blocks = [[nn.Conv2d(config.in_channels, mc, 3, padding=1)]]
-        skip_channels = [mc]
-        channels = mc
-        last_level = len(config.channel_mult) - 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                block = [ResBlock(channels, mult * mc, emb_dim, groups)]
-                channels = mult * mc
-                if level in config.attention_levels:
-                    block.append(transformer(channels))
-                self.input_blocks.append(block)
-                skip_channels.append(channels)
-            if level != last_level:
-                self.input_blocks.append([Downsample(channels)])
-                skip_channels.append(channels)
-
-        self.middle_block = [ResBlock(channels, channels, emb_dim, groups), transformer(channels),
-                             ResBlock(channels, channels, emb_dim, groups)]
-
+        skip_channels = list(input_channels(config))
+        channels = skip_channels[-1]
         self.output_blocks = []
         for level in reversed(range(len(config.channel_mult))):
             out_channels = config.channel_mult[level] * mc
@@ -94,7 +147,7 @@ class UNetModel(nn.Module):
                 block = [ResBlock(channels + skip_channels.pop(), out_channels, emb_dim, groups)]
                 channels = out_channels
                 if level in config.attention_levels:
-                    block.append(transformer(channels))
+                    block.append(self._transformer(channels))
                 if level != 0 and index == config.num_res_blocks:
                     block.append(Upsample(channels))
                 self.output_blocks.append(block)
@@ -104,32 +157,14 @@ class UNetModel(nn.Module):
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
                  ops: PlainOps = PLAIN, extras: UNetExtras = NO_EXTRAS) -> mx.array:
-        dtype = self.time_embed[0].weight.dtype
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).astype(dtype)
-        emb = self.time_embed[2](nn.silu(self.time_embed[0](t_emb)))
+        emb = self.embed(timesteps)
+        dtype = emb.dtype
         context = context.astype(dtype)
         ops = ops.for_step(self, emb, context)  # a backend may project for many blocks at once here
-        ordinal = 0  # transformer blocks met so far (Site.ordinal)
-
-        def run(layer, h, site):
-            nonlocal ordinal
-            if isinstance(layer, SpatialTransformer):
-                h = layer(h, emb, context, ops, extras, Site(site[0], site[1], 0, ordinal))
-                ordinal += len(layer.transformer_blocks)
-                return h
-            return layer(h, emb, context, ops)
+        run = _Runner(emb, context, ops, extras)
 
         x_in = x if extras.concat is None else mx.concatenate([x, extras.concat.astype(x.dtype)], axis=-1)
-        h = extras.add_control("input", 0, ops.conv2d(self.input_blocks[0][0], x_in.astype(dtype)))
-        skips = [h]
-        for index, block in enumerate(self.input_blocks[1:], start=1):
-            for layer in block:
-                h = run(layer, h, ("input", index))
-            skips.append(extras.add_control("input", index, h))
-            h = skips[-1]
-        for layer in self.middle_block:
-            h = run(layer, h, ("middle", 0))
-        h = extras.add_control("middle", 0, h)
+        h, skips = self.encode(x_in.astype(dtype), emb, context, ops, extras, run)
         for index, block in enumerate(self.output_blocks):
             h, skip = extras.before_output_block(h, skips.pop(), index, len(skips))
             h = mx.concatenate([h, skip], axis=-1)

@@ -53,6 +53,8 @@ SWITCHES: tuple[Switch, ...] = (
            "MLX CUDA backend: MB of new buffers per CUDA graph (sdgraph's default on Linux)"),
     Switch("MLX_PTX_CACHE_DIR", "", "MLX CUDA backend: where MLX keeps the GPU kernels it compiles",
            shown_default="<cache>/kernels/mlx-<version>-ptx"),
+    Switch("SDGRAPH_RNG", "cpu", "KSampler's default noise_device: whose noise a seed gives (cpu: ComfyUI on "
+           "the CPU, cuda: ComfyUI on NVIDIA, a1111: A1111's GPU seeds)"),
     # graph: folders and caches (read by graph/ itself)
     Switch("SDGRAPH_MODELS_DIR", "", "model folder (checkpoints/, loras/)", shown_default="./models"),
     Switch("SDGRAPH_INPUT_DIR", "", "input folder (LoadImage)", shown_default="./input"),

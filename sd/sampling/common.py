@@ -25,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 
 from sd.errors import Cancelled
-from sd.sampling.noise import BrownianNoiseSampler, NoiseSampler, step_noise_sampler
+from sd.sampling.brownian import BrownianTreeNoiseSampler
+from sd.sampling.noise import NoiseSampler, step_noise_sampler
 
 Denoiser = Callable[[mx.array, float], mx.array]
 StepCallback = Callable[[int, mx.array, mx.array], None]
@@ -68,11 +69,11 @@ def ancestral_noise(x: mx.array, noise_sampler: NoiseSampler | None, seed: int) 
 def brownian_noise(
     x: mx.array, sigmas: list[float], noise_sampler: NoiseSampler | None, seed: int
 ) -> NoiseSampler:
-    """The given noise sampler, else Brownian increments over [smallest positive sigma, largest]."""
+    """The given noise sampler, else ComfyUI's Brownian tree over [smallest positive sigma, largest]."""
     if noise_sampler is not None:
         return noise_sampler
     positive = [s for s in sigmas if s > 0]
-    return BrownianNoiseSampler(x.shape, min(positive), max(sigmas), seed)
+    return BrownianTreeNoiseSampler(x.shape, min(positive), max(sigmas), seed)
 
 
 def t_of(sigma: float) -> float:

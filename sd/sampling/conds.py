@@ -40,7 +40,7 @@ _EPSILON_COUNT = 1e-37  # ComfyUI's start value of the weight sums
 Area = tuple[int, int, int, int]  # h, w, y, x
 UNetFn = Callable[..., mx.array]
 OPTION_KEYS = ("area", "strength", "mask", "mask_strength", "set_area_to_bounds", "start_percent",
-               "end_percent", "timestep_start", "timestep_end")
+               "end_percent", "timestep_start", "timestep_end", "control_apply_to_uncond")
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,7 +192,28 @@ def _add_same_area(others: list[tuple[mx.array, dict]], entry: tuple[mx.array, d
 
 
 def _sources(opts: Mapping[str, Any]) -> tuple:
-    return tuple(v for k, v in opts.items() if k not in OPTION_KEYS and hasattr(v, "unet_extras"))
+    return tuple(v for k, v in opts.items() if k not in OPTION_KEYS
+                 and (hasattr(v, "unet_extras") or hasattr(v, "unet_extras_at")))
+
+
+def _control_to_uncond(positive: list, negative: list) -> None:
+    """apply_empty_x_to_equal_area for "control": when no area-less negative entry has a ControlNet, the
+    ControlNets of area-less positive entries marked `control_apply_to_uncond` (ComfyUI's old ControlNetApply)
+    go onto the area-less negative entries in turn (with more ControlNets than entries, the last one to reach
+    an entry stays: ComfyUI replaces the entry each time)."""
+    def whole(opts):
+        return opts.get("area") is None
+
+    cnets = [o["control"] for _, o in positive if whole(o) and o.get("control_apply_to_uncond")
+             and o.get("control") is not None]
+    if any(whole(o) and o.get("control") is not None for _, o in negative):
+        return
+    others = [(i, e) for i, e in enumerate(negative) if whole(e[1])]
+    for k, cnet in enumerate(cnets):
+        if not others:
+            return
+        index, (cond, opts) = others[k % len(others)]
+        negative[index] = (cond, {**opts, "control": cnet})
 
 
 def resolve(sides: Sequence[list[tuple[mx.array, Mapping[str, Any]]]], latent_shape: Sequence[int],
@@ -206,6 +227,8 @@ def resolve(sides: Sequence[list[tuple[mx.array, Mapping[str, Any]]]], latent_sh
             for kk, other in enumerate(resolved):
                 if kk != k:
                     _add_same_area(other, entry)
+    if len(resolved) >= 2:
+        _control_to_uncond(resolved[0], resolved[1])
     out = []
     for side in resolved:
         conds = []
@@ -270,14 +293,17 @@ class CondBatcher:
         return plan
 
     def _call(self, x_in: mx.array, timestep: float, context: mx.array, conds: list[Cond],
-              sides: tuple[int, ...]) -> mx.array:
+              sides: tuple[int, ...], sigma: float) -> mx.array:
         t = mx.full((x_in.shape[0],), timestep, dtype=mx.float32)
         extras = self.extras
         if self.call_extras is not None:
             ids = self.side_ids or tuple(range(len(self.sides)))
             extras = extras.merged(self.call_extras(tuple(ids[s] for s in sides)))
+        areas = [c.area for c in conds]
         for source in conds[0].sources:
-            extras = extras.merged(source.unet_extras(x_in, t, context, [c.area for c in conds]))
+            at = getattr(source, "unet_extras_at", None)  # a source that depends on the sigma (ControlNet)
+            extras = extras.merged(at(x_in, t, context, areas, sigma=sigma, model_sampling=self.ms) if at
+                                   else source.unet_extras(x_in, t, context, areas))
         if extras.is_empty:
             return self.unet_fn(x_in, t, context)
         return self.unet_fn(x_in, t, context, extras)
@@ -294,7 +320,7 @@ class CondBatcher:
             conds = [self.sides[s][i] for s, i in members]
             crops = [c.crop(x) for c in conds]
             x_in = self.ms.calculate_input(mx.concatenate([sigma_b] * len(conds)), mx.concatenate(crops))
-            eps = self._call(x_in, timestep, context, conds, tuple(s for s, _ in members))
+            eps = self._call(x_in, timestep, context, conds, tuple(s for s, _ in members), sigma)
             for k, (member, crop) in enumerate(zip(members, crops, strict=True)):
                 outputs[member] = self.ms.calculate_denoised(sigma_b, eps[k * batch : (k + 1) * batch], crop)
         return [None if (s < len(skip) and skip[s]) else

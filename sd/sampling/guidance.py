@@ -13,6 +13,7 @@ and `PerpNegDenoiser` are ComfyUI's DualCFGGuider and PerpNegGuider over the sam
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,15 @@ class _Guided:
 
         return evaluate
 
+    def with_patches(self, extra: SamplingPatches) -> _Guided:
+        """This denoiser with `extra` patches after its own (what a sampler adds for itself, as ComfyUI's
+        samplers add to `model_options`)."""
+        other = copy.copy(self)
+        other.patches = self.patches.then(extra)
+        other.batcher = CondBatcher(self.unet_fn, self.sides, self.ms, other.patches.unet_extras,
+                                    other.patches.call_extras)
+        return other
+
 
 class CFGDenoiser(_Guided):
     """denoise(x, sigma) with classifier-free guidance over resolved positive/negative entries (ComfyUI's
@@ -176,6 +186,39 @@ def perp_neg(pos_pred: mx.array, neg_pred: mx.array, empty_pred: mx.array, neg_s
     pos, neg = pos_pred - empty_pred, neg_pred - empty_pred
     perp = neg - ((neg * pos).sum() / (mx.linalg.norm(pos.reshape(-1)) ** 2)) * pos
     return empty_pred + cond_scale * (pos - perp * neg_scale)
+
+
+class UncondCapture:
+    """A post-CFG function that records the uncond prediction and changes nothing: how ComfyUI's cfg_pp
+    samplers read `uncond_denoised` (with disable_cfg1_optimization, so the negative runs at cfg 1 too)."""
+
+    def __init__(self):
+        self.uncond: mx.array | None = None
+
+    def __call__(self, args: PostCfgArgs) -> mx.array:
+        self.uncond = args.uncond_denoised
+        return args.denoised
+
+
+def with_uncond(denoise: Callable[[mx.array, float], mx.array]
+                ) -> Callable[[mx.array, float], tuple[mx.array, mx.array]]:
+    """`both(x, sigma) -> (denoised, uncond_denoised)` for a CFG++ sampler. A guided denoiser gets an
+    UncondCapture appended to its post-CFG functions; a plain `denoise(x, sigma)` has no separate
+    unconditional prediction, so it stands for both (as CFG with the negative equal to the positive)."""
+    if not hasattr(denoise, "with_patches"):
+        def plain(x: mx.array, sigma: float) -> tuple[mx.array, mx.array]:
+            denoised = denoise(x, sigma)
+            return denoised, denoised
+
+        return plain
+    capture = UncondCapture()
+    patched = denoise.with_patches(SamplingPatches(post_cfg=(capture,), needs_uncond=True))
+
+    def both(x: mx.array, sigma: float) -> tuple[mx.array, mx.array]:
+        denoised = patched(x, sigma)
+        return denoised, capture.uncond
+
+    return both
 
 
 def make_denoiser(unet_fn, positive: Sequence[Cond], negative: Sequence[Cond], cfg: float, ms,

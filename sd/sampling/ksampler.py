@@ -23,8 +23,10 @@ import numpy as np
 
 from sd.sampling.conds import Cond, as_entries, resolve
 from sd.sampling.guidance import NO_PATCHES, SamplingPatches, make_denoiser
+from sd.sampling.inpaint import MaskedDenoiser, MaskFunction, prepare_mask
 from sd.sampling.model_sampling import LATENT_SCALE_FACTOR, SD1_MODEL_SAMPLING, ModelSamplingDiscrete
 from sd.sampling.noise import torch_randn
+from sd.sampling.rng import NoiseSource, resolve_rng
 from sd.sampling.samplers import SAMPLERS, get_sampler
 from sd.sampling.schedulers import SCHEDULERS, ksampler_sigmas
 
@@ -122,7 +124,11 @@ def sample(
     callback: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
     model_sampling: ModelSamplingDiscrete = SD1_MODEL_SAMPLING,
+    rng: str | None = None,
+    eta_noise_seed_delta: int = 0,
     patches: SamplingPatches = NO_PATCHES,
+    denoise_mask: mx.array | None = None,
+    mask_function: MaskFunction | None = None,
 ) -> mx.array:
     """Sample like ComfyUI's KSampler (and KSamplerAdvanced through the step arguments).
 
@@ -132,7 +138,10 @@ def sample(
     ``force_full_denoise=(return_with_leftover_noise == "disable")``; the plain KSampler node is
     the defaults. ``callback(i, total, x, denoised)`` is called at each step i = 0..total-1
     with the current latent and its prediction (unscaled NHWC); ``cancel()`` is polled between
-    steps and raises :class:`sd.errors.Cancelled`. Returns the unscaled latent.
+    steps and raises :class:`sd.errors.Cancelled`. ``rng`` picks whose noise to reproduce ("cpu": ComfyUI
+    on the CPU, "cuda": ComfyUI on NVIDIA, "a1111": A1111's GPU seeds; None: ``$SDGRAPH_RNG``, else cpu;
+    see sd/sampling/rng.py). ``denoise_mask`` (a MASK [B, H, W], 1 = change) keeps the rest of ``latent``
+    (sd/sampling/inpaint.py). Returns the unscaled latent.
     """
     sampler = get_sampler(sampler_name, model_sampling)
     latent = latent if isinstance(latent, mx.array) else mx.array(latent)
@@ -145,10 +154,14 @@ def sample(
     batch = latent.shape[0]
     sides = [as_entries(positive, batch), as_entries(negative, batch)]
     pos, neg = resolve(sides, latent.shape, model_sampling)
-    noise = prepare_noise(seed, latent.shape) if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
+    source = NoiseSource(resolve_rng(rng), seed, latent.shape, eta_noise_seed_delta)
+    noise = source.initial() if add_noise else mx.zeros(latent.shape, dtype=mx.float32)
+    noise_sampler = source.sampler(sampler_name, sigmas)  # None: the sampler's own (ComfyUI on the CPU)
     denoiser = make_denoiser(unet_fn, pos, neg, cfg, model_sampling, patches)
     out, _ = run_sampler(denoiser, latent, noise, sigmas, sampler, seed=seed, model_sampling=model_sampling,
-                         callback=callback, cancel=cancel)
+                         callback=callback, cancel=cancel, denoise_mask=denoise_mask,
+                         mask_function=mask_function,
+                         sampler_options=None if noise_sampler is None else {"noise_sampler": noise_sampler})
     return out
 
 
@@ -164,15 +177,23 @@ def run_sampler(
     callback: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
     sampler_options: dict | None = None,
+    denoise_mask: mx.array | None = None,
+    mask_function: MaskFunction | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """The sampler loop from given pieces (ComfyUI's KSAMPLER.sample, what SamplerCustomAdvanced runs):
     noise scaled onto the (unscaled) latent at sigmas[0], the sampler over `sigmas` with `denoiser`, and
-    back. Returns the unscaled latent and the last step's unscaled x0 prediction (None without steps)."""
+    back. With `denoise_mask` (a MASK, 1 = change) the denoiser is ComfyUI's KSamplerX0Inpaint around it,
+    `mask_function` its per-step mask (DifferentialDiffusion). Returns the unscaled latent and the last
+    step's unscaled x0 prediction (None without steps)."""
     first_sigma = float(sigmas[0])
+    scaled = latent * LATENT_SCALE_FACTOR
+    if denoise_mask is not None:
+        denoiser = MaskedDenoiser(denoiser, scaled, noise, prepare_mask(denoise_mask, latent.shape), sigmas,
+                                  model_sampling, mask_function)
     x = model_sampling.noise_scaling(
         first_sigma,
         noise,
-        latent * LATENT_SCALE_FACTOR,
+        scaled,
         max_denoise=model_sampling.is_max_denoise(first_sigma),
     )
     total = len(sigmas) - 1

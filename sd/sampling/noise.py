@@ -1,4 +1,4 @@
-"""Noise that matches PyTorch's CPU generator bit for bit, and the per-step noise samplers.
+"""Noise that matches PyTorch's CPU generator, and the per-step noise samplers.
 
 ComfyUI draws its initial latent noise with ``torch.manual_seed(seed); torch.randn(shape)`` on
 the CPU (``comfy/sample.py: prepare_noise``), whatever device the model runs on. Reproducing
@@ -16,6 +16,8 @@ How PyTorch's CPU ``randn`` works for float32 (ATen ``CPUGeneratorImpl``, ``norm
   ``out[j] = r cos``, ``out[j+8] = r sin``).
   If numel is not a multiple of 16, 16 fresh uniforms overwrite the last 16 slots and that
   final block is transformed again.
+  torch evaluates log/cos/sin with its vectorised (SLEEF) routines, which are not correctly rounded,
+  so an occasional value differs from ours (exact float64 maths) by one float32 ulp.
 * ``numel < 16``: a scalar path in double precision, one value per call of
   ``normal_distribution<double>``: two 53-bit uniforms (each built from two 32-bit words,
   high word first), ``r = sqrt(-2 log1p(-u2))``, ``theta = 2 pi u1``; returns ``r cos`` and
@@ -30,19 +32,16 @@ Per-step noise of ancestral/SDE samplers (what ComfyUI does, and what we do):
   and its per-step noise then equals the initial noise), then one ``torch.randn(x.shape)`` (NCHW)
   per call (for seed 2**64 - 1 we wrap seed + 1 to 0). We reproduce this exactly
   with :func:`step_noise_sampler`, i.e. ComfyUI's behaviour when it samples on the CPU. On a GPU
-  ComfyUI draws this noise from the CUDA/MPS generator, which no one can reproduce off that device.
+  ComfyUI draws this noise from the CUDA/MPS generator (seed without the + 1).
 * ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde`` use ``BrownianTreeNoiseSampler``, built on
-  torchsde's ``BrownianTree`` whose internal random stream (seeded through numpy's
-  ``SeedSequence`` and a tree of splits) we do NOT reproduce. :class:`BrownianNoiseSampler` is
-  our own Brownian motion with the same interface and statistics: ``W`` is sampled lazily at
-  the queried times and conditioned on its neighbours (Brownian bridge), so overlapping queries
-  are consistent. It draws from the CPU generator seeded with the sampling seed. Images from the
-  SDE samplers therefore match ComfyUI in distribution, not pixel for pixel.
+  torchsde's ``BrownianTree``, whose seeding (numpy ``SeedSequence`` splits, one torch generator per
+  tree node) sd/sampling/brownian.py reproduces, so these samplers give ComfyUI's numbers too.
+* On an NVIDIA GPU ComfyUI's per-step noise comes from torch's CUDA generator (Philox), reproduced in
+  sd/sampling/philox.py; sd/sampling/rng.py picks the source per run (``cpu``, ``cuda``, ``a1111``).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Sequence
 
@@ -84,13 +83,21 @@ class TorchCPUGenerator:
     def __init__(self, seed: int):
         if not 0 <= int(seed) < 2**64:
             raise ValueError(f"seed {seed} is outside 0 .. 2**64-1")
+        self._engine = np.random.MT19937(0)
+        self.manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> TorchCPUGenerator:
+        """Restart the stream from ``seed``, as ``torch.Generator.manual_seed`` does (cheaper than anew)."""
         self.seed = int(seed)
-        self._engine = np.random.MT19937()
-        self._engine.state = {
-            "bit_generator": "MT19937",
-            "state": {"key": _mt19937_key(self.seed), "pos": _MT_STATE_WORDS},
-        }
+        if hasattr(self._engine, "_legacy_seeding"):  # numpy's own init_genrand: the same key, in C
+            self._engine._legacy_seeding(self.seed & 0xFFFFFFFF)
+        else:
+            self._engine.state = {
+                "bit_generator": "MT19937",
+                "state": {"key": _mt19937_key(self.seed), "pos": _MT_STATE_WORDS},
+            }
         self._cached_normal: float | None = None
+        return self
 
     def _words(self, count: int) -> np.ndarray:
         return self._engine.random_raw(count).astype(np.uint64)
@@ -158,49 +165,3 @@ def step_noise_sampler(shape_nhwc: Sequence[int], seed: int) -> NoiseSampler:
         return _nchw_to_nhwc(generator.randn(nchw))
 
     return sample
-
-
-class BrownianNoiseSampler:
-    """Normalised Brownian increments ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)`` over sigma.
-
-    Interface and statistics of ComfyUI's ``BrownianTreeNoiseSampler`` (identity transform),
-    but our own construction (see the module docstring): W(sigma_min) = 0, W(sigma_max) drawn
-    first, every further time point drawn from the Brownian bridge between its known neighbours.
-    Times outside [sigma_min, sigma_max] extend the path with independent increments.
-    """
-
-    def __init__(self, shape_nhwc: Sequence[int], sigma_min: float, sigma_max: float, seed: int):
-        self._generator = TorchCPUGenerator(int(seed) % 2**64)
-        self._nchw = _nhwc_to_nchw_shape(shape_nhwc)
-        lo, hi = float(sigma_min), float(sigma_max)
-        self._times: list[float] = [lo]
-        self._values: list[np.ndarray] = [np.zeros(self._nchw, dtype=np.float64)]
-        if hi > lo:
-            self._insert(hi)
-
-    def _normal(self) -> np.ndarray:
-        return self._generator.randn(self._nchw).astype(np.float64)
-
-    def _insert(self, t: float) -> np.ndarray:
-        i = bisect.bisect_left(self._times, t)
-        if i < len(self._times) and self._times[i] == t:
-            return self._values[i]
-        if i == 0 or i == len(self._times):  # outside the known range: free increment
-            edge = 0 if i == 0 else len(self._times) - 1
-            value = self._values[edge] + math.sqrt(abs(t - self._times[edge])) * self._normal()
-        else:
-            (t0, w0), (t1, w1) = (self._times[i - 1], self._values[i - 1]), (self._times[i], self._values[i])
-            frac = (t - t0) / (t1 - t0)
-            bridge_std = math.sqrt((t - t0) * (t1 - t) / (t1 - t0))
-            value = w0 + frac * (w1 - w0) + bridge_std * self._normal()
-        self._times.insert(i, t)
-        self._values.insert(i, value)
-        return value
-
-    def __call__(self, sigma: float, sigma_next: float) -> mx.array:
-        t0, t1 = float(sigma), float(sigma_next)
-        if t0 == t1:
-            return mx.zeros((self._nchw[0], self._nchw[2], self._nchw[3], self._nchw[1]))
-        w0, w1 = self._insert(t0), self._insert(t1)
-        increment = (w1 - w0) / math.sqrt(abs(t1 - t0))
-        return _nchw_to_nhwc(increment.astype(np.float32))

@@ -13,7 +13,10 @@ import numpy as np
 
 from sd.sampling.model_sampling import ModelSamplingDiscrete
 
-SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
+SCHEDULERS = (
+    "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
+    "linear_quadratic", "kl_optimal",
+)
 
 # ComfyUI computes one extra step for these samplers and then drops the second-to-last sigma.
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
@@ -191,6 +194,35 @@ def beta_ppf(q: float, a: float, b: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def linear_quadratic(
+    ms: ModelSamplingDiscrete, steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> np.ndarray:
+    """Mochi's schedule: linear in 1 - sigma/sigma_max for the first half of the steps, then quadratic."""
+    if steps == 1:
+        fractions = [1.0, 0.0]
+    else:
+        linear_steps = steps // 2 if linear_steps is None else linear_steps
+        linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        step_diff = linear_steps - threshold_noise * steps
+        quadratic_steps = steps - linear_steps
+        quadratic_coef = step_diff / (linear_steps * quadratic_steps**2)
+        linear_coef = threshold_noise / linear_steps - 2 * step_diff / (quadratic_steps**2)
+        const = quadratic_coef * (linear_steps**2)
+        quadratic = [quadratic_coef * (i**2) + linear_coef * i + const for i in range(linear_steps, steps)]
+        fractions = [1.0 - f for f in linear + quadratic + [1.0]]
+    return np.asarray(fractions, dtype=np.float32) * np.float32(ms.sigma_max)
+
+
+def kl_optimal(ms: ModelSamplingDiscrete, steps: int) -> np.ndarray:
+    """Uniform in arctan(sigma) from sigma_max to sigma_min (A1111 PR 15608), float32 as ComfyUI computes it.
+
+    (ComfyUI divides by steps - 1, so one step gives NaN there; here it gives [sigma_max, 0].)
+    """
+    ramp = np.arange(steps, dtype=np.float32) / np.float32(max(steps - 1, 1))
+    low, high = np.float32(math.atan(float(ms.sigma_min))), np.float32(math.atan(float(ms.sigma_max)))
+    return _append_zero(np.tan(ramp * low + (np.float32(1) - ramp) * high))
+
+
 _SCHEDULES: dict[str, Callable[[ModelSamplingDiscrete, int], np.ndarray]] = {
     "normal": normal,
     "karras": karras,
@@ -199,6 +231,8 @@ _SCHEDULES: dict[str, Callable[[ModelSamplingDiscrete, int], np.ndarray]] = {
     "simple": simple,
     "ddim_uniform": ddim_uniform,
     "beta": beta,
+    "linear_quadratic": linear_quadratic,
+    "kl_optimal": kl_optimal,
 }
 
 

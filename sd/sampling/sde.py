@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from sd.sampling.common import (
     CancelCheck,
@@ -127,6 +128,17 @@ def sample_dpmpp_2s_ancestral(
     return x
 
 
+def float32_midpoint_sigma(sigma: float, sigma_next: float, r: float) -> float:
+    """dpmpp_sde's intermediate sigma, rounded step by step as ComfyUI's float32 tensors round it.
+
+    It is also a Brownian tree query point, and the tree rounds times to 1e-6, about one float32 ulp of
+    sigma ~ 10: a query computed in float64 would sometimes land on the neighbouring grid point.
+    """
+    lam_s, lam_t = np.float32(-math.log(sigma)), np.float32(-math.log(sigma_next))
+    lam_mid = np.float32(lam_s + np.float32(np.float32(r) * np.float32(lam_t - lam_s)))
+    return float(np.float32(math.exp(-float(lam_mid))))
+
+
 def sample_dpmpp_sde(
     denoise: Denoiser,
     x: mx.array,
@@ -152,20 +164,19 @@ def sample_dpmpp_sde(
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
-        t, t_next = t_of(sigmas[i]), t_of(sigmas[i + 1])
-        h = t_next - t
-        s = t + h * r
+        t = t_of(sigmas[i])
+        sigma_s = float32_midpoint_sigma(sigmas[i], sigmas[i + 1], r)
         fac = 1 / (2 * r)
-        sd, su = get_ancestral_step(sigma_of(t), sigma_of(s), eta)
+        sd, su = get_ancestral_step(sigmas[i], sigma_s, eta)
         s_ = t_of(sd)
-        x_2 = x * (sigma_of(s_) / sigma_of(t)) - denoised * math.expm1(t - s_)
-        x_2 = x_2 + noise_sampler(sigma_of(t), sigma_of(s)) * (s_noise * su)
-        denoised_2 = denoise(x_2, sigma_of(s))
-        sd, su = get_ancestral_step(sigma_of(t), sigma_of(t_next), eta)
+        x_2 = x * (sigma_of(s_) / sigmas[i]) - denoised * math.expm1(t - s_)
+        x_2 = x_2 + noise_sampler(sigmas[i], sigma_s) * (s_noise * su)
+        denoised_2 = denoise(x_2, sigma_s)
+        sd, su = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         t_next_ = t_of(sd)
         denoised_d = denoised * (1 - fac) + denoised_2 * fac
-        x = x * (sigma_of(t_next_) / sigma_of(t)) - denoised_d * math.expm1(t - t_next_)
-        x = x + noise_sampler(sigma_of(t), sigma_of(t_next)) * (s_noise * su)
+        x = x * (sigma_of(t_next_) / sigmas[i]) - denoised_d * math.expm1(t - t_next_)
+        x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * (s_noise * su)
     return x
 
 
