@@ -454,3 +454,24 @@ def test_twenty_queued_prompts_none_lost_or_duplicated(server):
     names = [img["filename"] for pid in ids for img in images[pid]]
     assert len(names) == 20 and len(set(names)) == 20
     assert sorted(p.name for p in (server["root"] / "output").glob("load*.png")) == sorted(names)
+
+
+def test_comfy_api_simplified_unchanged(server, tmp_path):
+    """A ComfyUI client from PyPI (comfy-api-simplified), used as it is: a titled workflow, a seed set by
+    title, queue-and-wait over its own WebSocket, the images fetched through /history and /view."""
+    cas = pytest.importorskip("comfy_api_simplified")
+    titled = {cid: body | {"_meta": {"title": body["class_type"]}}
+              for cid, body in prompt(prefix="cas").items()}
+    titled["9"]["_meta"]["title"] = "Save Image"
+    workflow = cas.ComfyWorkflowWrapper(titled)
+    workflow.set_node_param("KSampler", "seed", 4242)
+    api = cas.ComfyApiWrapper(server["url"])
+    images = api.queue_and_wait_images(workflow, "Save Image")
+    assert len(images) == 1
+    (name, png), = images.items()
+    assert name.startswith("cas") and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (server["root"] / "output" / name).read_bytes() == png
+    (tmp_path / "dog.png").write_bytes(_png())
+    assert api.upload_image(tmp_path / "dog.png")["subfolder"] == "default_upload_folder"
+    assert "KSampler" in api.get_object_info("KSampler")
+    assert "argv" in api.get_system_stats()["system"]
