@@ -475,3 +475,15 @@ def test_comfy_api_simplified_unchanged(server, tmp_path):
     assert api.upload_image(tmp_path / "dog.png")["subfolder"] == "default_upload_folder"
     assert "KSampler" in api.get_object_info("KSampler")
     assert "argv" in api.get_system_stats()["system"]
+
+
+def test_preview_image_is_a_temp_image(server):
+    p = prompt(seed=8)
+    p["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    pid, msgs = run(queue_and_wait(server["url"], {"prompt": p}))
+    executed = [m["data"] for m in msgs if m["type"] == "executed"]
+    image = executed[0]["output"]["images"][0]
+    assert executed[0]["node"] == "9" and image["type"] == "temp"
+    status, png = run(get(server["url"], "/view", **image))
+    assert status == 200 and png[:4] == b"\x89PNG"
+    assert run(get(server["url"], f"/history/{pid}"))[1][pid]["outputs"]["9"]["images"] == [image]
