@@ -611,9 +611,13 @@ def cmd_serve(args) -> int:
               "read outputs and upload files (there is no authentication)", file=sys.stderr)
     folders = _folders(args)
     with open_executor(args.cache_dir, args.no_cache, folders) as executor:
-        run(folders, executor, args.listen, args.port, max_queue=max(1, args.max_queue),
-            max_upload_bytes=int(args.max_upload_mb * 2**20),
-            max_pixels=int(args.max_upload_megapixels * 2**20), argv=sys.argv)
+        try:
+            run(folders, executor, args.listen, args.port, max_queue=max(1, args.max_queue),
+                max_upload_bytes=int(args.max_upload_mb * 2**20),
+                max_pixels=int(args.max_upload_megapixels * 2**20), argv=sys.argv)
+        except OSError as e:  # the port is taken, the address is not this machine's
+            print(f"error: cannot listen on {args.listen}:{args.port}: {e.strerror or e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -487,3 +487,15 @@ def test_preview_image_is_a_temp_image(server):
     status, png = run(get(server["url"], "/view", **image))
     assert status == 200 and png[:4] == b"\x89PNG"
     assert run(get(server["url"], f"/history/{pid}"))[1][pid]["outputs"]["9"]["images"] == [image]
+
+
+def test_a_taken_port_and_a_public_address_are_reported(server):
+    """--listen other than loopback warns (no authentication); a port in use is one clear error, exit 1."""
+    port = server["url"].rsplit(":", 1)[1]
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "serve", "--listen", "0.0.0.0",
+                           "--port", port, "--cache-dir", str(server["root"] / "cache")],
+                          cwd=server["root"], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stderr
+    assert "warning: listening on 0.0.0.0" in proc.stderr
+    assert f"error: cannot listen on 0.0.0.0:{port}" in proc.stderr

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import sys
+import threading
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -160,15 +161,11 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.outbox = asyncio.Queue()
         app["sender"] = asyncio.create_task(self._sender())
-        self.worker.start()
 
     async def _shutdown(self, app: web.Application) -> None:
-        self.queue.close()
-        self.worker.interrupt()
         for ws in list(self.sockets.values()):
             await ws.close()
         app["sender"].cancel()
-        await asyncio.get_running_loop().run_in_executor(None, self.worker.join, 30)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- websocket ----------------------------------------------------------------------------------
@@ -478,9 +475,26 @@ def system_stats(argv: list[str]) -> dict:
 
 
 def run(folders: Folders, executor: Executor, listen: str, port: int, **limits) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM)."""
+    """Serve until interrupted (Ctrl-C / SIGTERM): HTTP and WebSockets on an event loop in a background
+    thread, prompts run in this (the main) thread. Raises OSError when the address cannot be bound."""
     server = Server(folders, executor, **limits)
-    app = server.make_app()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(server.make_app(), access_log=None, handle_signals=False)
+    loop.run_until_complete(runner.setup())
+    try:
+        loop.run_until_complete(web.TCPSite(runner, listen, port, shutdown_timeout=5).start())
+    except BaseException:
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+        raise
+    http = threading.Thread(target=loop.run_forever, name="sdgraph-serve-http", daemon=True)
+    http.start()
     print(f"sdgraph serve: http://{listen}:{port}/ (output {folders.output_dir}, input {folders.input_dir})",
           file=sys.stderr, flush=True)
-    web.run_app(app, host=listen, port=port, print=None, access_log=None, shutdown_timeout=5)
+    try:
+        server.worker.run()
+    finally:
+        server.queue.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        http.join(10)

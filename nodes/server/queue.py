@@ -169,12 +169,12 @@ class _JobEvents(RunEvents):
             self.emit("executed", {"node": cid, "display_node": cid, "output": output})
 
 
-class Worker(threading.Thread):
-    """Runs queued prompts one after another through `executor`."""
+class Worker:
+    """Runs queued prompts one after another through `executor`, in the thread that calls run(): the main
+    thread, as in `sdgraph run`, so MLX, signals and the engine's interrupt handling work as they do there."""
 
     def __init__(self, queue: PromptQueue, executor: Executor, send: Send,
                  image_ref: Callable[[str, str], dict | None]):
-        super().__init__(name="sdgraph-serve-worker", daemon=True)
         self.queue, self.executor, self.send, self.image_ref = queue, executor, send, image_ref
         self.events: _JobEvents | None = None
 
@@ -202,13 +202,14 @@ class Worker(threading.Thread):
         ev = self.events = _JobEvents(job, self.send, self.image_ref)
         self.executor.events = ev
         ev.emit("execution_start", {"timestamp": now_ms()}, record=True)
-        status, completed = "success", True
+        status, completed, stopping = "success", True, None
         try:
             run_variation(self.executor, job.prepared)
             ev.flush_cached()
             ev.emit("execution_success", {"timestamp": now_ms()}, record=True)
-        except (Cancelled, KeyboardInterrupt):
+        except (Cancelled, KeyboardInterrupt) as e:
             ev.flush_cached()
+            stopping = e if isinstance(e, KeyboardInterrupt) else None  # Ctrl-C / SIGTERM: record, then stop
             status, completed = "error", False
             node = ev.current
             ev.emit("execution_interrupted", {"node_id": node, "node_type": job.classes.get(node),
@@ -225,6 +226,13 @@ class Worker(threading.Thread):
                 "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()}, record=True)
         finally:
             self.executor.events = RunEvents()
+        record = self._record(job, ev, status, completed)
+        if stopping is not None:
+            self.queue.finish(job, record)
+            raise stopping
+        return record
+
+    def _record(self, job: Job, ev: _JobEvents, status: str, completed: bool) -> dict:
         meta = {cid: {"node_id": cid, "display_node": cid, "parent_node": None, "real_node_id": cid}
                 for cid in ev.outputs}
         return {"prompt": job.entry(), "outputs": ev.outputs,
