@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pending prompts at most (default %(default)s)")
     serve.add_argument("--max-upload-mb", type=float, default=50,
                        help="upload size limit (default %(default)s)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="executor processes behind the queue (default %(default)s: one, in this process)")
     serve.add_argument("--max-upload-megapixels", type=float, default=64,
                        help="upload image size limit (default %(default)s)")
 
@@ -614,7 +616,8 @@ def cmd_serve(args) -> int:
         try:
             run(folders, executor, args.listen, args.port, max_queue=max(1, args.max_queue),
                 max_upload_bytes=int(args.max_upload_mb * 2**20),
-                max_pixels=int(args.max_upload_megapixels * 2**20), argv=sys.argv)
+                max_pixels=int(args.max_upload_megapixels * 2**20), argv=sys.argv,
+                workers=max(1, args.workers), cache_dir=args.cache_dir, no_cache=args.no_cache)
         except OSError as e:  # the port is taken, the address is not this machine's
             print(f"error: cannot listen on {args.listen}:{args.port}: {e.strerror or e}", file=sys.stderr)
             return 1

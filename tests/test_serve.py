@@ -33,11 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def live_server(root: Path, *extra: str):
+    """`sdgraph serve` on a free port of 127.0.0.1 in `root` (a tiny checkpoint in models/), stopped with
+    SIGTERM (killed if it lingers) on the way out."""
     from sd.synthetic import make_checkpoint
 
-    root = tmp_path_factory.mktemp("serve")
     (root / "models" / "checkpoints").mkdir(parents=True)
     make_checkpoint(root / "models" / "checkpoints" / CKPT, "tiny", fmt="safetensors", seed=0)
     for name in ("input", "output", "tmp"):
@@ -47,8 +48,7 @@ def server(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), "serve", "--port", str(port), "--models-dir", "models",
-         "--input-dir", "input", "--output-dir", "output", "--cache-dir", "cache", "--max-queue", "25",
-         "--max-upload-mb", "1", "--max-upload-megapixels", "0.05"],
+         "--input-dir", "input", "--output-dir", "output", "--cache-dir", "cache", *extra],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -66,11 +66,18 @@ def server(tmp_path_factory):
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("serve"), "--max-queue", "25", "--max-upload-mb", "1",
+                     "--max-upload-megapixels", "0.05") as s:
+        yield s
 
 
 def prompt(seed: int = 1, steps: int = 2, prefix: str = "serve") -> dict:
@@ -499,3 +506,50 @@ def test_a_taken_port_and_a_public_address_are_reported(server):
     assert proc.returncode == 1, proc.stderr
     assert "warning: listening on 0.0.0.0" in proc.stderr
     assert f"error: cannot listen on 0.0.0.0:{port}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_worker_processes(tmp_path):
+    """--workers 2 on the CPU: two prompts run at once (two in queue_running), an interrupt stops both,
+    then six queued prompts complete with six distinct images."""
+
+    async def flow(url):
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"{url}/ws?clientId=w") as ws:
+            await ws.receive()
+            long_ids = []
+            for seed in (1, 2):
+                body = {"prompt": prompt(seed=seed, steps=5000, prefix="long"), "client_id": "w"}
+                async with s.post(f"{url}/prompt", json=body) as r:
+                    long_ids.append((await r.json())["prompt_id"])
+            sampling = set()
+            async for msg in ws:
+                m = json.loads(msg.data)
+                if m["type"] == "progress":
+                    sampling.add(m["data"]["prompt_id"])
+                    if sampling == set(long_ids):
+                        break
+            async with s.get(f"{url}/queue") as r:
+                running = {e[1] for e in (await r.json())["queue_running"]}
+            await s.post(f"{url}/interrupt")
+            ids = []
+            for seed in range(6):
+                body = {"prompt": prompt(seed=50 + seed, prefix="short"), "client_id": "w"}
+                async with s.post(f"{url}/prompt", json=body) as r:
+                    ids.append((await r.json())["prompt_id"])
+            ends, images = {}, []
+            async for msg in ws:
+                m = json.loads(msg.data)
+                if m["type"] == "executed":
+                    images += [i["filename"] for i in m["data"]["output"]["images"]]
+                if m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                    ends[m["data"]["prompt_id"]] = m["type"]
+                    if set(ends) >= set(ids) | set(long_ids):
+                        return running, long_ids, ids, ends, images
+
+    with live_server(tmp_path, "--workers", "2") as srv:
+        running, long_ids, ids, ends, images = run(flow(srv["url"]))
+        assert running == set(long_ids)
+        assert all(ends[i] == "execution_interrupted" for i in long_ids)
+        assert all(ends[i] == "execution_success" for i in ids)
+        assert len(images) == 6 == len(set(images))
+        assert sorted(p.name for p in (tmp_path / "output").glob("*.png")) == sorted(images)

@@ -69,14 +69,19 @@ def _bad(kind: str, message: str, status: int = 400) -> web.Response:
 class Server:
     def __init__(self, folders: Folders, executor: Executor, *, max_queue: int = 100,
                  max_upload_bytes: int = 50 * 2**20, max_pixels: int = 64 * 2**20,
-                 argv: list[str] | None = None):
+                 argv: list[str] | None = None, workers: int = 1, cache_dir=None, no_cache: bool = False):
         self.folders = folders
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
         self.argv = list(argv if argv is not None else sys.argv)
         self.queue = PromptQueue(max_queue)
         self.dirs = {"output": Path(folders.output_dir), "input": Path(folders.input_dir),
                      "temp": preview_dir()}
-        self.worker = Worker(self.queue, executor, self.send, image_ref(self.dirs))
+        if workers > 1:
+            from nodes.server.workers import WorkerPool
+
+            self.worker = WorkerPool(workers, self.queue, self.send, folders, self.dirs, cache_dir, no_cache)
+        else:
+            self.worker = Worker(self.queue, executor, self.send, image_ref(self.dirs))
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.settings: dict = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="sdgraph-validate")

@@ -28,13 +28,14 @@ class QueueFull(Exception):
 
 
 class PromptQueue:
-    """Pending prompts (bounded), the running one, and the history of finished ones (bounded)."""
+    """Pending prompts (bounded), the running ones (one per worker), and the history of finished ones
+    (bounded)."""
 
     def __init__(self, max_pending: int = 100, max_history: int = 1000):
         self.max_pending, self.max_history = max_pending, max_history
         self.lock = threading.Condition()
         self.pending: collections.deque[Job] = collections.deque()
-        self.running: Job | None = None
+        self.running: dict[str, Job] = {}   # prompt_id -> job, in the order they started
         self.history: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.counter = 0
         self.closed = False
@@ -58,24 +59,24 @@ class PromptQueue:
                 self.lock.wait()
             if self.closed:
                 return None
-            self.running = self.pending.popleft()
-            return self.running
+            job = self.pending.popleft()
+            self.running[job.prompt_id] = job
+            return job
 
     def finish(self, job: Job, record: dict) -> None:
         with self.lock:
-            self.running = None
+            self.running.pop(job.prompt_id, None)
             self.history[job.prompt_id] = record
             while len(self.history) > self.max_history:
                 self.history.popitem(last=False)
 
     def remaining(self) -> int:
         with self.lock:
-            return len(self.pending) + (self.running is not None)
+            return len(self.pending) + len(self.running)
 
     def snapshot(self) -> tuple[list[list], list[list]]:
         with self.lock:
-            running = [self.running.entry()] if self.running else []
-            return running, [j.entry() for j in self.pending]
+            return [j.entry() for j in self.running.values()], [j.entry() for j in self.pending]
 
     def delete(self, prompt_ids) -> None:
         with self.lock:
@@ -183,8 +184,8 @@ class Worker:
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Stop the running prompt (only if it is `prompt_id`, when given) at its next step."""
-        running = self.queue.running
-        if running is None or (prompt_id and running.prompt_id != prompt_id):
+        running = list(self.queue.running)
+        if not running or (prompt_id and prompt_id not in running):
             return False
         self.executor.cancel()
         return True
