@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -159,6 +160,9 @@ class Server:
             ("POST", "/settings/{setting_id}", self.post_settings),
             ("GET", "/userdata", self.userdata_list), ("GET", "/userdata/{file}", self.userdata_file),
             ("GET", "/i18n", self.i18n),
+            ("GET", "/workflow_templates", self.empty_object),
+            ("GET", "/global_subgraphs", self.empty_object),
+            ("GET", "/experiment/models", self.extensions),
             ("GET", "/jobs", self.jobs), ("GET", "/jobs/{job_id}", self.jobs),
         ]
 
@@ -214,6 +218,7 @@ class Server:
         extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
         if isinstance(body.get("client_id"), str):
             extra = extra | {"client_id": body["client_id"]}
+        extra = {"create_time": int(time.time() * 1000)} | extra
         prompt_id = body.get("prompt_id")
         if not (isinstance(prompt_id, str) and 0 < len(prompt_id) <= 128):
             prompt_id = str(uuid.uuid4())
@@ -274,23 +279,15 @@ class Server:
         return web.Response(status=200)
 
     async def jobs(self, request: web.Request) -> web.Response:
-        """ComfyUI's /api/jobs (newer frontends read queue and history through it), minimal."""
+        """ComfyUI's /api/jobs (comfy_execution/jobs.py; newer frontends read queue and history through it):
+        absent values are left out, as ComfyUI's prune_dict does (the frontend's schema refuses nulls)."""
         running, pending = self.queue.snapshot()
         history = self.queue.history_items()
-        jobs = [{"id": e[1], "status": "in_progress", "priority": e[0], "outputs_count": 0} for e in running]
-        jobs += [{"id": e[1], "status": "pending", "priority": e[0], "outputs_count": 0} for e in pending]
-        for pid, item in reversed(history.items()):
-            ok = item["status"]["status_str"] == "success"
-            images = [dict(img, nodeId=node, mediaType="images") for node, out in item["outputs"].items()
-                      for img in out.get("images", [])]
-            job = {"id": pid, "status": "completed" if ok else "failed", "priority": item["prompt"][0],
-                   "outputs_count": len(images), "preview_output": images[0] if images else None}
-            if request.match_info.get("job_id") == pid:
-                job |= {"outputs": item["outputs"], "execution_status": item["status"],
-                        "workflow": {"prompt": item["prompt"][2], "extra_data": item["prompt"][3]}}
-            jobs.append(job)
-        if "job_id" in request.match_info:
-            found = [j for j in jobs if j["id"] == request.match_info["job_id"]]
+        wanted = request.match_info.get("job_id")
+        jobs = [_job(e, "in_progress") for e in running] + [_job(e, "pending") for e in pending]
+        jobs += [_history_job(pid, item, pid == wanted) for pid, item in reversed(history.items())]
+        if wanted is not None:
+            found = [j for j in jobs if j["id"] == wanted]
             if not found:
                 return web.json_response({"error": "not found"}, status=404)
             return web.json_response(found[0])
@@ -429,6 +426,9 @@ class Server:
     async def userdata_file(self, request: web.Request) -> web.Response:
         return web.Response(status=404)
 
+    async def empty_object(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
     async def i18n(self, request: web.Request) -> web.Response:
         return web.json_response({})
 
@@ -438,6 +438,34 @@ class Server:
     async def no_frontend(self, request: web.Request) -> web.Response:
         return web.Response(text="sdgraph serve: ComfyUI's API is here. For the web UI, "
                                  "pip install \"sdgraph[ui]\" and restart.\n")
+
+
+def _pruned(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _job(entry: list, status: str) -> dict:
+    number, prompt_id, _, extra, _ = entry
+    return _pruned({"id": prompt_id, "status": status, "priority": number, "outputs_count": 0,
+                    "create_time": extra.get("create_time")})
+
+
+def _history_job(prompt_id: str, item: dict, full: bool) -> dict:
+    number, _, prompt, extra, _ = item["prompt"]
+    images = [dict(img, nodeId=node, mediaType="images") for node, out in item["outputs"].items()
+              for img in out.get("images", [])]
+    times = {m[0]: m[1].get("timestamp") for m in item["status"]["messages"]}
+    end = times.get("execution_success") or times.get("execution_error") or times.get("execution_interrupted")
+    error = next((m[1] for m in item["status"]["messages"] if m[0] == "execution_error"), None)
+    job = _pruned({"id": prompt_id, "status": "completed" if item["status"]["status_str"] == "success"
+                   else "failed", "priority": number, "create_time": extra.get("create_time"),
+                   "execution_start_time": times.get("execution_start"), "execution_end_time": end,
+                   "execution_error": error, "outputs_count": len(images),
+                   "preview_output": images[0] if images else None})
+    if full:
+        job |= {"outputs": item["outputs"], "execution_status": item["status"],
+                "workflow": {"prompt": prompt, "extra_data": extra}}
+    return job
 
 
 def frontend_dir() -> Path | None:
