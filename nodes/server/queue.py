@@ -1,4 +1,4 @@
-"""One executor behind a bounded queue: a worker thread takes prompts in order and runs each through the
+"""One executor behind a bounded queue: the main thread takes prompts in order and runs each through the
 same Executor (so memory and disk caches carry over: a new seed re-runs the sampler onward only), turning
 the engine's events into ComfyUI's messages, with the submitted node ids. History is bounded too."""
 
