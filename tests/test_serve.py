@@ -553,3 +553,62 @@ def test_two_worker_processes(tmp_path):
         assert all(ends[i] == "execution_success" for i in ids)
         assert len(images) == 6 == len(set(images))
         assert sorted(p.name for p in (tmp_path / "output").glob("*.png")) == sorted(images)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the server's memory")
+def test_a_hundred_prompts_a_burst_and_flat_memory(tmp_path):
+    """100 prompts with varying seeds, posted as a concurrent burst while 8 WebSocket clients listen: every
+    prompt succeeds once with its own image, a prompt's messages reach only the client that queued it, and
+    the server's resident memory after the second 50 is within a bound of what it was after the first 50."""
+
+    async def batch(url: str, seeds: range) -> tuple[list[str], list[set]]:
+        async with aiohttp.ClientSession() as s:
+            sockets = [await s.ws_connect(f"{url}/ws?clientId=c{i}") for i in range(8)]
+
+            async def post_one(seed: int) -> str:
+                body = {"prompt": prompt(seed=seed, prefix="burst"), "client_id": "c0"}
+                async with s.post(f"{url}/prompt", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    return (await r.json())["prompt_id"]
+
+            ids = await asyncio.gather(*(post_one(seed) for seed in seeds))
+            seen: list[set] = [set() for _ in sockets]
+
+            async def listen(i: int, ws) -> None:
+                async for msg in ws:
+                    m = json.loads(msg.data)
+                    if m["type"] == "execution_success":
+                        seen[i].add(m["data"]["prompt_id"])
+                        if i == 0 and seen[0] >= set(ids):
+                            return
+
+            others = [asyncio.create_task(listen(i, ws)) for i, ws in enumerate(sockets) if i]
+            await listen(0, sockets[0])
+            await asyncio.sleep(0.5)  # anything sent to the others meanwhile has arrived
+            for task in others:
+                task.cancel()
+            for ws in sockets:
+                await ws.close()
+            return ids, seen
+
+    with live_server(tmp_path, "--max-queue", "100") as srv:
+        first, seen = run(batch(srv["url"], range(50)))
+        assert seen[0] == set(first) and all(not other for other in seen[1:])  # messages go to the sender
+        before = _rss_mb(srv["proc"].pid)
+        second, _ = run(batch(srv["url"], range(50, 100)))
+        after = _rss_mb(srv["proc"].pid)
+        history = json.loads(urllib.request.urlopen(srv["url"] + "/history", timeout=5).read())
+    ids = first + second
+    assert len(set(ids)) == 100 and set(history) == set(ids)
+    assert all(item["status"]["status_str"] == "success" for item in history.values())
+    names = [img["filename"] for item in history.values() for img in item["outputs"]["9"]["images"]]
+    assert len(names) == 100 == len(set(names)) == len(list((tmp_path / "output").glob("burst*.png")))
+    assert after - before < 150, f"resident memory grew from {before:.0f} MB to {after:.0f} MB"
