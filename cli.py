@@ -151,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--models-dir", help="model folder (default $SDGRAPH_MODELS_DIR or ./models)")
     cache_dir(warm)
 
+    serve = sub.add_parser("serve", help="serve ComfyUI's HTTP/WebSocket API (ComfyUI's web UI and clients)",
+                           description="One executor behind a queue, with the same caches as `sdgraph run`. "
+                                       'Needs pip install "sdgraph[serve]" ("sdgraph[ui]" adds the web UI).')
+    serve.add_argument("--listen", default="127.0.0.1", help="address to bind (default %(default)s: this "
+                       "machine only)")
+    serve.add_argument("--port", type=int, default=8188, help="port (default %(default)s, as ComfyUI)")
+    folders(serve)
+    cache_dir(serve)
+    serve.add_argument("--no-cache", action="store_true", help="neither read nor write the disk cache")
+    serve.add_argument("--max-queue", type=int, default=100,
+                       help="pending prompts at most (default %(default)s)")
+    serve.add_argument("--max-upload-mb", type=float, default=50,
+                       help="upload size limit (default %(default)s)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="executor processes behind the queue (default %(default)s: one, in this process)")
+    serve.add_argument("--max-upload-megapixels", type=float, default=64,
+                       help="upload image size limit (default %(default)s)")
+
     cache = sub.add_parser("cache", help="inspect or clear the disk cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache_dir(cache)
@@ -581,9 +599,34 @@ def cmd_doctor(args) -> int:
     return run_doctor()
 
 
+def cmd_serve(args) -> int:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print('error: sdgraph serve needs aiohttp: pip install "sdgraph[serve]"', file=sys.stderr)
+        return 2
+    from graph.runner import open_executor
+    from nodes.server.app import is_loopback, run
+
+    if not is_loopback(args.listen):
+        print(f"warning: listening on {args.listen}: anyone who can reach this address can queue prompts, "
+              "read outputs and upload files (there is no authentication)", file=sys.stderr)
+    folders = _folders(args)
+    with open_executor(args.cache_dir, args.no_cache, folders) as executor:
+        try:
+            run(folders, executor, args.listen, args.port, max_queue=max(1, args.max_queue),
+                max_upload_bytes=int(args.max_upload_mb * 2**20),
+                max_pixels=int(args.max_upload_megapixels * 2**20), argv=sys.argv,
+                workers=max(1, args.workers), cache_dir=args.cache_dir, no_cache=args.no_cache)
+        except OSError as e:  # the port is taken, the address is not this machine's
+            print(f"error: cannot listen on {args.listen}:{args.port}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "schema": cmd_schema,
             "convert": cmd_convert, "cache": cmd_cache, "demo": cmd_demo, "doctor": cmd_doctor,
-            "warmup": cmd_warmup}
+            "warmup": cmd_warmup, "serve": cmd_serve}
 
 
 if __name__ == "__main__":
