@@ -50,6 +50,13 @@ def _install_signal_handlers() -> None:
     import signal
     import threading
 
+    from graph.distributed import launched
+
+    if launched():
+        # A rank keeps the default SIGTERM (die): one blocked in a collective after its peer died never
+        # returns to Python to run a handler, so with one the launcher's SIGTERM could not stop it (a hang).
+        # The sweep runner turns SIGTERM into an interrupt only while its variations run (graph/distributed).
+        return
     if threading.current_thread() is threading.main_thread():
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
