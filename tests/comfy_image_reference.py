@@ -5,6 +5,7 @@ Written from ComfyUI's formulas; sdgraph's own code (sd/image/) is NHWC numpy an
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -123,3 +124,45 @@ def composite(destination, source, x, y, mask=None, multiplier=8, resize_source=
     dst_part = inverse * destination[:, :, top:bottom, left:right]
     destination[:, :, top:bottom, left:right] = src_part + dst_part
     return destination
+
+
+def tiled_scale_multidim(samples, function, tile, overlap, upscale_amount, out_channels=3):
+    """ComfyUI's comfy/utils.py tiled_scale_multidim (v0.3.64+) for 2-D images, transcribed in torch;
+    `tile` is (height, width). The upscale-model and tiled-VAE parity tests share it."""
+    dims = 2
+    out_shape = [samples.shape[0], out_channels] + [round(a * upscale_amount) for a in samples.shape[2:]]
+    output = torch.empty(out_shape)
+    for b in range(samples.shape[0]):
+        s = samples[b:b + 1]
+        if all(s.shape[d + 2] <= tile[d] for d in range(dims)):
+            output[b:b + 1] = function(s)
+            continue
+        out = torch.zeros([1] + out_shape[1:])
+        out_div = torch.zeros([1] + out_shape[1:])
+        positions = [range(0, s.shape[d + 2] - overlap, tile[d] - overlap) if s.shape[d + 2] > tile[d]
+                     else [0] for d in range(dims)]
+        for it in itertools.product(*positions):
+            s_in, upscaled = s, []
+            for d in range(dims):
+                pos = max(0, min(s.shape[d + 2] - overlap, it[d]))
+                length = min(tile[d], s.shape[d + 2] - pos)
+                s_in = s_in.narrow(d + 2, pos, length)
+                upscaled.append(round(pos * upscale_amount))
+            ps = function(s_in)
+            mask = torch.ones_like(ps)
+            for d in range(2, dims + 2):
+                feather = round(overlap * upscale_amount)
+                if feather >= mask.shape[d]:
+                    continue
+                for t in range(feather):
+                    a = (t + 1) / feather
+                    mask.narrow(d, t, 1).mul_(a)
+                    mask.narrow(d, mask.shape[d] - 1 - t, 1).mul_(a)
+            o, o_d = out, out_div
+            for d in range(dims):
+                o = o.narrow(d + 2, upscaled[d], mask.shape[d + 2])
+                o_d = o_d.narrow(d + 2, upscaled[d], mask.shape[d + 2])
+            o.add_(ps * mask)
+            o_d.add_(mask)
+        output[b:b + 1] = out / out_div
+    return output

@@ -5,7 +5,6 @@ tile seams, the untiled output; out-of-memory errors halve the tile; bad files f
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import mlx.core as mx
@@ -18,6 +17,7 @@ from sd.loading.upscale_models import inspect_upscale_model, load_upscale_model
 from sd.synthetic.upscale import compact_state, esrgan_state, write_upscale_model
 
 torch = pytest.importorskip("torch")
+from comfy_image_reference import tiled_scale_multidim  # noqa: E402
 from spandrel_reference import load as spandrel_load  # noqa: E402
 from spandrel_reference import spandrel  # noqa: E402
 
@@ -101,47 +101,6 @@ def test_basicsr_wrappers_prefixes_and_config(tmp_path):
     assert (config.num_feat, config.num_conv, config.upscale, config.out_channels) == (12, 5, 4, 3)
 
 
-def comfy_tiled_scale(samples, function, tile, overlap, upscale_amount, out_channels=3):
-    """ComfyUI's comfy/utils.py tiled_scale_multidim (v0.3.64+) for 2-D images, transcribed in torch."""
-    dims = 2
-    out_shape = [samples.shape[0], out_channels] + [round(a * upscale_amount) for a in samples.shape[2:]]
-    output = torch.empty(out_shape)
-    for b in range(samples.shape[0]):
-        s = samples[b:b + 1]
-        if all(s.shape[d + 2] <= tile[d] for d in range(dims)):
-            output[b:b + 1] = function(s)
-            continue
-        out = torch.zeros([1] + out_shape[1:])
-        out_div = torch.zeros([1] + out_shape[1:])
-        positions = [range(0, s.shape[d + 2] - overlap, tile[d] - overlap) if s.shape[d + 2] > tile[d]
-                     else [0] for d in range(dims)]
-        for it in itertools.product(*positions):
-            s_in, upscaled = s, []
-            for d in range(dims):
-                pos = max(0, min(s.shape[d + 2] - overlap, it[d]))
-                length = min(tile[d], s.shape[d + 2] - pos)
-                s_in = s_in.narrow(d + 2, pos, length)
-                upscaled.append(round(pos * upscale_amount))
-            ps = function(s_in)
-            mask = torch.ones_like(ps)
-            for d in range(2, dims + 2):
-                feather = round(overlap * upscale_amount)
-                if feather >= mask.shape[d]:
-                    continue
-                for t in range(feather):
-                    a = (t + 1) / feather
-                    mask.narrow(d, t, 1).mul_(a)
-                    mask.narrow(d, mask.shape[d] - 1 - t, 1).mul_(a)
-            o, o_d = out, out_div
-            for d in range(dims):
-                o = o.narrow(d + 2, upscaled[d], mask.shape[d + 2])
-                o_d = o_d.narrow(d + 2, upscaled[d], mask.shape[d + 2])
-            o.add_(ps * mask)
-            o_d.add_(mask)
-        output[b:b + 1] = out / out_div
-    return output
-
-
 @pytest.mark.parametrize("name, size, tile, overlap", [
     ("compact-x2", (70, 45), 32, 8),           # 3 x 2 tiles, narrow last ones
     ("real-esrgan-x2plus", (50, 61), 24, 6),   # tiles of odd widths through the padding model
@@ -154,7 +113,8 @@ def test_tiling_equals_comfyui_tiled_scale(tmp_path, name, size, tile, overlap):
     ref = spandrel_load(state)
     x = np.concatenate([_image(*size, seed=1), _image(*size, seed=2)])  # a batch of two
     with torch.no_grad():
-        expected = comfy_tiled_scale(torch.from_numpy(x), ref, (tile, tile), overlap, ref.scale).clamp(0, 1)
+        expected = tiled_scale_multidim(torch.from_numpy(x), ref, (tile, tile), overlap, ref.scale)
+        expected = expected.clamp(0, 1)
     got = _nchw(upscale_image(model, mx.array(x.transpose(0, 2, 3, 1)), tile=tile, overlap=overlap))
     assert got.shape == tuple(expected.shape)
     assert np.abs(got - expected.numpy()).max() <= 1e-4

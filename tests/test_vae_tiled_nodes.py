@@ -4,12 +4,11 @@ same random weights as our VAE (fp32)."""
 
 from __future__ import annotations
 
-import itertools
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from comfy_image_reference import tiled_scale_multidim
 from reference import diffusers_vae
 from safetensors.numpy import save_file
 
@@ -25,44 +24,7 @@ TOLERANCE = 1e-4
 # --- ComfyUI's tiling, transcribed (comfy/utils.py tiled_scale_multidim for 2-D, comfy/sd.py VAE) ----------
 
 def comfy_tiled_scale(samples, function, tile_x, tile_y, overlap, upscale_amount, out_channels):
-    tile = (tile_y, tile_x)
-    dims = 2
-    size = [round(s * upscale_amount) for s in samples.shape[2:]]
-    output = torch.empty([samples.shape[0], out_channels] + size)
-    for b in range(samples.shape[0]):
-        s = samples[b:b + 1]
-        if all(s.shape[d + 2] <= tile[d] for d in range(dims)):
-            output[b:b + 1] = function(s)
-            continue
-        out = torch.zeros([s.shape[0], out_channels] + [round(x * upscale_amount) for x in s.shape[2:]])
-        out_div = torch.zeros_like(out)
-        positions = [range(0, s.shape[d + 2] - overlap, tile[d] - overlap)
-                     if s.shape[d + 2] > tile[d] else [0] for d in range(dims)]
-        for it in itertools.product(*positions):
-            s_in, upscaled = s, []
-            for d in range(dims):
-                pos = max(0, min(s.shape[d + 2] - overlap, it[d]))
-                length = min(tile[d], s.shape[d + 2] - pos)
-                s_in = s_in.narrow(d + 2, pos, length)
-                upscaled.append(round(pos * upscale_amount))
-            ps = function(s_in)
-            mask = torch.ones_like(ps)
-            for d in range(2, dims + 2):
-                feather = round(overlap * upscale_amount)
-                if feather >= mask.shape[d]:
-                    continue
-                for t in range(feather):
-                    a = (t + 1) / feather
-                    mask.narrow(d, t, 1).mul_(a)
-                    mask.narrow(d, mask.shape[d] - 1 - t, 1).mul_(a)
-            o, o_d = out, out_div
-            for d in range(dims):
-                o = o.narrow(d + 2, upscaled[d], mask.shape[d + 2])
-                o_d = o_d.narrow(d + 2, upscaled[d], mask.shape[d + 2])
-            o.add_(ps * mask)
-            o_d.add_(mask)
-        output[b:b + 1] = out / out_div
-    return output
+    return tiled_scale_multidim(samples, function, (tile_y, tile_x), overlap, upscale_amount, out_channels)
 
 
 def comfy_decode_tiled(vae, samples, tile_size, overlap):
