@@ -35,10 +35,20 @@ def spandrel():
     try:
         importlib.import_module("torchvision.transforms.functional")
     except Exception:  # noqa: BLE001 - missing, or a wheel built for another torch
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
+        _drop_torchvision()
         _torchvision_stand_in()
+        try:
+            return importlib.import_module("spandrel")
+        finally:
+            # spandrel has taken the names it imports; later importers (diffusers, transformers probe
+            # `importlib.util.find_spec("torchvision")`) must see no torchvision, not the stand-in
+            _drop_torchvision()
     return importlib.import_module("spandrel")
+
+
+def _drop_torchvision() -> None:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
 
 
 def load(state: dict):
