@@ -26,7 +26,7 @@ from sd.sampling.common import (
     to_d,
 )
 from sd.sampling.guidance import with_uncond
-from sd.sampling.multistep import _phi1, _phi2
+from sd.sampling.multistep import _res_multistep
 from sd.sampling.noise import NoiseSampler
 
 
@@ -149,31 +149,6 @@ def sample_dpmpp_2m_cfg_pp(
     return x
 
 
-def _res_multistep_cfg_pp(denoise, x, sigmas, callback, cancel, noise_sampler, seed, eta, s_noise):
-    sigmas = sigma_list(sigmas)
-    both = with_uncond(denoise)
-    noise_sampler = ancestral_noise(x, noise_sampler, seed) if eta else None
-    old_uncond, old_sigma_down = None, None
-    for i in step_indices(sigmas, cancel):
-        denoised, uncond = both(x, sigmas[i])
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        if callback is not None:
-            callback(i, x, denoised)
-        if sigma_down == 0 or old_uncond is None:
-            x = denoised + to_d(x, sigmas[i], uncond) * sigma_down
-        else:
-            t, t_next = t_of(sigmas[i]), t_of(sigma_down)
-            h = t_next - t
-            c2 = (t_of(sigmas[i - 1]) - t_of(old_sigma_down)) / h
-            phi1, phi2 = _phi1(-h), _phi2(-h)
-            x = x + (denoised - uncond)
-            x = x * math.exp(-h) + (uncond * (phi1 - phi2 / c2) + old_uncond * (phi2 / c2)) * h
-        if sigmas[i + 1] > 0 and noise_sampler is not None and sigma_up:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
-        old_uncond, old_sigma_down = uncond, sigma_down
-    return x
-
-
 def sample_res_multistep_cfg_pp(
     denoise: Denoiser,
     x: mx.array,
@@ -187,7 +162,8 @@ def sample_res_multistep_cfg_pp(
 ) -> mx.array:
     """RES second-order multistep (CFG++): the exponential step on the unconditional predictions, from x
     moved by this step's guidance."""
-    return _res_multistep_cfg_pp(denoise, x, sigmas, callback, cancel, noise_sampler, seed, 0.0, s_noise)
+    return _res_multistep(denoise, x, sigmas, callback, cancel, noise_sampler, seed, 0.0, s_noise,
+                          cfg_pp=True)
 
 
 def sample_res_multistep_ancestral_cfg_pp(
@@ -203,7 +179,8 @@ def sample_res_multistep_ancestral_cfg_pp(
     s_noise: float = 1.0,
 ) -> mx.array:
     """res_multistep_cfg_pp down to sigma_down, then fresh noise up to the next sigma."""
-    return _res_multistep_cfg_pp(denoise, x, sigmas, callback, cancel, noise_sampler, seed, eta, s_noise)
+    return _res_multistep(denoise, x, sigmas, callback, cancel, noise_sampler, seed, eta, s_noise,
+                          cfg_pp=True)
 
 
 def sample_gradient_estimation_cfg_pp(

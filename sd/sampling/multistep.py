@@ -118,26 +118,41 @@ def _phi2(t: float) -> float:
     return (_phi1(t) - 1.0) / t
 
 
-def _res_multistep(denoise, x, sigmas, callback, cancel, noise_sampler, seed, eta, s_noise) -> mx.array:
+def _res_multistep(denoise, x, sigmas, callback, cancel, noise_sampler, seed, eta, s_noise,
+                   cfg_pp: bool = False) -> mx.array:
+    """ComfyUI's res_multistep loop; with `cfg_pp` the CFG++ form: the exponential step on the unconditional
+    predictions, from x moved by the step's guidance (denoised - uncond)."""
     sigmas = sigma_list(sigmas)
+    if cfg_pp:
+        from sd.sampling.guidance import with_uncond
+
+        both = with_uncond(denoise)
     noise_sampler = ancestral_noise(x, noise_sampler, seed) if eta else None
-    old_denoised, old_sigma_down = None, None
+    old_base, old_sigma_down = None, None  # base: the prediction the step integrates (uncond for CFG++)
     for i in step_indices(sigmas, cancel):
-        denoised = denoise(x, sigmas[i])
+        if cfg_pp:
+            denoised, base = both(x, sigmas[i])
+        else:
+            denoised = base = denoise(x, sigmas[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if callback is not None:
             callback(i, x, denoised)
-        if sigma_down == 0 or old_denoised is None:
-            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        if sigma_down == 0 or old_base is None:
+            if cfg_pp:
+                x = denoised + to_d(x, sigmas[i], base) * sigma_down
+            else:
+                x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
             t, t_next = t_of(sigmas[i]), t_of(sigma_down)
             h = t_next - t
             c2 = (t_of(sigmas[i - 1]) - t_of(old_sigma_down)) / h
             phi1, phi2 = _phi1(-h), _phi2(-h)
-            x = x * math.exp(-h) + (denoised * (phi1 - phi2 / c2) + old_denoised * (phi2 / c2)) * h
+            if cfg_pp:
+                x = x + (denoised - base)
+            x = x * math.exp(-h) + (base * (phi1 - phi2 / c2) + old_base * (phi2 / c2)) * h
         if sigmas[i + 1] > 0 and noise_sampler is not None and sigma_up:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
-        old_denoised, old_sigma_down = denoised, sigma_down
+        old_base, old_sigma_down = base, sigma_down
     return x
 
 
