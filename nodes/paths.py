@@ -27,6 +27,18 @@ _RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "LPT") fo
 _ANNOTATION = re.compile(r"\s*\[(input|output|temp)\]$")
 
 
+def _input_folder(name: str, folders: Folders) -> tuple[str, Path, str]:
+    """(name without its annotation, folder, flag to change it): the input folder, or the output folder for
+    a name ending in " [output]"."""
+    folder, flag = Path(folders.input_dir), "--input-dir"
+    match = _ANNOTATION.search(name) if isinstance(name, str) else None
+    if match:
+        name = name[:match.start()]
+        if match.group(1) == "output":
+            folder, flag = Path(folders.output_dir), "--output-dir"
+    return name, folder, flag
+
+
 def checkpoints_dir(folders: Folders) -> Path:
     return Path(folders.models_dir) / "checkpoints"
 
@@ -154,12 +166,7 @@ def resolve_config(name: str, folders: Folders) -> Path:
 def resolve_latent(name: str, folders: Folders) -> Path:
     """A `.latent` file in the input folder (ComfyUI's LoadLatent), with LoadImage's `[input]`/`[output]`
     annotations."""
-    folder, flag = Path(folders.input_dir), "--input-dir"
-    match = _ANNOTATION.search(name) if isinstance(name, str) else None
-    if match:
-        name = name[:match.start()]
-        if match.group(1) == "output":
-            folder, flag = Path(folders.output_dir), "--output-dir"
+    name, folder, flag = _input_folder(name, folders)
     return resolve(name, folder, "latent", (".latent",), flag)
 
 
@@ -188,12 +195,7 @@ def resolve_hypernetwork(name: str, folders: Folders) -> Path:
 
 
 def resolve_image(name: str, folders: Folders) -> Path:
-    folder, flag = Path(folders.input_dir), "--input-dir"
-    match = _ANNOTATION.search(name) if isinstance(name, str) else None
-    if match:
-        name = name[:match.start()]
-        if match.group(1) == "output":
-            folder, flag = Path(folders.output_dir), "--output-dir"
+    name, folder, flag = _input_folder(name, folders)
     return resolve(name, folder, "image", IMAGE_EXTENSIONS, flag)
 
 
