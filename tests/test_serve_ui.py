@@ -60,7 +60,15 @@ def test_the_comfyui_frontend_runs_a_workflow(tmp_path):
                 await browser.close()
 
     with live_server(tmp_path / "root") as srv:
-        asyncio.run(asyncio.wait_for(drive(srv["url"]), 240))
+        try:
+            asyncio.run(asyncio.wait_for(drive(srv["url"]), 240))
+        except Exception as e:  # noqa: BLE001
+            # The frontend's first boot in a fresh chromium sometimes never shows its Run button within 90 s
+            # when the whole suite has run before it (seen in 1 of 3 full runs; alone it boots in ~5 s):
+            # one more browser, every check below unchanged
+            if "Timeout" not in type(e).__name__ + str(e):
+                raise
+            asyncio.run(asyncio.wait_for(drive(srv["url"]), 240))
         deadline = time.monotonic() + 120
         while True:
             history = json.loads(urllib.request.urlopen(srv["url"] + "/history", timeout=5).read())
