@@ -570,6 +570,7 @@ def cmd_warmup(args) -> int:
             raise ValidationFailed([Problem(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 512x512")])
         parsed.append((int(m.group(1)), int(m.group(2))))
     workflow = Path(workflows.__file__).resolve().parent / "txt2img.yaml"
+    os.environ["SDGRAPH_COMPILE"] = "1"  # what warmup is for: build the compiled graphs (sd/accel/gpu_cache)
     for width, height in parsed:
         with tempfile.TemporaryDirectory(prefix="sdgraph-warmup-") as out:
             start = time.perf_counter()

@@ -92,14 +92,22 @@ def _timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, subprocess.Comp
     return seconds, proc
 
 
-def sdgraph_cases(ckpt: Path, work: Path, steps: int, size: int) -> dict:
-    cache = work / "sdgraph-cache"
+def _kernel_files(cache: Path) -> dict:
+    kernels = cache / "kernels"
+    return {"mlx_ptx_modules": len(list(kernels.rglob("*.ptx"))),
+            "sdgraph_cubins": len(list(kernels.rglob("*.cubin"))),
+            "compiled_graph_markers": len(list(kernels.rglob("sdgraph-compiled/*")))}
+
+
+def sdgraph_cases(ckpt: Path, work: Path, steps: int, size: int, cache: Path | None = None,
+                  warmup: bool = True) -> dict:
+    cache = cache or work / "sdgraph-cache"
     models = work / "models"
     (models / "checkpoints").mkdir(parents=True, exist_ok=True)
     link = models / "checkpoints" / ckpt.name
     if not link.exists():
         link.symlink_to(ckpt.resolve())
-    env = {k: v for k, v in os.environ.items() if k not in ("MLX_PTX_CACHE_DIR",)}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_PTX_CACHE_DIR", "SDGRAPH_COMPILE")}
     env.update(SDGRAPH_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     base = [sys.executable, "-m", "cli", "run", str(ROOT / "workflows" / "txt2img.yaml"), "--models-dir",
             str(models), "--set", f"ckpt={ckpt.name}", "--set", f"steps={steps}", "--set", f"width={size}",
@@ -109,19 +117,34 @@ def sdgraph_cases(ckpt: Path, work: Path, steps: int, size: int) -> dict:
     def run(label, *extra, out="out"):
         seconds, proc = _timed([*base, "--output-dir", str(work / out), *extra], env, ROOT)
         summary = json.loads(proc.stdout)
+        notices = [line for line in proc.stderr.splitlines() if line.startswith("sdgraph: ")]
         rows[label] = {"seconds": round(seconds, 3), "files": summary["files"],
                        "nodes": {n["id"]: n["seconds"] for v in summary["variations"] for n in v["nodes"]},
-                       "notice": "compiling GPU kernels" in proc.stderr}
-        print(f"[cold-start] sdgraph {label}: {seconds:.2f} s", flush=True)
+                       "notices": notices, **_kernel_files(cache)}
+        print(f"[cold-start] sdgraph {label}: {seconds:.2f} s {rows[label]['nodes']} "
+              f"{_kernel_files(cache)} {notices}", flush=True)
         return summary
+
+    def second_image(label, summary):
+        per = [sum(n["seconds"] for n in v["nodes"]) for v in summary["variations"]]
+        rows[label] = {"seconds": round(per[-1], 3)}
 
     shutil.rmtree(cache, ignore_errors=True)
     run("first run, empty caches", "--set", "seed=1")
     run("later process, new seed", "--set", "seed=2")
     run("later process, new seed, --no-cache", "--set", "seed=3", "--no-cache")
-    summary = run("one process, 2 images", "--sweep", "seed=4,5")
-    per = [sum(n["seconds"] for n in v["nodes"]) for v in summary["variations"]]
-    rows["second image in one process"] = {"seconds": round(per[-1], 3)}
+    second_image("second image in one process", run("one process, 2 images", "--sweep", "seed=4,5"))
+    if not warmup:
+        return rows
+    # `sdgraph warmup` builds the compiled graphs (minutes of NVRTC on a fresh GPU); later runs use them
+    seconds, _ = _timed([sys.executable, "-m", "cli", "warmup", "--ckpt", ckpt.name, "--models-dir",
+                         str(models), "--size", f"{size}x{size}"], env, ROOT)
+    rows["sdgraph warmup"] = {"seconds": round(seconds, 3), **_kernel_files(cache)}
+    print(f"[cold-start] sdgraph warmup: {seconds:.2f} s {_kernel_files(cache)}", flush=True)
+    run("after warmup: later process, new seed", "--set", "seed=6")
+    run("after warmup: later process, new seed, --no-cache", "--set", "seed=7", "--no-cache")
+    second_image("after warmup: second image in one process",
+                 run("after warmup: one process, 2 images", "--sweep", "seed=8,9"))
     return rows
 
 
@@ -146,10 +169,16 @@ def table(result: dict) -> str:
              "|---|---|---|---|"]
     pairs = [("first run, empty caches", "first process"), ("later process, new seed", "later process"),
              ("later process, new seed, --no-cache", "later process"),
-             ("second image in one process", "second image in one process")]
+             ("second image in one process", "second image in one process"),
+             ("sdgraph warmup", None),
+             ("after warmup: later process, new seed", "later process"),
+             ("after warmup: later process, new seed, --no-cache", "later process"),
+             ("after warmup: second image in one process", "second image in one process")]
     for mine, theirs in pairs:
         a = s.get(mine, {}).get("seconds")
-        b = d.get(theirs, {}).get("seconds")
+        b = d.get(theirs, {}).get("seconds") if theirs else None
+        if a is None:
+            continue
         ratio = f"{a / b:.2f}" if a and b else "–"
         lines.append(f"| {mine} | {a:.2f} s | {f'{b:.2f} s' if b else '–'} | {ratio} |")
     return "\n".join(lines)
@@ -164,13 +193,17 @@ def main(argv=None) -> int:
     p.add_argument("--image", type=int, default=512)
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--mlx-only", action="store_true", help="skip the diffusers side")
+    p.add_argument("--no-warmup", action="store_true", help="skip `sdgraph warmup` and the runs after it")
+    p.add_argument("--cache-dir", type=Path, help="sdgraph's cache folder (emptied first, kept after: later "
+                   "benchmarks can reuse its compiled kernels); default: a temporary one")
     p.add_argument("--out", type=Path, default=OUT_DIR)
     args = p.parse_args(argv)
-    ckpt = args.checkpoint or ensure_checkpoint(OUT_DIR / f"sd15-{args.size}-fp16.safetensors", args.size)
+    ckpt = args.checkpoint or ensure_checkpoint(OUT_DIR / f"sd15-random-{args.size}.safetensors", args.size)
     with tempfile.TemporaryDirectory(prefix="sdgraph-cold-") as tmp:
         work = Path(tmp)
         result = {"device": args.device, "size": args.size, "steps": args.steps, "image": args.image,
-                  "sdgraph": sdgraph_cases(ckpt, work, args.steps, args.image)}
+                  "sdgraph": sdgraph_cases(ckpt, work, args.steps, args.image, args.cache_dir,
+                                           not args.no_warmup)}
         if not args.mlx_only:
             result["diffusers"] = diffusers_cases(ckpt, work, args.steps, args.image, args.device)
     text = table(result)

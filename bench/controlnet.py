@@ -12,6 +12,8 @@ the GPU precision (fp16) or fp32 on the CPU; the maximum relative difference of 
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import numpy as np
 
@@ -83,9 +85,25 @@ def section_controlnet(ctx) -> None:
     values["diffusers"] = ctx.time_torch(torch_step) * 1e3
     with torch.inference_mode():
         ref = torch_step().float().cpu().numpy()
+    if ctx.gpu and not ctx.args.no_torch_compile:  # both models compiled, as a tuned diffusers pipeline runs
+        net_c, unet_c = torch.compile(theirs_net), torch.compile(theirs_unet)
+
+        def compiled_step():
+            down, mid = net_c(tx, tt, encoder_hidden_states=tc, controlnet_cond=th, return_dict=False)
+            return unet_c(tx, tt, encoder_hidden_states=tc, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled_step()
+            torch.cuda.synchronize()
+        ctx.extra["controlnet_torch_compile_s"] = time.perf_counter() - start
+        values["diffusers_compile"] = ctx.time_torch(compiled_step) * 1e3
     ours = np.array(step(fast, fast_net).astype(mx.float32))
     ctx.extra["controlnet_mlx_fast_vs_diffusers_max_rel_diff"] = float(
         np.abs(ours.transpose(0, 3, 1, 2) - ref).max() / np.abs(ref).max())
     row = ctx.add("controlnet", what, "ms", values)
-    ratio = row.values["mlx_fast"] / row.values["diffusers"]
-    print(f"[bench] controlnet: MLX fast / diffusers = {ratio:.2f}", flush=True)
+    for ref_name in ("diffusers", "diffusers_compile"):
+        if ref_name in row.values:
+            ratio = row.values["mlx_fast"] / row.values[ref_name]
+            print(f"[bench] controlnet: MLX fast / {ref_name} = {ratio:.2f}", flush=True)

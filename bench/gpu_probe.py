@@ -283,6 +283,8 @@ def round_robin(path, args):
     cn = rng.standard_normal((2, 77, 768)).astype(np.float32)
     x, t, c = mx.array(xn.transpose(0, 2, 3, 1)), mx.array(np.array([500.0, 500.0], np.float32)), mx.array(cn)
     fast = FastUNet(ck.unet)
+    # what a first run on a fresh GPU uses (sd/accel/gpu_cache.py): the same ops, no mx.compile
+    eager = FastUNet(ck.unet, options_here("unet").with_(compile=False))
     tx = torch.from_numpy(xn).cuda().half().contiguous(memory_format=torch.channels_last)
     tt, tc = torch.tensor([500.0, 500.0]).cuda(), torch.from_numpy(cn).cuda().half()
     model = diffusers_unet(ck.unet_config, state).to("cuda", torch.float16)
@@ -297,8 +299,8 @@ def round_robin(path, args):
             return out
         return run
 
-    impls = {"mlx_fast": lambda: mx.eval(fast(x, t, c)), "diffusers_cl": torch_step(model),
-             "diffusers_compile": torch_step(compiled)}
+    impls = {"mlx_fast": lambda: mx.eval(fast(x, t, c)), "mlx_uncompiled": lambda: mx.eval(eager(x, t, c)),
+             "diffusers_cl": torch_step(model), "diffusers_compile": torch_step(compiled)}
     s = time.perf_counter()
     ref = impls["diffusers_compile"]()
     log(f"[rr] torch.compile took {time.perf_counter() - s:.0f} s")
@@ -326,7 +328,8 @@ def round_robin(path, args):
             torch.cuda.synchronize()
         return run
 
-    loops = {"mlx_fast": mlx_loop, "diffusers_cl": torch_loop(model),
+    loops = {"mlx_fast": mlx_loop, "mlx_uncompiled": lambda: mlx_unet_loop(eager, x, t, c, LOOP_STEPS),
+             "diffusers_cl": torch_loop(model),
              "diffusers_compile": torch_loop(compiled)}
     times, med = timed_in_turn(loops, args.rounds, 2)
     med = {k: v / LOOP_STEPS for k, v in med.items()}
@@ -341,6 +344,7 @@ def round_robin(path, args):
     zn = rng.standard_normal((1, 4, 64, 64)).astype(np.float32)
     z = mx.array(zn.transpose(0, 2, 3, 1))
     dec = FastVAE(ck.vae).decode
+    dec_eager = FastVAE(ck.vae, options_here("vae").with_(compile=False)).decode
     vae16 = diffusers_vae(ck.vae_config, state).to("cuda", torch.float16)
     vae32 = diffusers_vae(ck.vae_config, state).to("cuda", torch.float32)
     tz16, tz32 = torch.from_numpy(zn).cuda().half(), torch.from_numpy(zn).cuda()
@@ -352,7 +356,8 @@ def round_robin(path, args):
             torch.cuda.synchronize()
         return run
 
-    impls = {"mlx_fast": lambda: mx.eval(dec(z)), "diffusers_fp16": torch_dec(vae16, tz16),
+    impls = {"mlx_fast": lambda: mx.eval(dec(z)), "mlx_uncompiled": lambda: mx.eval(dec_eager(z)),
+             "diffusers_fp16": torch_dec(vae16, tz16),
              "diffusers_fp32": torch_dec(vae32, tz32)}
     times, med = timed_in_turn(impls, args.rounds, args.steps)
     log("[rr] VAE decode 512x512 medians (ms): " + ", ".join(f"{k}={v:.2f}" for k, v in med.items()))
@@ -373,6 +378,7 @@ def main(argv=None):
     p.add_argument("--env-sweep", default="", help="';'-separated VAR=value[,VAR=value] settings: reruns the "
                    "cuda_kernels UNet variant in a subprocess under each (MLX reads these once, at start)")
     args = p.parse_args(argv)
+    os.environ.setdefault("SDGRAPH_COMPILE", "1")  # measure the compiled graphs even on a fresh GPU
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(args.skip.split(","))

@@ -23,7 +23,8 @@ from pathlib import Path
 from bench.common import OUT_DIR, Row, ensure_checkpoint, machine_info
 from sd import runtime
 
-ALL_SECTIONS = ("unet", "unet_rr", "vae", "clip", "txt2img", "load", "levers", "upscale", "controlnet")
+ALL_SECTIONS = ("unet", "unet_rr", "vae", "clip", "txt2img", "load", "levers", "upscale", "controlnet",
+                "inpaint")
 
 
 def parse_args(argv=None):
@@ -60,6 +61,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("SDGRAPH_COMPILE", "1")  # measure the compiled graphs even on a fresh GPU
     # OpenBLAS for MLX's CPU backend (before mlx.core is imported), MLX's settings, OMP_WAIT_POLICY=PASSIVE:
     # idle OpenMP threads of torch spin by default; in one process with MLX (and OpenBLAS's threads) on a
     # small CPU they starve the other side: a tiny diffusers UNet went from 40 ms to 4.6 s. Passive waiting.

@@ -418,8 +418,15 @@ def section_controlnet(ctx: Context):
     run(ctx)
 
 
+def section_inpaint(ctx: Context):
+    from bench.inpaint import section_inpaint as run
+
+    run(ctx)
+
+
 SECTIONS = {"unet": section_unet, "unet_rr": section_unet_rr, "vae": section_vae, "clip": section_clip,
-            "txt2img": section_txt2img, "upscale": section_upscale, "controlnet": section_controlnet}
+            "txt2img": section_txt2img, "upscale": section_upscale, "controlnet": section_controlnet,
+            "inpaint": section_inpaint}
 
 
 def ratio_table(rows: list[Row]) -> str:

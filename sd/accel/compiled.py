@@ -12,6 +12,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from sd.accel import gpu_cache
 from sd.accel.ops import FastOps, FastOptions, FusedProjections, options_here
 from sd.models.unet_extras import ControlResiduals, ModulePatch, UNetExtras
 
@@ -38,7 +39,8 @@ class FastUNet:
             return unet(x, t, c, ops=FastOps(self.opts, fused, layout), extras=extras)
 
         self._forward_extras = forward_extras
-        self._fn = mx.compile(forward, inputs=unet.state) if self.opts.compiles else forward
+        self._forward_plain = forward
+        self._fn = _compiled(forward, unet, self.opts, "unet")
         # one compiled graph per arrangement of array extras (and of the patch modules, kept alive here)
         self._with_extras: dict[tuple, tuple] = {}
 
@@ -47,16 +49,26 @@ class FastUNet:
         fused = self.fused.weights() if self.fused else {}
         if extras is None or extras.is_empty:
             return self._fn(x, timesteps, context, fused)
-        if extras.has_hooks or not self.opts.compiles:
+        if extras.has_hooks or self._fn is self._forward_plain:
             layout = self.fused.layout if self.fused else None
             return self.unet(x, timesteps, context, ops=FastOps(self.opts, fused, layout), extras=extras)
         arrays, shape, modules = _arrays_of(extras)
         entry = self._with_extras.get(shape)
         if entry is None:
-            inputs = [self.unet.state, *(m.state for m in modules)]
-            fn = mx.compile(partial(self._forward_extras, shape=shape, modules=modules), inputs=inputs)
+            fn = partial(self._forward_extras, shape=shape, modules=modules)
+            arrangement = repr([part for part in shape[:-1]] + [shape[-1][2]])  # the patch modules by count
+            if gpu_cache.wants_compile(gpu_cache.graph_key(f"unet+{arrangement}", self.unet, self.opts)):
+                fn = mx.compile(fn, inputs=[self.unet.state, *(m.state for m in modules)])
             entry = self._with_extras[shape] = (fn, modules)
         return entry[0](x, timesteps, context, fused, arrays)
+
+
+def _compiled(fn, module, opts: FastOptions, name: str):
+    """`fn` compiled with the module's parameters as inputs, where the levers and the GPU's kernel cache
+    say so (sd/accel/gpu_cache.py: on NVIDIA a first run goes uncompiled); else `fn` itself."""
+    if opts.compiles and gpu_cache.wants_compile(gpu_cache.graph_key(name, module, opts)):
+        return mx.compile(fn, inputs=module.state)
+    return fn
 
 
 def _arrays_of(extras: UNetExtras) -> tuple[list[mx.array], tuple, tuple]:
@@ -102,12 +114,11 @@ class FastVAE:
         self.opts = opts or options_here("vae")
         ops = FastOps(self.opts)
 
-        def wrap(forward):
-            fn = lambda x: forward(x, ops=ops)  # noqa: E731
-            return mx.compile(fn, inputs=vae.state) if self.opts.compiles else fn
+        def wrap(forward, name):
+            return _compiled(lambda x: forward(x, ops=ops), vae, self.opts, name)
 
-        self.encode = wrap(vae.encode)
-        self.decode = wrap(vae.decode)
+        self.encode = wrap(vae.encode, "vae.encode")
+        self.decode = wrap(vae.decode, "vae.decode")
 
 
 class FastUpscaler:
@@ -121,7 +132,7 @@ class FastUpscaler:
         self.image_channels = model.image_channels
         ops = FastOps(self.opts)
         fn = lambda x: model(x, ops=ops)  # noqa: E731
-        self._fn = mx.compile(fn, inputs=model.state) if self.opts.compiles else fn
+        self._fn = _compiled(fn, model, self.opts, "upscaler")
 
     def __call__(self, x: mx.array) -> mx.array:
         return self._fn(x)
@@ -143,7 +154,7 @@ class FastControlNet:
             out = net(x, t, c, hint, ops=FastOps(self.opts, fused, layout))
             return [*out.output, out.middle]
 
-        self._fn = mx.compile(forward, inputs=net.state) if self.opts.compiles else forward
+        self._fn = _compiled(forward, net, self.opts, "controlnet")
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
                  hint: mx.array) -> ControlResiduals:

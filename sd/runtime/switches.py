@@ -30,7 +30,8 @@ class Switch:
     name: str
     default: str          # as it would be written in the environment; "" = unset / nothing
     description: str
-    kind: str = "text"    # "bool" switches are read with flag(); the others are described only here
+    kind: str = "text"    # "bool" switches are read with flag(), "auto-bool" (auto/on/off) with auto_flag();
+                          # the others are described only here
     shown_default: str = ""   # how --help shows the default when `default` is not a value (e.g. a folder)
 
     def default_text(self) -> str:
@@ -43,6 +44,9 @@ SWITCHES: tuple[Switch, ...] = (
            "bool"),
     Switch("SDGRAPH_CPU_KERNELS", "1", "sdgraph's C kernels for MLX's Linux CPU backend (0: MLX's own ops)",
            "bool"),
+    Switch("SDGRAPH_COMPILE", "auto", "NVIDIA: compiled GPU graphs (auto: once `sdgraph warmup` or a "
+           "compiled run built them on this GPU; a first run goes uncompiled, not minutes compiling)",
+           "auto-bool"),
     Switch("SDGRAPH_CUDA_KERNELS", "1", "sdgraph's CUDA kernels on an NVIDIA GPU (0: MLX's own ops)", "bool"),
     Switch("SDGRAPH_BLAS", "", "BLAS library for MLX's Linux CPU backend: a path, or 'none' for MLX's own",
            shown_default="first of OpenBLAS/MKL/BLIS found"),
@@ -101,15 +105,33 @@ def flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     return parse_bool(name, env.get(name), parse_bool(name, switch.default, False))
 
 
+def auto_flag(name: str, environ: Mapping[str, str] | None = None) -> bool | None:
+    """The switch `name` (an "auto-bool" of SWITCHES): None for auto (its default), else on or off."""
+    switch = BY_NAME[name]
+    if switch.kind != "auto-bool":
+        raise KeyError(f"{name} is not an auto/on/off switch")
+    env = os.environ if environ is None else environ
+    text = env.get(name)
+    if text is None or not text.strip() or text.strip().lower() == "auto":
+        return None
+    try:
+        return parse_bool(name, text, False)
+    except SwitchError:
+        raise SwitchError(f"{name}={text!r} is not auto, on or off; use auto, or one of "
+                          f"{', '.join(TRUE_WORDS)} (on) or {', '.join(FALSE_WORDS)} (off)") from None
+
+
 def check(environ: Mapping[str, str] | None = None) -> list[str]:
     """Why each boolean switch that is set cannot be read (empty when all are fine)."""
     problems = []
     for s in SWITCHES:
-        if s.kind == "bool":
-            try:
+        try:
+            if s.kind == "bool":
                 flag(s.name, environ)
-            except SwitchError as e:
-                problems.append(str(e))
+            elif s.kind == "auto-bool":
+                auto_flag(s.name, environ)
+        except SwitchError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -122,9 +144,10 @@ def current(environ: Mapping[str, str] | None = None) -> list[tuple[Switch, str 
         if value is None or not value.strip():
             rows.append((s, value, True))
             continue
-        if s.kind == "bool":
+        if s.kind in ("bool", "auto-bool"):
+            read = flag if s.kind == "bool" else auto_flag
             try:
-                is_default = parse_bool(s.name, value, False) == flag(s.name, {})
+                is_default = read(s.name, {s.name: value}) == read(s.name, {})
             except SwitchError:
                 is_default = False
         else:

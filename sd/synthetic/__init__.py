@@ -43,7 +43,9 @@ def _configs(size: str) -> dict:
         return {"unet": replace(unet.TINY_UNET, in_channels=9), "vae": vae.TINY_VAE, "clip": clip.TINY_CLIP}
     if size == "full":
         return {"unet": unet.SD15_UNET, "vae": vae.SD15_VAE, "clip": clip.SD15_CLIP}
-    raise ValueError(f"unknown size {size!r}; use 'tiny', 'tiny-inpainting' or 'full'")
+    if size == "full-inpainting":  # sd-v1-5-inpainting's shapes (benchmarks)
+        return {"unet": replace(unet.SD15_UNET, in_channels=9), "vae": vae.SD15_VAE, "clip": clip.SD15_CLIP}
+    raise ValueError(f"unknown size {size!r}; use 'tiny', 'tiny-inpainting', 'full' or 'full-inpainting'")
 
 
 def _part_rng(seed: int, part: str) -> np.random.Generator:
