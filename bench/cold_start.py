@@ -83,6 +83,11 @@ print(json.dumps({"image_seconds": times, "in_process": time.perf_counter() - st
 """
 
 
+def _pythonpath() -> str:
+    """The repo first, then whatever the caller had on PYTHONPATH (e.g. a staged MLX build)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
@@ -108,7 +113,7 @@ def sdgraph_cases(ckpt: Path, work: Path, steps: int, size: int, cache: Path | N
     if not link.exists():
         link.symlink_to(ckpt.resolve())
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_PTX_CACHE_DIR", "SDGRAPH_COMPILE")}
-    env.update(SDGRAPH_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.update(SDGRAPH_CACHE_DIR=str(cache), PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
     base = [sys.executable, "-m", "cli", "run", str(ROOT / "workflows" / "txt2img.yaml"), "--models-dir",
             str(models), "--set", f"ckpt={ckpt.name}", "--set", f"steps={steps}", "--set", f"width={size}",
             "--set", f"height={size}", "--json"]
@@ -149,7 +154,7 @@ def sdgraph_cases(ckpt: Path, work: Path, steps: int, size: int, cache: Path | N
 
 
 def diffusers_cases(ckpt: Path, work: Path, steps: int, size: int, device: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
     out = work / "diffusers-out"
     out.mkdir(exist_ok=True)
     rows = {}

@@ -29,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.cold_start import _DIFFUSERS, ROOT, _timed
+from bench.cold_start import _DIFFUSERS, ROOT, _pythonpath, _timed
 from bench.common import OUT_DIR, ensure_checkpoint
 
 
@@ -138,7 +138,7 @@ def run_sweep_times(ckpt: Path, work: Path, steps: int, size: int, images: int, 
 def diffusers_times(ckpt: Path, work: Path, steps: int, size: int, images: int, device: str) -> dict:
     out = work / "diffusers-out"
     out.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
     _, proc = _timed([sys.executable, "-c", _DIFFUSERS, str(ckpt), str(out), str(steps), str(size),
                       "cuda" if device == "gpu" else "cpu", str(images + 1), str(ROOT)], env, ROOT)
     per = json.loads(proc.stdout.strip().splitlines()[-1])["image_seconds"]
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         cache = args.cache_dir or work / "cache"
         # a warm server: its graphs compiled (the warm-up prompt builds them if no warmup did)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", SDGRAPH_CACHE_DIR=str(cache),
+        env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1", SDGRAPH_CACHE_DIR=str(cache),
                    SDGRAPH_COMPILE="1")
         result = {"device": args.device, "size": args.size, "steps": args.steps, "image": args.image,
                   "api": api_times(ckpt, work, args.steps, args.image, args.images, env)}
