@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=50,
                        help="upload size limit (default %(default)s)")
     serve.add_argument("--workers", type=int, default=1,
-                       help="executor processes behind the queue (default %(default)s: one, in this process)")
+                       help="executor processes behind the queue (default %(default)s: one, in this "
+                            "process); with MLX on CUDA and a GPU for each, one GPU each")
     serve.add_argument("--max-upload-megapixels", type=float, default=64,
                        help="upload image size limit (default %(default)s)")
 

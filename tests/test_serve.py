@@ -553,6 +553,12 @@ def test_two_worker_processes(tmp_path):
         assert all(ends[i] == "execution_success" for i in ids)
         assert len(images) == 6 == len(set(images))
         assert sorted(p.name for p in (tmp_path / "output").glob("*.png")) == sorted(images)
+    from graph.distributed.world import nvidia_gpu_count
+    from nodes.server.workers import current_device, gpu_plan
+
+    _, note = gpu_plan(2, current_device(), nvidia_gpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    log = (tmp_path / "server.log").read_text()
+    assert log.count("workers share") == (0 if note is None else 1) and (note is None or note in log)
 
 
 def _rss_mb(pid: int) -> float:

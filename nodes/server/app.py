@@ -524,6 +524,8 @@ def run(folders: Folders, executor: Executor, listen: str, port: int, **limits) 
     http.start()
     print(f"sdgraph serve: http://{listen}:{port}/ (output {folders.output_dir}, input {folders.input_dir})",
           file=sys.stderr, flush=True)
+    if note := getattr(server.worker, "note", None):  # --workers N without a GPU each
+        print(note, file=sys.stderr, flush=True)
     try:
         server.worker.run()
     finally:
