@@ -1,9 +1,9 @@
 """`sdgraph serve --workers N`: N executor processes behind the one queue. Each process sets up the runtime,
-loads the nodes and keeps its own in-process caches (the disk cache is shared; sinks never overwrite one
-another's files), and runs the prompts a dispatcher thread of the server hands it, sending the engine's
-messages back over a pipe. An interrupt reaches a process through its own cancel event. With a GPU per
-worker (MLX on CUDA, at least N GPUs) worker i sees only GPU i, as `--distributed` pins the ranks of a host;
-otherwise the workers share the device, and the server says so once."""
+loads the nodes (with the CLI's entry, SDGRAPH_EXTRA_NODES too) and keeps its own in-process caches (the disk
+cache is shared; sinks never overwrite one another's files), and runs the prompts a dispatcher thread of the
+server hands it, sending the engine's messages back over a pipe. An interrupt reaches a process through its
+own cancel event. With a GPU per worker (MLX on CUDA, at least N GPUs) worker i sees only GPU i, as
+`--distributed` pins the ranks of a host; otherwise the workers share the device, and the server says so."""
 
 from __future__ import annotations
 
@@ -18,14 +18,23 @@ from nodes.server.queue import PromptQueue, Send, Worker, image_ref, now_ms
 
 
 def _child(conn, cancel, folders: tuple[str, str, str], dirs: dict, cache_dir, no_cache: bool) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops its workers
+    """A worker process's entry for a server not started by the CLI. Unpickling it imported this package and
+    with it MLX, so the runtime's BLAS comes too late here; the CLI's entry (cli.py) sets it up first."""
     from graph.disk_cache import default_cache_dir
     from sd import runtime
 
-    runtime.setup(cache_dir or default_cache_dir())  # before MLX is imported, as the CLI does
+    runtime.setup(cache_dir or default_cache_dir())
     import nodes  # noqa: F401  (registers the nodes)
+
+    serve_prompts(conn, cancel, folders, dirs, cache_dir, no_cache)
+
+
+def serve_prompts(conn, cancel, folders: tuple[str, str, str], dirs: dict, cache_dir, no_cache: bool) -> None:
+    """A worker process's loop (the runtime set up, the nodes registered): run each prompt the parent sends
+    through this process's executor, sending the engine's messages and then the history record back."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops its workers
     from graph.runner import open_executor
     from nodes.server.prompts import PromptRejected, prepare_prompt
 
@@ -39,7 +48,10 @@ def _child(conn, cancel, folders: tuple[str, str, str], dirs: dict, cache_dir, n
             try:
                 job = prepare_prompt(prompt, folders_, number, prompt_id, extra)
             except PromptRejected as e:  # validated by the parent already; a file may have gone since
-                conn.send(("done", _failed(prompt_id, [number, prompt_id, prompt, extra, []], str(e))))
+                record = _failed(prompt_id, [number, prompt_id, prompt, extra, []], str(e))
+                conn.send(("event", "execution_error", record["status"]["messages"][0][1],
+                           extra.get("client_id")))  # its client waits for an end message
+                conn.send(("done", record))
                 continue
             try:
                 record = worker.run_job(job)
@@ -107,8 +119,10 @@ class WorkerPool:
     """The parent's side: one process and one dispatcher thread per worker."""
 
     def __init__(self, n: int, queue: PromptQueue, send: Send, folders: Folders, dirs: dict[str, Path],
-                 cache_dir, no_cache: bool, device: str | None = None, gpus: int | None = None):
+                 cache_dir, no_cache: bool, device: str | None = None, gpus: int | None = None,
+                 entry=None):
         self.queue, self.send = queue, send
+        self.entry = entry or _child  # what each process runs: (conn, cancel, *self.args)
         self.args = ((str(folders.models_dir), str(folders.input_dir), str(folders.output_dir)),
                      {k: str(v) for k, v in dirs.items()}, cache_dir, no_cache)
         self.envs, self.note = gpu_plan(n, device or current_device(),
@@ -123,7 +137,7 @@ class WorkerPool:
     def _spawn(self, i: int):
         parent, child = self.ctx.Pipe()
         cancel = self.ctx.Event()
-        proc = self.ctx.Process(target=_child, args=(child, cancel, *self.args), daemon=True)
+        proc = self.ctx.Process(target=self.entry, args=(child, cancel, *self.args), daemon=True)
         start_with_env(proc, self.envs[i])
         child.close()
         return [proc, parent, cancel]
