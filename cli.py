@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=50,
                        help="upload size limit (default %(default)s)")
     serve.add_argument("--workers", type=int, default=1,
-                       help="executor processes behind the queue (default %(default)s: one, in this process)")
+                       help="executor processes behind the queue (default %(default)s: one, in this "
+                            "process); with MLX on CUDA and a GPU for each, one GPU each")
     serve.add_argument("--max-upload-megapixels", type=float, default=64,
                        help="upload image size limit (default %(default)s)")
 
@@ -607,6 +608,19 @@ def cmd_doctor(args) -> int:
     return run_doctor()
 
 
+def serve_worker(conn, cancel, folders, dirs, cache_dir, no_cache) -> None:
+    """A `serve --workers` process. Spawned with this light module as its entry, so that, as for every
+    command, the runtime (the BLAS) is set up before MLX is imported and SDGRAPH_EXTRA_NODES are loaded."""
+    from graph.disk_cache import default_cache_dir
+    from sd import runtime
+
+    runtime.setup(cache_dir or default_cache_dir())
+    load_node_modules()
+    from nodes.server.workers import serve_prompts
+
+    serve_prompts(conn, cancel, folders, dirs, cache_dir, no_cache)
+
+
 def cmd_serve(args) -> int:
     try:
         import aiohttp  # noqa: F401
@@ -625,7 +639,8 @@ def cmd_serve(args) -> int:
             run(folders, executor, args.listen, args.port, max_queue=max(1, args.max_queue),
                 max_upload_bytes=int(args.max_upload_mb * 2**20),
                 max_pixels=int(args.max_upload_megapixels * 2**20), argv=sys.argv,
-                workers=max(1, args.workers), cache_dir=args.cache_dir, no_cache=args.no_cache)
+                workers=max(1, args.workers), cache_dir=args.cache_dir, no_cache=args.no_cache,
+                worker_entry=serve_worker)
         except OSError as e:  # the port is taken, the address is not this machine's
             print(f"error: cannot listen on {args.listen}:{args.port}: {e.strerror or e}", file=sys.stderr)
             return 1

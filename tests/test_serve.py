@@ -553,6 +553,25 @@ def test_two_worker_processes(tmp_path):
         assert all(ends[i] == "execution_success" for i in ids)
         assert len(images) == 6 == len(set(images))
         assert sorted(p.name for p in (tmp_path / "output").glob("*.png")) == sorted(images)
+    from graph.distributed.world import nvidia_gpu_count
+    from nodes.server.workers import current_device, gpu_plan
+
+    _, note = gpu_plan(2, current_device(), nvidia_gpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    log = (tmp_path / "server.log").read_text()
+    assert log.count("workers share") == (0 if note is None else 1) and (note is None or note in log)
+    assert "imported before sdgraph" not in log  # each worker set its BLAS up before MLX, as the CLI does
+
+
+@pytest.mark.slow
+def test_worker_processes_load_the_extra_nodes(tmp_path, monkeypatch):
+    """SDGRAPH_EXTRA_NODES reach the worker processes too: a prompt of toy nodes runs in one of them."""
+    monkeypatch.setenv("SDGRAPH_EXTRA_NODES", str(REPO / "tests" / "graph_toy_nodes.py"))
+    toy = {"1": {"class_type": "Const", "inputs": {"value": 2.5}},
+           "2": {"class_type": "WriteNumber", "inputs": {"x": ["1", 0], "prefix": "extra"}}}
+    with live_server(tmp_path, "--workers", "2") as srv:
+        _, msgs = run(queue_and_wait(srv["url"], {"prompt": toy}))
+        assert msgs[-1]["type"] == "execution_success", msgs[-1]
+    assert (tmp_path / "output" / "extra.txt").read_text() == "2.5"
 
 
 def _rss_mb(pid: int) -> float:

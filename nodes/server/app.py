@@ -70,7 +70,8 @@ def _bad(kind: str, message: str, status: int = 400) -> web.Response:
 class Server:
     def __init__(self, folders: Folders, executor: Executor, *, max_queue: int = 100,
                  max_upload_bytes: int = 50 * 2**20, max_pixels: int = 64 * 2**20,
-                 argv: list[str] | None = None, workers: int = 1, cache_dir=None, no_cache: bool = False):
+                 argv: list[str] | None = None, workers: int = 1, cache_dir=None, no_cache: bool = False,
+                 worker_entry=None):
         self.folders = folders
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
         self.argv = list(argv if argv is not None else sys.argv)
@@ -80,7 +81,8 @@ class Server:
         if workers > 1:
             from nodes.server.workers import WorkerPool
 
-            self.worker = WorkerPool(workers, self.queue, self.send, folders, self.dirs, cache_dir, no_cache)
+            self.worker = WorkerPool(workers, self.queue, self.send, folders, self.dirs, cache_dir, no_cache,
+                                     entry=worker_entry)
         else:
             self.worker = Worker(self.queue, executor, self.send, image_ref(self.dirs))
         self.sockets: dict[str, web.WebSocketResponse] = {}
@@ -524,6 +526,8 @@ def run(folders: Folders, executor: Executor, listen: str, port: int, **limits) 
     http.start()
     print(f"sdgraph serve: http://{listen}:{port}/ (output {folders.output_dir}, input {folders.input_dir})",
           file=sys.stderr, flush=True)
+    if note := getattr(server.worker, "note", None):  # --workers N without a GPU each
+        print(note, file=sys.stderr, flush=True)
     try:
         server.worker.run()
     finally:
