@@ -44,10 +44,12 @@ class TensorFile(Mapping[str, np.ndarray]):
     ``shape``/``dtype`` reads no tensor data. A missing name raises ``KeyError`` as any Mapping does.
     """
 
-    def __init__(self, path: Path, entries: Mapping[str, _Entry], metadata: Mapping[str, str]):
+    def __init__(self, path: Path, entries: Mapping[str, _Entry], metadata: Mapping[str, str],
+                 format: str = "pytorch"):
         self.path = path
         self.metadata = dict(metadata)
         self._entries = dict(entries)
+        self.format = format  # "safetensors", or "pytorch" (a zip or legacy torch file, read safely)
 
     def __getitem__(self, key: str) -> np.ndarray:
         entry = self._entries[key]
@@ -98,7 +100,7 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
         # before the bare-pickle test: a safetensors header length whose low byte is 0x80 starts like a pickle
         if len(head) >= 9 and head[8:9] == b"{":
             entries, metadata = read_safetensors(path, file_size)
-            return TensorFile(path, entries, metadata)
+            return TensorFile(path, entries, metadata, format="safetensors")
         if head.startswith(b"\x80"):
             raise CheckpointError(
                 path, "this is a bare pickle, not a PyTorch zip checkpoint or safetensors file"

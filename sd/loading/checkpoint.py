@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from sd.accel.precision import COMPONENTS, default_dtype, parse_dtype
+from sd.accel.precision import COMPONENTS, default_dtype, on_gpu, parse_dtype
 from sd.errors import CheckpointError, MissingComponentError
 from sd.io.checkpoint_io import open_tensors
 from sd.loading.detect import check_family, detect_unet_config
@@ -131,13 +131,35 @@ def check_weights_match(path: object, part: str, expected: Mapping[str, tuple],
                                     "support.")
 
 
-def _to_mlx(array: np.ndarray, dtype: mx.Dtype) -> mx.array:
-    if array.ndim == 4:
-        # OIHW -> OHWI, made contiguous here: mx.array keeps a transposed view's strides, and every op that
-        # needs the weight contiguous (a conv GEMM's reshape) would copy it again on every call
-        array = np.ascontiguousarray(array.transpose(0, 2, 3, 1))
-    weight = mx.array(array)
+def _to_mlx(array: np.ndarray | mx.array, dtype: mx.Dtype) -> mx.array:
+    # conv weights OIHW -> OHWI, made contiguous here: a transposed view keeps its strides, and every op that
+    # needs the weight contiguous (a conv GEMM's reshape) would copy it again on every call
+    if isinstance(array, np.ndarray):
+        if array.ndim == 4:
+            array = np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+        weight = mx.array(array)
+    else:  # read by MLX (a GPU): the device transposes
+        weight = mx.contiguous(array.transpose(0, 2, 3, 1)) if array.ndim == 4 else array
     return weight if weight.dtype == dtype else weight.astype(dtype)
+
+
+_MLX_READABLE = ("float16", "bfloat16", "float32")
+
+
+def _tensor_source(tensors, keys: Iterable[str], mlx_reads: bool) -> Callable[[str], np.ndarray | mx.array]:
+    """How `_build` reads each tensor. On a GPU (`mlx_reads`), a safetensors file whose header our reader has
+    checked, for `keys` that are all float16/bfloat16/float32, is read by MLX's own loader (`mx.load`: lazy,
+    one read per tensor straight into the array); a new process copying memory-mapped pages instead spent
+    1.5 s on a full-size UNet (docs/performance.md, "Cold start"). Anything else, and the CPU (where
+    MLX's transposes are slower than numpy's), goes through the numpy reader, the reference."""
+    if not (mlx_reads and getattr(tensors, "format", None) == "safetensors"
+            and all(tensors.stored_dtype(k) in _MLX_READABLE for k in keys)):
+        return tensors.__getitem__
+    try:
+        loaded = mx.load(str(tensors.path), format="safetensors")
+    except Exception:  # MLX's parser refused what ours accepted: read it ours
+        return tensors.__getitem__
+    return lambda key: loaded[key] if key in loaded else tensors[key]
 
 
 def _builders(part: str) -> tuple[Callable[[Path, Mapping[str, tuple]], Any], Callable[[Any], nn.Module]]:
@@ -163,14 +185,20 @@ def _construct(path: Path, part: str, keys: Mapping[str, str], tensors) -> tuple
     return config, model_class(config), file_shapes
 
 
-def _build(path: Path, part: str, keys: Mapping[str, str], tensors, dtype: mx.Dtype | None):
+def _build(path: Path, part: str, keys: Mapping[str, str], tensors, dtype: mx.Dtype | None,
+           mlx_reads: bool | None = None):
     """Build, check and fill one component. `keys` maps prefix-stripped names to the file's keys."""
     config, model, file_shapes = _construct(path, part, keys, tensors)
     expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     check_weights_match(path, part, expected, file_shapes)
     dtype = dtype or default_dtype(part)
-    model.load_weights([(name, _to_mlx(tensors[keys[name]], dtype)) for name in expected], strict=True)
-    mx.eval(model.parameters())
+    wanted = [keys[name] for name in expected]
+    read = _tensor_source(tensors, wanted, on_gpu() if mlx_reads is None else mlx_reads)
+    model.load_weights([(name, _to_mlx(read(keys[name]), dtype)) for name in expected], strict=True)
+    try:
+        mx.eval(model.parameters())
+    except RuntimeError as exc:  # MLX reads lazily: a file that changed since it was checked fails here
+        raise CheckpointError(path, f"cannot read the {part} weights: {exc}") from exc
     model.eval()
     return config, model
 
