@@ -121,8 +121,9 @@ def test_yaml_alias_bomb_is_refused(world, tmp_path, where, command):
 
 # ---- 2. deep nesting and long chains ----------------------------------------------------------------
 
-@pytest.mark.parametrize("levels", [1_000, 100_000])
-@pytest.mark.parametrize("fmt", ["json", "yaml"])
+@pytest.mark.parametrize(("fmt", "levels"), [  # yaml at 100,000 levels takes ~3.5 s: the slow tier
+    ("json", 1_000), ("json", 100_000), ("yaml", 1_000),
+    pytest.param("yaml", 100_000, marks=pytest.mark.slow)])
 def test_deeply_nested_document_is_refused(world, tmp_path, levels, fmt):
     deep = "[" * levels + "]" * levels
     if fmt == "json":
@@ -145,8 +146,9 @@ def chain(length: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("length", [1_000, 5_000])
-@pytest.mark.parametrize("fmt", ["yaml", "json"])
+@pytest.mark.parametrize(("fmt", "length"), [  # all but json at 1,000 nodes take 4-16 s: the slow tier
+    pytest.param("yaml", 1_000, marks=pytest.mark.slow), pytest.param("yaml", 5_000, marks=pytest.mark.slow),
+    ("json", 1_000), pytest.param("json", 5_000, marks=pytest.mark.slow)])
 def test_long_chain_of_nodes_runs(world, tmp_path, length, fmt):
     import yaml
 
@@ -197,6 +199,7 @@ def test_bad_prompt_is_refused_at_validation(world, tmp_path, prompt, words):
     assert not world.pngs()
 
 
+@pytest.mark.slow  # ~11 s here
 def test_5_million_character_prompt_is_refused_quickly(world, tmp_path):
     import time
 

@@ -88,7 +88,11 @@ STOCHASTIC = [
 ]
 
 
-@pytest.mark.parametrize(("name", "steps", "tolerance"), STOCHASTIC)
+SLOW_SDE = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")  # 5-11 s each here: the slow tier
+
+
+@pytest.mark.parametrize(("name", "steps", "tolerance"), [
+    pytest.param(*case, marks=pytest.mark.slow) if case[0] in SLOW_SDE else case for case in STOCHASTIC])
 def test_stochastic_samplers_give_the_data_distribution(name, steps, tolerance):
     sigmas = ksampler_sigmas(SD1_MODEL_SAMPLING, "karras", steps, 1.0, name)
     x_t = start_latent(float(sigmas[0]), shape=(1, 128, 128, 4))

@@ -434,6 +434,7 @@ def test_feature_flags_answered(server):
     assert answer["type"] == "feature_flags" and "max_upload_size" in answer["data"]
 
 
+@pytest.mark.slow  # ~5 s
 def test_twenty_queued_prompts_none_lost_or_duplicated(server):
     url = server["url"]
 
