@@ -101,14 +101,19 @@ def run(coro):
 
 
 async def until_done(ws, prompt_id: str) -> list[dict]:
-    """Messages until the prompt's success/error/interrupt message."""
-    out = []
+    """Messages until the prompt's success/error/interrupt message, and then ComfyUI's "executing" with node
+    None, which comes once the history holds the prompt (as in ComfyUI, the success message comes before);
+    the messages returned end with the success/error/interrupt one."""
+    out, ended = [], False
     async for msg in ws:
         data = json.loads(msg.data)
         out.append(data)
         if data["type"] in ("execution_success", "execution_error", "execution_interrupted") \
                 and data["data"].get("prompt_id") == prompt_id:
-            return out
+            ended = True
+        if ended and data["type"] == "executing" and data["data"].get("node") is None \
+                and data["data"].get("prompt_id") == prompt_id:
+            return out[:-1]
     raise AssertionError(f"socket closed; got {out}")
 
 
