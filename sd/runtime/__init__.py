@@ -4,7 +4,7 @@ Importing any part of `sd` does nothing. A program that runs models calls `setup
 before anything imports ``mlx.core`` (the CLI, the tests' conftest and the bench entry points do):
 
 - loads an optimised BLAS for MLX's Linux CPU backend (blas.py; too late once mlx is imported, which it
-  says on stderr),
+  says on stderr), first naming the OpenBLAS kernels the CPU's flags allow unless OPENBLAS_CORETYPE is set,
 - sets sdgraph's defaults for MLX's CUDA backend where the user has not (mlx_settings.py), among them MLX's
   kernel cache inside sdgraph's kernel folder,
 - sets ``OMP_WAIT_POLICY=PASSIVE`` unless set (idle OpenMP threads of the CPU kernels would otherwise spin

@@ -4,6 +4,11 @@ MLX's Linux CPU wheel links the *reference* BLAS (~4-8 GFLOP/s here). Loading an
 exports the standard ``cblas_*`` symbols with RTLD_GLOBAL *before* ``mlx.core`` is imported makes the
 dynamic linker bind MLX's calls to it instead: ~100+ GFLOP/s and 3x3 convs ~20-40x faster on 2 cores.
 macOS needs nothing (MLX uses Metal/Accelerate there).
+
+OpenBLAS picks its kernels from the CPU's model number, and a model it does not know falls back to the
+generic SSE3 "Prescott" kernels: Debian's 0.3.21 does so on a Sapphire Rapids VM, 33 GFLOP/s where its
+AVX-512 kernels run 160-250 (docs/performance.md, "OPENBLAS_CORETYPE"). So, unless the user set
+``OPENBLAS_CORETYPE``, set-up names the kernel family the CPU's flags allow before loading the library.
 """
 
 from __future__ import annotations
@@ -26,6 +31,47 @@ _CANDIDATES = (
 
 _loaded: str | None = None
 _warned = False
+_core_chosen: str | None = None   # the OPENBLAS_CORETYPE set-up chose (None: the user's or OpenBLAS's own)
+
+# OpenBLAS kernel families by the x86 flags they need, best first. Cooperlake, Sapphire Rapids and Zen 4/5
+# run the SkylakeX sgemm kernels; AMD Zen 1-3 run the Haswell ones.
+_X86_CORES = (
+    ("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
+    ("Haswell", {"avx2", "fma"}),
+)
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first processor in /proc/cpuinfo's text (the kernel lists only what the
+    OS has enabled, e.g. no avx512 flags when it does not save the AVX-512 registers)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def openblas_core_for(flags: set[str]) -> str | None:
+    """The OpenBLAS kernel family these x86 flags allow, or None (not x86, or nothing better than generic)."""
+    for core, needs in _X86_CORES:
+        if needs <= flags:
+            return core
+    return None
+
+
+def _choose_openblas_core() -> None:
+    global _core_chosen
+    if "OPENBLAS_CORETYPE" in os.environ:
+        return
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            core = openblas_core_for(cpu_flags(f.read()))
+    except OSError:
+        return
+    if core:
+        # OpenBLAS reads it when the library loads (its constructor), so this must come first.
+        os.environ["OPENBLAS_CORETYPE"] = core
+        _core_chosen = core
 
 
 def _try_load(name: str) -> bool:
@@ -53,6 +99,7 @@ def load_fast_blas() -> str | None:
         print("sdgraph: mlx was imported before sdgraph; CPU matmuls use the slow reference BLAS",
               file=sys.stderr)
         return None
+    _choose_openblas_core()
     candidates = (choice,) if choice else _CANDIDATES + tuple(
         n for n in (ctypes.util.find_library("openblas"),) if n)
     for name in candidates:
@@ -67,8 +114,27 @@ def load_fast_blas() -> str | None:
     return None
 
 
+def openblas_core() -> str | None:
+    """The kernel family the loaded OpenBLAS runs (None: not OpenBLAS, or not loaded)."""
+    if _loaded is None:
+        return None
+    try:
+        get = ctypes.CDLL(_loaded).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    get.restype = ctypes.c_char_p
+    return get().decode(errors="replace")
+
+
 def blas_in_use() -> str:
     """A short description for `sdgraph doctor`."""
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
-    return _loaded or "MLX reference BLAS (slow)"
+    if _loaded is None:
+        return "MLX reference BLAS (slow)"
+    core = openblas_core()
+    if core is None:
+        return _loaded
+    how = ("chosen by sdgraph from the CPU flags" if _core_chosen
+           else "OPENBLAS_CORETYPE" if "OPENBLAS_CORETYPE" in os.environ else "OpenBLAS's own choice")
+    return f"{_loaded} (kernels: {core}, {how})"
