@@ -17,9 +17,18 @@ SAPPHIRE_RAPIDS_VM = ("processor\t: 0\nvendor_id\t: GenuineIntel\n"
 
 
 def test_flags_are_read_from_the_first_processor():
-    flags = blas.cpu_flags(SAPPHIRE_RAPIDS_VM)
+    flags = blas.cpu_flags(SAPPHIRE_RAPIDS_VM.splitlines())
     assert {"avx512f", "avx2", "amx_tile"} <= flags and "fpu" in flags
-    assert blas.cpu_flags("processor : 0\nFeatures : fp asimd\n") == set()  # aarch64 names them differently
+    assert blas.cpu_flags(["processor : 0", "Features : fp asimd"]) == set()  # aarch64 names them differently
+
+
+def test_reading_stops_at_the_first_flags_line():
+    def lines():  # a many-core machine's /proc/cpuinfo is generated per processor as it is read
+        yield "processor : 0"
+        yield "flags : avx2 fma"
+        raise AssertionError("read past the first processor's flags")
+
+    assert blas.cpu_flags(lines()) == {"avx2", "fma"}
 
 
 @pytest.mark.parametrize("flags, core", [
@@ -45,16 +54,9 @@ def _setup_in_fresh_process(extra_env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _this_machines_core() -> str | None:
-    try:
-        return blas.openblas_core_for(blas.cpu_flags(Path("/proc/cpuinfo").read_text()))
-    except OSError:
-        return None
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS is loaded on Linux only")
 def test_setup_asks_for_the_kernels_the_cpu_allows():
-    wanted = _this_machines_core()
+    wanted = blas.this_cpus_openblas_core()
     result = _setup_in_fresh_process({})
     if blas.openblas_core() is None:
         pytest.skip("the BLAS here is not OpenBLAS")

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterable
 
 # Tried in order. Debian/Ubuntu `libopenblas0-pthread` provides the first; MKL and BLIS also export cblas_*.
 _CANDIDATES = (
@@ -41,10 +42,11 @@ _X86_CORES = (
 )
 
 
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """The feature flags of the first processor in /proc/cpuinfo's text (the kernel lists only what the
-    OS has enabled, e.g. no avx512 flags when it does not save the AVX-512 registers)."""
-    for line in cpuinfo.splitlines():
+def cpu_flags(cpuinfo_lines: Iterable[str]) -> set[str]:
+    """The feature flags of the first processor in /proc/cpuinfo's lines (the kernel lists only what the
+    OS has enabled, e.g. no avx512 flags when it does not save the AVX-512 registers). Stops at the first
+    "flags" line, so a many-core machine's file is not generated in full."""
+    for line in cpuinfo_lines:
         key, _, value = line.partition(":")
         if key.strip() == "flags":
             return set(value.split())
@@ -59,15 +61,20 @@ def openblas_core_for(flags: set[str]) -> str | None:
     return None
 
 
+def this_cpus_openblas_core() -> str | None:
+    """openblas_core_for() this machine's CPU (None where /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return openblas_core_for(cpu_flags(f))
+    except OSError:
+        return None
+
+
 def _choose_openblas_core() -> None:
     global _core_chosen
     if "OPENBLAS_CORETYPE" in os.environ:
         return
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            core = openblas_core_for(cpu_flags(f.read()))
-    except OSError:
-        return
+    core = this_cpus_openblas_core()
     if core:
         # OpenBLAS reads it when the library loads (its constructor), so this must come first.
         os.environ["OPENBLAS_CORETYPE"] = core
