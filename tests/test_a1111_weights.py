@@ -216,6 +216,7 @@ CHUNK_PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", CHUNK_PROMPTS)
 def test_chunks_match_the_transcription(hf_tokenizer, prompt):
     expected = a1111_tokenize_line(prompt, hf_tokenizer)
@@ -237,6 +238,7 @@ def tiny_clip(tmp_path_factory):
     return load_component(path, "clip"), reference_clip(path, TINY_CLIP)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip_skip", [-1, -2])
 @pytest.mark.parametrize("prompt", CHUNK_PROMPTS[1:5])
 def test_encoding_matches_a1111(tiny_clip, hf_tokenizer, prompt, clip_skip):

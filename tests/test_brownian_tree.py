@@ -38,6 +38,7 @@ CASES = [  # (seed, t0, t1, shape)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("seed", "t0", "t1", "shape"), CASES)
 def test_tree_matches_torchsde_on_sampler_like_queries(seed, t0, t1, shape):
     t0, t1 = _f32(t0), _f32(t1)
@@ -53,6 +54,7 @@ def test_tree_matches_torchsde_on_sampler_like_queries(seed, t0, t1, shape):
                 _assert_close(ours_tree(a, b), theirs, math.sqrt(b - a))
 
 
+@pytest.mark.slow
 def test_tree_matches_torchsde_on_random_overlapping_queries():
     rng = np.random.default_rng(11)
     for seed in rng.integers(0, 2**63, 12):

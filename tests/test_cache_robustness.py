@@ -55,6 +55,7 @@ def rerun_ok(world, *extra, n_pngs: int = 2) -> str:
 
 
 # ------------------------------------------------------------------------------------- broken entries
+@pytest.mark.slow
 def test_an_entry_that_is_a_folder_is_recomputed(world):
     first_run(world)
     for p in entries(world):
@@ -94,6 +95,7 @@ def _deny(monkeypatch, under: pathlib.Path, listing: bool = False) -> None:
     monkeypatch.setattr(disk_cache, "open", opener, raising=False)
 
 
+@pytest.mark.slow
 def test_an_unreadable_entry_is_recomputed(world, monkeypatch):
     first_run(world)
     _deny(monkeypatch, world.cache / "objects")  # every entry unreadable, the folder still listed
@@ -101,6 +103,7 @@ def test_an_unreadable_entry_is_recomputed(world, monkeypatch):
     assert len(warnings_in(err)) == 1, err
 
 
+@pytest.mark.slow
 def test_an_unreadable_objects_folder_is_not_fatal(world, monkeypatch):
     first_run(world)
     _deny(monkeypatch, world.cache / "objects", listing=True)
@@ -108,6 +111,7 @@ def test_an_unreadable_objects_folder_is_not_fatal(world, monkeypatch):
     assert len(warnings_in(err)) == 1, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["[1, 2]", "null", '[["a", "b", "c"]]', '{"a": 1}', "{not json"])
 def test_a_malformed_fingerprint_index_is_rebuilt(world, text):
     first_run(world)
@@ -116,6 +120,7 @@ def test_a_malformed_fingerprint_index_is_rebuilt(world, text):
     assert len(warnings_in(err)) == 1, err
 
 
+@pytest.mark.slow
 def test_a_cache_folder_that_is_a_file_means_no_disk_cache(world):
     world.cache.parent.mkdir(parents=True, exist_ok=True)
     world.cache.write_text("not a folder")
@@ -124,6 +129,7 @@ def test_a_cache_folder_that_is_a_file_means_no_disk_cache(world):
     assert world.cache.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_a_bad_size_budget_warns_and_uses_the_default(world, monkeypatch):
     monkeypatch.setenv("SDGRAPH_CACHE_MAX_BYTES", "abc")
     err = rerun_ok(world, n_pngs=1)
@@ -180,6 +186,7 @@ def test_an_entry_whose_header_claims_more_than_the_file_is_refused_before_readi
     assert not path.exists()
 
 
+@pytest.mark.slow
 def test_the_cache_folder_is_created_private(world):
     rerun_ok(world, n_pngs=1)
     assert stat.S_IMODE(world.cache.stat().st_mode) == 0o700
@@ -193,6 +200,7 @@ def test_cache_clear_removes_the_kernels(tmp_path):
     assert not kernels.exists()
 
 
+@pytest.mark.slow
 def test_a_planted_or_swapped_kernel_library_is_never_loaded(tmp_path, monkeypatch):
     from sd import runtime
     from sd.accel import cpu_kernels
@@ -221,6 +229,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_temp_files_of_killed_runs_are_removed_on_the_next_run(world):
     first_run(world)
     host = graph_context.temp_owner_tag().rsplit("-", 1)[0] if hasattr(graph_context, "temp_owner_tag") \

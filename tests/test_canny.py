@@ -19,6 +19,7 @@ def _image(seed=0):
     return np.concatenate([smooth, rng.uniform(size=img.shape)]).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("low,high", [(0.4, 0.8), (0.1, 0.2), (0.05, 0.9), (0.3, 0.3)])
 def test_canny_equals_kornia(low, high):
     import torch

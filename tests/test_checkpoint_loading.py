@@ -41,6 +41,7 @@ def conv_in(model: UNetModel) -> np.ndarray:
     return np.array(model.input_blocks[0][0].weight.astype(mx.float32))
 
 
+@pytest.mark.slow
 def test_complete_file_loads_every_part_with_its_config(tmp_path, tiny):
     ckpt = load_checkpoint(write(tmp_path, tiny))
     assert (ckpt.unet_config, ckpt.vae_config, ckpt.clip_config) == (TINY_UNET, TINY_VAE, TINY_CLIP)
@@ -50,6 +51,7 @@ def test_complete_file_loads_every_part_with_its_config(tmp_path, tiny):
     np.testing.assert_array_equal(conv_in(ckpt.unet), ohwi(tiny[U + "input_blocks.0.0.weight"]))
 
 
+@pytest.mark.slow
 def test_missing_keys_are_listed(tmp_path, tiny):
     gone = [k for k in tiny if k.startswith(U + "output_blocks.")][:8]
     with pytest.raises(CheckpointError) as err:
@@ -59,6 +61,7 @@ def test_missing_keys_are_listed(tmp_path, tiny):
     assert all(key in message for key in gone[:5]) and "3 more, 8 in all" in message
 
 
+@pytest.mark.slow
 def test_unexpected_keys_are_listed(tmp_path, tiny):
     extra = U + "input_blocks.1.0.extra_layer.weight"
     with pytest.raises(CheckpointError, match=r"1 unexpected: model\.diffusion_model\.input_blocks\.1\.0\.e"):
@@ -70,6 +73,7 @@ def test_keys_of_no_component_are_listed(tmp_path, tiny):
         load_checkpoint(write(tmp_path, {**tiny, "some_adapter.weight": np.zeros(3, np.float32)}))
 
 
+@pytest.mark.slow
 def test_misshaped_keys_are_listed_in_file_layout(tmp_path, tiny):
     edited = dict(tiny)
     edited[U + "input_blocks.1.0.emb_layers.1.weight"] = np.zeros((32, 100), np.float32)
@@ -82,6 +86,7 @@ def test_misshaped_keys_are_listed_in_file_layout(tmp_path, tiny):
     assert "input_blocks.4.0.in_layers.2.weight (file 64x32x1x1, expected 64x32x3x3)" in message
 
 
+@pytest.mark.slow
 def test_real_file_extras_are_ignored(tmp_path, tiny):
     """EMA copies, DDPM buffers, float position_ids, a state_dict wrapper and Lightning extras (.ckpt)."""
     extras = {
@@ -100,6 +105,7 @@ def test_real_file_extras_are_ignored(tmp_path, tiny):
     np.testing.assert_array_equal(conv_in(ckpt.unet), ohwi(tiny[U + "input_blocks.0.0.weight"]))
 
 
+@pytest.mark.slow
 def test_old_clip_layout_without_text_model_and_position_ids(tmp_path, tiny):
     """Files saved with pre-4.x transformers name CLIP keys without 'text_model.' and lack position_ids."""
     renamed = {}
@@ -112,6 +118,7 @@ def test_old_clip_layout_without_text_model_and_position_ids(tmp_path, tiny):
     assert ckpt.clip_config == TINY_CLIP
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, detected", [
     ("sd2_context", "SD2.x (cross-attention context width 1024"),
     ("sd2_linear_proj", "SD2.x (linear proj_in"),
@@ -147,6 +154,7 @@ def test_other_families_are_refused_naming_what_was_found(tmp_path, tiny, edit, 
     assert "edited.safetensors" in message
 
 
+@pytest.mark.slow
 def test_unet_only_file_loads_and_missing_parts_error_clearly(tmp_path):
     path = make_checkpoint(tmp_path / "unet_only.safetensors", parts=("unet",))
     ckpt = load_checkpoint(path)
@@ -157,6 +165,7 @@ def test_unet_only_file_loads_and_missing_parts_error_clearly(tmp_path):
         load_component(path, "clip")
 
 
+@pytest.mark.slow
 def test_load_component_reads_only_that_part(tmp_path, tiny):
     """A damaged text encoder does not stop a node that needs only the UNet (and is reported when asked)."""
     edited = dict(tiny)
@@ -168,6 +177,7 @@ def test_load_component_reads_only_that_part(tmp_path, tiny):
         load_component(path, "clip")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_files_load_exactly(tmp_path, fmt, dtype):
@@ -206,6 +216,7 @@ def test_split_components_sorts_keys_and_values():
     assert split_components([U + "out.2.bias"])["unet"] == {"out.2.bias": U + "out.2.bias"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_loaded_weights_are_contiguous(tmp_path, tiny, dtype):
     """Conv weights are transposed OIHW -> OHWI on load; a strided view there would be copied again by every

@@ -22,6 +22,7 @@ def _weights(path, part, mlx_reads, dtype):
     return dict(tree_flatten(model.parameters()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stored", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("part", ["unet", "vae"])
 def test_mlx_reader_gives_the_numpy_readers_weights(tmp_path, stored, part):
@@ -34,6 +35,7 @@ def test_mlx_reader_gives_the_numpy_readers_weights(tmp_path, stored, part):
         assert np.array_equal(np.array(value), np.array(mlx[name])), name
 
 
+@pytest.mark.slow
 def test_the_mlx_reader_is_used_only_for_checked_safetensors(tmp_path, monkeypatch):
     calls = []
     real = mx.load

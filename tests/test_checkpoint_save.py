@@ -68,6 +68,7 @@ def _expected(world) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_save_loads_back_identically_in_sdgraph(saved):
     world, path = saved
     with safe_open(str(path), "np") as f:

@@ -112,6 +112,7 @@ def test_cache_info_and_clear(tmp_path, capsys):
     assert "entries:       0" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_examples_outside_a_checkout_are_pointed_to_and_copied_by_demo(tmp_path, capsys, monkeypatch):
     """Installed into another environment, `sdgraph run workflows/txt2img.yaml` (as the README says) found
     nothing and said nothing of where the examples went (issue 21): the error names the installed file, and
@@ -142,6 +143,7 @@ def test_setup_script_is_quiet_but_not_silent_on_failure():
     assert "set -euo pipefail" in text and "PIP_ROOT_USER_ACTION=ignore" in text
 
 
+@pytest.mark.slow
 def test_warmup_runs_each_size_once_and_leaves_no_images(tmp_path, capsys, monkeypatch):
     """`sdgraph warmup` (issue 14): compile ahead of time for a checkpoint and sizes; no image is kept."""
     monkeypatch.delenv("SDGRAPH_EXTRA_NODES")

@@ -89,6 +89,7 @@ def test_caching_across_processes(tmp_path, env):
     assert (tmp_path / "output" / "img_00002.txt").read_text() == "a castle ?"
 
 
+@pytest.mark.slow
 def test_json_summary_shape_and_sweep_reuse(tmp_path, env):
     wf = write(tmp_path, WF)
     (tmp_path / "prompts.txt").write_text("a castle\na tower, at dusk\n")
@@ -173,6 +174,7 @@ def test_runtime_failure_exits_1_names_the_node_and_removes_files(tmp_path, env,
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_leaves_no_partial_files(tmp_path, env):
     wf = write(tmp_path, """
         nodes:

@@ -49,6 +49,7 @@ def clip_pair(request, tmp_path_factory):
     return ours, reference_clip(path, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip_skip", [-1, -2])
 def test_hidden_states_and_pooled_match_transformers(clip_pair, clip_skip):
     ours, ref = clip_pair

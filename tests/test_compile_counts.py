@@ -23,6 +23,7 @@ def unet(tmp_path_factory):
     return load_checkpoint(path, dtype="float32").unet
 
 
+@pytest.mark.slow
 def test_traces_depend_on_shapes_only(unet, monkeypatch):
     traces = []
     original = UNetModel.__call__
@@ -56,6 +57,7 @@ def test_traces_depend_on_shapes_only(unet, monkeypatch):
     assert traces[1:] == [(2, 8, 12, 4)]
 
 
+@pytest.mark.slow
 def test_controlnet_steps_stay_compiled(unet, tmp_path, monkeypatch):
     """The ControlNet compiles once per shape, and the UNet with its residuals is one more graph (the
     residuals are its inputs): new hints, strengths, seeds and steps trace nothing new."""

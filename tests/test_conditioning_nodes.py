@@ -104,6 +104,7 @@ def world(tmp_path_factory, tmp_path):
     return make_world(tmp_path_factory, tmp_path)
 
 
+@pytest.mark.slow
 def test_area_composition_runs_and_zero_strength_areas_are_plain_txt2img(world):
     shared = [*SMALL, "--set", "seed=3", "--set", "sampler=euler", "--set", "scheduler=normal",
               "--set", "cfg=7.0"]

@@ -62,6 +62,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("sigma_index", [999, 500, 40])
 def test_denoiser_equals_comfyui_formulas(case, sigma_index):

@@ -61,6 +61,7 @@ def test_diffusers_layout_equals_diffusers(tmp_path):
     _compare(load_controlnet(path), theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,prefix,dtype", [("cn.pth", "control_model.", "float16"),
                                                 ("cn.safetensors", "", "float32")])
 def test_layouts_and_formats_load_the_same_weights(tmp_path, name, prefix, dtype):
@@ -82,6 +83,7 @@ def test_not_a_controlnet_names_the_file(tmp_path):
         load_controlnet(path)
 
 
+@pytest.mark.slow
 def test_diff_controlnet_adds_the_unet_weights(tmp_path):
     from mlx.utils import tree_flatten
 

@@ -94,6 +94,7 @@ def _sample(unet_fn, control):
                   steps=3, cfg=5.0, sampler_name="euler", scheduler="normal")
 
 
+@pytest.mark.slow
 def test_end_percent_zero_and_strength_zero_are_bit_identical(world):
     from sd.accel.compiled import FastControlNet, FastUNet
 
@@ -124,6 +125,7 @@ def test_apply_nodes_with_strength_zero_return_their_inputs():
     assert p3.entries[0].options["control"].previous is p2.entries[0].options["control"]
 
 
+@pytest.mark.slow
 def test_controlnet_workflow_runs_after_demo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_demo("models", "input", image_size=64, out=io.StringIO())
@@ -133,6 +135,7 @@ def test_controlnet_workflow_runs_after_demo(tmp_path, monkeypatch):
     assert result.out.split() == ["output/controlnet_00001_.png"]
 
 
+@pytest.mark.slow
 def test_t2i_adapter_source_steers_once_per_hint(world):
     from sd.accel.compiled import FastUNet
     from sd.models.t2i_adapter import AdapterConfig, T2IAdapter

@@ -229,6 +229,7 @@ def test_cpu_defaults_use_the_kernels_uncompiled():
 
 
 # fused_qkv=True is the CPU default: the quick tier runs that one
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_qkv", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_fast_unet_with_kernels_matches_plain(model, kernel_calls, fused_qkv):
     args = _unet_args(model)
@@ -274,6 +275,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_broken_compiler_falls_back_with_one_warning(tmp_path):
     code = ("from sd import runtime; runtime.setup()\nimport mlx.core as mx\n"
             "from sd.accel import cpu_kernels\n"

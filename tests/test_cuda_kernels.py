@@ -135,6 +135,7 @@ def _fake_launch(record):
     return launch
 
 
+@pytest.mark.slow
 def test_kernel_variants_do_not_grow_with_image_size_batch_or_values(tiny, monkeypatch):
     """Shapes and values are kernel arguments: a 16x16 and a 24x32 latent, batch 1 and 2, other timesteps and
     prompts use the same compiled variants (before, every resolution needed its own: ~40 s per process)."""
@@ -196,6 +197,7 @@ def _nvrtc_ready() -> bool:
     return bool(nvrtc.include_folders())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _nvrtc_ready(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel) and CUDA headers")
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
 def test_every_kernel_variant_compiles_with_nvrtc(dtype):

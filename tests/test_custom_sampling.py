@@ -65,6 +65,7 @@ CASES = [("euler", "normal", 1.0), ("dpmpp_2m_sde", "karras", 1.0), ("euler_ance
          ("lms", "exponential", 1.0), ("heun", "sgm_uniform", 0.8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler_name, scheduler, denoise", CASES)
 def test_custom_advanced_equals_ksampler_bit_for_bit(pieces, sampler_name, scheduler, denoise):
     model, positive, negative, start, ctx = pieces
@@ -83,6 +84,7 @@ def test_custom_advanced_equals_ksampler_bit_for_bit(pieces, sampler_name, sched
     assert np.array_equal(np.array(custom.samples), np.array(want.samples))
 
 
+@pytest.mark.slow
 def test_split_sigmas_and_disabled_noise_equal_ksampler_advanced(pieces):
     """KSamplerAdvanced over steps 1..3 of 4 without added noise and with leftover noise is the schedule
     split twice and DisableNoise."""
@@ -189,6 +191,7 @@ def test_custom_sampling_values_round_trip():
     assert not SOCKET_TYPES["GUIDER"].serializable  # it holds a MODEL recipe: memory only
 
 
+@pytest.mark.slow
 def test_custom_sampling_workflow_is_txt2img_pixel_for_pixel(tmp_path_factory, tmp_path):
     from sd_nodes_testing import SMALL, WORKFLOWS, pixels, run
 
@@ -203,6 +206,7 @@ def test_custom_sampling_workflow_is_txt2img_pixel_for_pixel(tmp_path_factory, t
     assert not np.array_equal(images["custom_sampling_00002_.png"], images["txt2img_00001_.png"])
 
 
+@pytest.mark.slow
 def test_comfyui_api_workflow_with_custom_sampling_and_areas_runs(tmp_path_factory, tmp_path):
     """A ComfyUI API-format file using these nodes (links by output index: SplitSigmas' low_sigmas is 1)."""
     import json

@@ -263,6 +263,7 @@ def same_items(ours, theirs) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_tokens_and_weights_equal_comfyui(hf_tokenizer, prompt):
     def comfy_load(name):
@@ -391,6 +392,7 @@ def encode_keys(models: Path, negative: str) -> dict[str, str]:
     return {name: nodes[name].key for name in ("positive", "negative")}
 
 
+@pytest.mark.slow
 def test_cache_key_holds_the_named_embeddings_fingerprints(tmp_path):
     models = make_models(tmp_path)
     first = encode_keys(models, "embedding:easynegative, blurry")
@@ -404,6 +406,7 @@ def test_cache_key_holds_the_named_embeddings_fingerprints(tmp_path):
     assert encode_keys(models, "embedding:easynegative, blurry") == changed
 
 
+@pytest.mark.slow
 def test_missing_embedding_is_a_validation_error_listing_the_folder(tmp_path):
     models = make_models(tmp_path)
     result = run_cli("validate", str(WORKFLOWS / "embeddings.yaml"), "--models-dir", str(models),
@@ -414,6 +417,7 @@ def test_missing_embedding_is_a_validation_error_listing_the_folder(tmp_path):
     assert "badhand.safetensors" in message and "neg/easynegative.safetensors" in message
 
 
+@pytest.mark.slow
 def test_embeddings_workflow_runs_with_a_real_layout_file(tmp_path):
     models = make_models(tmp_path)
     result = run_cli("run", str(WORKFLOWS / "embeddings.yaml"), *SMALL, "--models-dir", str(models),

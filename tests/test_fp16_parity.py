@@ -73,6 +73,7 @@ def test_unet_fp16_close_to_fp32(models, unet_args):
         assert rel_err(FastUNet(models["float16"].unet, opts)(*unet_args), ref) <= HALF_TOLERANCE
 
 
+@pytest.mark.slow
 def test_vae_fp16_close_to_fp32(models, latent):
     ref = models["float32"].vae.decode(latent)
     assert rel_err(models["float16"].vae.decode(latent), ref) <= HALF_TOLERANCE
@@ -152,6 +153,7 @@ def _tiered(levers: dict) -> list:
     return [pytest.param(name, marks=() if "default" in name else pytest.mark.slow) for name in levers]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _tiered(UNET_LEVERS))
 def test_fast_unet_matches_plain(models, unet_args, name):
     unet = models["float32"].unet
@@ -169,12 +171,14 @@ def test_fast_unet_odd_latent_sides(models):
     assert rel_err(FastUNet(unet, GPU_UNET)(*args), unet(*args)) <= FAST_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _tiered(VAE_LEVERS))
 def test_fast_vae_decoder_matches_plain(models, latent, name):
     vae = models["float32"].vae
     assert rel_err(FastVAE(vae, VAE_LEVERS[name]).decode(latent), vae.decode(latent)) <= FAST_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _tiered(VAE_LEVERS))
 @pytest.mark.parametrize("size", [(1, 32, 48), (2, 40, 24)])
 def test_fast_vae_encoder_matches_plain(models, name, size):
@@ -198,6 +202,7 @@ def test_fast_paths_follow_weight_changes(path, unet_args):
     assert rel_err(mx.array(after), unet(*unet_args)) <= FAST_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_fused_projections_follow_replaced_weights(path, unet_args, compile_):
     """FastUNet keeps q|k|v concatenated across calls; replacing a weight array (what a LoRA patch or a reload

@@ -147,6 +147,7 @@ def _fusers_in_order(state) -> list[str]:
 # --- the modules ---
 
 
+@pytest.mark.slow
 def test_position_net_and_fusers_equal_comfyui_transcription(files):
     _, path, _, sd = files
     gligen = load_gligen(path)
@@ -243,6 +244,7 @@ class _Fixed(torch.nn.Module):
 # --- where changes reach ---
 
 
+@pytest.mark.slow
 def test_closed_gates_give_the_unet_without_gligen_exactly(files, unet):
     rng = np.random.default_rng(2)
     x, t, c = _inputs(rng)
@@ -264,6 +266,7 @@ def test_a_box_moves_only_its_own_token(files):
     assert np.array_equal(one[:, 2:], base[:, 2:]) and np.array_equal(one[:, 1], one[:, 2])
 
 
+@pytest.mark.slow
 def test_gligen_on_an_area_entry_changes_only_that_area(files, unet):
     """calc_cond_batch: GLIGEN on a corner entry (ConditioningSetArea) changes the denoised output there
     only."""
@@ -290,6 +293,7 @@ def test_gligen_on_an_area_entry_changes_only_that_area(files, unet):
     assert diff[outside].max() == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiles", [True, False])
 def test_fast_unet_runs_gligen_like_the_plain_forward(files, unet, compiles):
     """GLIGEN is a ModulePatch: compiled (one graph for the arrangement), new box tokens reach that graph."""
@@ -344,6 +348,7 @@ def world(tmp_path_factory, tmp_path):
     return make_world(tmp_path_factory, tmp_path)
 
 
+@pytest.mark.slow
 def test_text_box_apply_accumulates_boxes_as_comfyui(world):
     from graph.context import ExecutionContext, Folders
     from nodes.conditioning import CLIPEncode
@@ -371,6 +376,7 @@ def test_text_box_apply_accumulates_boxes_as_comfyui(world):
     assert np.array_equal(np.array(got.boxes[1][0]), np.array(twice.entries[1].options["gligen"].boxes[1][0]))
 
 
+@pytest.mark.slow
 def test_gligen_workflow_runs_after_demo_and_changes_the_image(world):
     result = run(world, WORKFLOWS / "gligen.yaml", *SMALL)
     assert result.rc == 0, result.err

@@ -97,6 +97,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_the_same_key_never_expose_a_partial_entry(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(size)], env=env)

@@ -258,6 +258,7 @@ def tiny_run(tmp_path_factory):
     return ModelRecipe(ref), run
 
 
+@pytest.mark.slow
 def test_every_patch_changes_the_image_and_stays_finite(tiny_run):
     from nodes.model_patches import (
         FreeU_V2,

@@ -556,6 +556,7 @@ def _check_mutant(path: Path, data: bytes, outcomes: dict) -> None:
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "pt"])
 def test_fuzzed_files_load_or_raise_checkpoint_error(tmp_path, fmt):
     data = _valid_files(tmp_path)[fmt]
@@ -567,6 +568,7 @@ def test_fuzzed_files_load_or_raise_checkpoint_error(tmp_path, fmt):
     assert outcomes["refused"] > 100  # the mutations do hit the parser
 
 
+@pytest.mark.slow
 def test_fuzzed_pickles_inside_valid_zips(tmp_path):
     """Bit flips in data.pkl itself, re-zipped with a correct CRC, so the unpickler sees them."""
     _valid_files(tmp_path)

@@ -106,6 +106,7 @@ BOMB = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", sorted(BOMB))
 @pytest.mark.parametrize("command", ["run", "validate", "convert"])
 def test_yaml_alias_bomb_is_refused(world, tmp_path, where, command):
@@ -121,6 +122,7 @@ def test_yaml_alias_bomb_is_refused(world, tmp_path, where, command):
 
 # ---- 2. deep nesting and long chains ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "levels"), [  # yaml at 100,000 levels takes ~3.5 s: the slow tier
     ("json", 1_000), ("json", 100_000), ("yaml", 1_000),
     pytest.param("yaml", 100_000, marks=pytest.mark.slow)])
@@ -146,6 +148,7 @@ def chain(length: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "length"), [  # all but json at 1,000 nodes take 4-16 s: the slow tier
     pytest.param("yaml", 1_000, marks=pytest.mark.slow), pytest.param("yaml", 5_000, marks=pytest.mark.slow),
     ("json", 1_000), pytest.param("json", 5_000, marks=pytest.mark.slow)])
@@ -163,6 +166,7 @@ def test_long_chain_of_nodes_runs(world, tmp_path, length, fmt):
 
 # ---- 3. integers too long for Python's int() --------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["steps", "seed"])
 @pytest.mark.parametrize("fmt", ["yaml", "json", "set"])
 def test_5000_digit_integer_is_a_range_error(world, tmp_path, name, fmt):
@@ -185,6 +189,7 @@ def test_5000_digit_integer_is_a_range_error(world, tmp_path, name, fmt):
 
 # ---- 6. prompts: non-finite weights, deep nesting, 5 million characters ----------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt, words", [
     ("a (castle:nan)", ["is not a finite number"]),
     ("a (castle:inf) at dawn", ["is not a finite number"]),
@@ -225,6 +230,7 @@ def test_chunking_a_long_token_group_is_linear():
 
 # ---- 4. plans too large for the machine, images claiming huge sizes --------------------------------
 
+@pytest.mark.slow
 def test_16384_square_image_is_refused_before_running(world, tmp_path):
     path = write(tmp_path, "big.yaml", TXT2IMG)
     result = run(world, path, "--set", "width=16384", "--set", "height=16384")
@@ -236,6 +242,7 @@ def test_16384_square_image_is_refused_before_running(world, tmp_path):
     assert len(world.pngs()) == 1
 
 
+@pytest.mark.slow
 def test_batch_of_4096_is_refused_before_running(world, tmp_path):
     path = write(tmp_path, "batch.yaml", TXT2IMG)
     result = run(world, path, "--set", "batch_size=4096")
@@ -243,6 +250,7 @@ def test_batch_of_4096_is_refused_before_running(world, tmp_path):
     assert "loaded" not in result.stderr and not world.pngs()
 
 
+@pytest.mark.slow
 def test_validate_refuses_a_plan_too_large_too(world, tmp_path):
     path = write(tmp_path, "big.yaml", TXT2IMG)
     result = cli("validate", path, *world.folder_args(False)[:4],
@@ -281,6 +289,7 @@ def input_with(world, tmp_path, png: bytes):
     return ["--input-dir", folder]
 
 
+@pytest.mark.slow
 def test_tiny_png_claiming_8000_square_is_refused_before_decoding(world, tmp_path):
     png = png_claiming(8000, 8000)
     assert len(png) < 1_000_000
@@ -291,6 +300,7 @@ def test_tiny_png_claiming_8000_square_is_refused_before_decoding(world, tmp_pat
     assert "loaded" not in result.stderr
 
 
+@pytest.mark.slow
 def test_png_claiming_more_than_16384_a_side_is_refused_at_validation(world, tmp_path):
     extra = input_with(world, tmp_path, png_claiming(20000, 3000, rows=10))
     result = run(world, write(tmp_path, "i2i.yaml", IMG2IMG), *extra)
@@ -323,6 +333,7 @@ def models_with(world, tmp_path, poison: str):
     return ["--models-dir", folder], path
 
 
+@pytest.mark.slow
 def test_nan_weights_in_the_checkpoint_fail_the_sampler_naming_the_file(world, tmp_path):
     extra, path = models_with(world, tmp_path, "checkpoint")
     result = run(world, write(tmp_path, "t2i.yaml", TXT2IMG), *extra)
@@ -330,6 +341,7 @@ def test_nan_weights_in_the_checkpoint_fail_the_sampler_naming_the_file(world, t
     assert not world.pngs()
 
 
+@pytest.mark.slow
 def test_non_finite_lora_fails_naming_the_lora(world, tmp_path):
     extra, path = models_with(world, tmp_path, "lora")
     lora = ("  lora: {type: LoadLoRA, model: {from: ckpt.MODEL}, clip: {from: ckpt.CLIP}, "
@@ -363,6 +375,7 @@ def _broken_models(world, tmp_path, how: str) -> tuple[list, Path]:
     return ["--models-dir", folder], path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, words", [("truncated", ["file"]), ("text", ["not a checkpoint"]),
                                         ("sdxl", ["SDXL"]), ("lora", ["LoRA"])])
 @pytest.mark.parametrize("command", ["validate", "run"])

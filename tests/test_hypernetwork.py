@@ -94,6 +94,7 @@ CASES = [("relu", False, False), ("relu", True, False), ("leakyrelu", False, Tru
          ("mish", False, False), ("linear", True, False), ("linear", False, False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation,layer_norm,activate_output", CASES)
 def test_module_equals_comfyui_module(tmp_path, activation, layer_norm, activate_output):
     modules = random_modules([32, 64], layer_structure=(1, 2, 1.5, 1), activation=activation,
@@ -192,6 +193,7 @@ def test_unet_with_hypernetworks_equals_diffusers_with_comfyui_patch(tiny_unet, 
     assert "kv_patches" not in ours_base.input_blocks[1][1].transformer_blocks[0].attn1  # base untouched
 
 
+@pytest.mark.slow
 def test_two_hypernetworks_chain_in_order(tiny_unet, tmp_path):
     _, ours_base = tiny_unet
     first = load_hypernetwork(write_hypernetwork(tmp_path / "a.pt", random_modules([64], seed=1, scale=0.3)))
@@ -237,6 +239,7 @@ def test_bad_files_fail_naming_the_file(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", ["gpu", "cpu"])
 def test_accelerated_backends_honour_the_patch(tiny_unet, tmp_path, options):
     """The fused/shared-projection levers (GPU defaults, compiled) and the CPU defaults give the plain
@@ -260,6 +263,7 @@ def test_accelerated_backends_honour_the_patch(tiny_unet, tmp_path, options):
     assert np.abs(np.array(FastUNet(base, opts)(*args)) - plain).max() > 1e-2 * np.abs(plain).max()
 
 
+@pytest.mark.slow
 def test_loader_node_and_merges_keep_hypernetworks_where_comfyui_does(tmp_path):
     from graph import Folders
     from graph.fingerprint import FingerprintIndex

@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from sd_nodes_testing import WORKFLOWS, pixels, run_cli
 
 from nodes.demo import make_demo
@@ -14,6 +15,7 @@ from nodes.demo import make_demo
 ARGS = ["--set", "width=48", "--set", "feathering=4", "--set", "grow=2", "--cache-dir", "cache"]
 
 
+@pytest.mark.slow
 def test_outpaint_canvas_runs_after_demo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_demo("models", "input", image_size=64, out=io.StringIO())
@@ -48,6 +50,7 @@ def comfy_api_twin() -> dict:
     }
 
 
+@pytest.mark.slow
 def test_the_comfyui_api_twin_gives_the_same_canvas(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_demo("models", "input", image_size=64, out=io.StringIO())

@@ -23,6 +23,7 @@ def inpainting_file(tmp_path_factory):
                            size="tiny-inpainting", seed=3)
 
 
+@pytest.mark.slow
 def test_nine_channel_unet_matches_diffusers(inpainting_file):
     from sd.accel.compiled import FastUNet
 

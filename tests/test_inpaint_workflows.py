@@ -60,6 +60,7 @@ def _latent_keep(world, latent_hw) -> np.ndarray:
     return m[0, 0].numpy() == 0
 
 
+@pytest.mark.slow
 def test_inpaint_workflow_keeps_the_unmasked_region(world, tmp_path):
     result = run(world, _with_latents_saved(tmp_path), *STEPS)
     assert result.rc == 0, result.err
@@ -78,6 +79,7 @@ def test_inpaint_workflow_keeps_the_unmasked_region(world, tmp_path):
     assert np.abs(out - image)[mask].max() <= np.abs(roundtrip - image)[mask].max() + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ordinary_checkpoint", "vae_encode_for_inpaint", "differential"])
 def test_inpaint_variants_keep_the_unmasked_region(world, tmp_path, variant):
     changes, extra = {}, []
@@ -105,6 +107,7 @@ def test_inpaint_variants_keep_the_unmasked_region(world, tmp_path, variant):
         np.testing.assert_allclose(after[:, :, keep], before[:, :, keep], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_outpaint_workflow_runs(world):
     result = run(world, WORKFLOWS / "outpaint.yaml", *STEPS, "--set", "left=16", "--set", "right=8")
     assert result.rc == 0, result.err
@@ -112,6 +115,7 @@ def test_outpaint_workflow_runs(world):
     assert out.shape[:2] == (64, 64 + 24)
 
 
+@pytest.mark.slow
 def test_inpainting_checkpoint_without_a_mask_runs_txt2img(world):
     """No mask anywhere: the 9-channel UNet gets ComfyUI's ones and mid-grey latent (test_inpaint_inputs)."""
     result = run(world, WORKFLOWS / "txt2img.yaml", "--set", "ckpt=sd-v1-5-inpainting.safetensors",
@@ -138,6 +142,7 @@ COMFY_API = {
 }
 
 
+@pytest.mark.slow
 def test_comfyui_api_inpaint_workflow_imports_and_runs(world, tmp_path):
     """InpaintModelConditioning and DifferentialDiffusion (without the `strength` older ComfyUI lacks) by
     ComfyUI's class names, links by output index."""
@@ -150,6 +155,7 @@ def test_comfyui_api_inpaint_workflow_imports_and_runs(world, tmp_path):
     assert [p.name for p in world.pngs()] == ["ci_00001_.png"]
 
 
+@pytest.mark.slow
 def test_inpaint_nodes_equal_comfyui_around_the_vae(world):
     """VAEEncodeForInpaint and InpaintModelConditioning called as nodes: their latents are the VAE's encoding
     of the pixels ComfyUI's code (transcribed in torch, test_inpaint_inputs) hands to vae.encode, their masks

@@ -217,6 +217,7 @@ def test_same_seed_same_result_different_seed_different():
     assert not np.allclose(a, c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_every_sampler_runs_through_ksampler(name):
     unet = RecordingUNet()

@@ -117,10 +117,12 @@ def test_graph_imports_no_sd_nodes_cli_or_mlx():
     assert _check("graph") == {}
 
 
+@pytest.mark.slow
 def test_sd_imports_no_graph_nodes_or_cli():
     assert _check("sd") == {}
 
 
+@pytest.mark.slow
 def test_tests_import_nothing_from_bench():
     assert _check("tests") == {}
 
@@ -157,6 +159,7 @@ def _run(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_importing_every_module_does_no_work():
     result = _run(_IMPORT_ALL)
     assert result["modules"] > 50
@@ -280,6 +283,7 @@ def _state_probe(tmp_path: Path, deps: list[str] | None = None, given: list[str]
     return {**probe(json.dumps(found), json.dumps(given or [])), "deps": found}
 
 
+@pytest.mark.slow
 def test_importing_every_module_leaves_the_process_as_it_was(tmp_path):
     result = _state_probe(tmp_path)
     assert result["modules"] > 50
@@ -303,6 +307,7 @@ BUSY_MODULES = {  # a module body doing work at import -> what the probe must se
 }
 
 
+@pytest.mark.slow
 def test_the_state_probe_sees_work_at_import(tmp_path):
     """The probe above can fail: a module doing each kind of work at import is seen (one interpreter)."""
     extra = tmp_path / "extra"

@@ -33,6 +33,7 @@ def test_sdxl_text_encoder_keys_are_refused(tmp_path):
         load_lora(path)
 
 
+@pytest.mark.slow
 def test_sdxl_unet_blocks_are_unmatched_and_named(tiny, tmp_path):
     rng, c = np.random.default_rng(1), width(tiny)
     # SDXL's UNet has 2+ transformer blocks per attention and attentions at down_blocks.2 with 10 blocks

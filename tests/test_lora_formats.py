@@ -48,6 +48,7 @@ def check(got: torch.Tensor, expected: torch.Tensor, label: str) -> None:
     assert err <= TOL
 
 
+@pytest.mark.slow
 def test_loha_linear_flat_conv_and_tucker_conv(tiny, tmp_path):
     rng, r, alpha, s = np.random.default_rng(0), 4, 3.0, 0.7
     lin = {f"hada_w{i}_{ab}": randn(rng, *shape)
@@ -191,6 +192,7 @@ SPELLINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", sorted(SPELLINGS))
 def test_diffusers_key_spellings(tiny, tmp_path, spelling):
     down_key, up_key, target = SPELLINGS[spelling]

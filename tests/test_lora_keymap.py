@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from lora_testing import UNET_PREFIX, diffusers_unet_config
 from sd15_keys import CHECKPOINT_KEYS, KOHYA_KEYS, read_tsv
 
@@ -55,8 +54,12 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_block_table_agrees_with_diffusers_converter(layout):
+    # imported here: the converter module costs ~2 s to import, which the quick tier should not pay
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
     cfg = LAYOUTS[layout]
     generator = torch.Generator().manual_seed(0)
     ldm = {UNET_PREFIX + k: torch.randn(s, generator=generator) for k, s in unet_shapes(cfg).items()}

@@ -42,6 +42,7 @@ def deltas(patched_module, base_module) -> dict[str, np.ndarray]:
     return {k: np.array(new[k]) - np.array(base[k]) for k in new if new[k] is not base[k]}
 
 
+@pytest.mark.slow
 def test_strength_is_linear_and_negative_works(tiny, tmp_path):
     lora = write_lora(tmp_path / "a.safetensors", 0, tiny)
     full = deltas(apply_loras(tiny["unet"], [(lora, 1.0)], "unet"), tiny["unet"])
@@ -55,6 +56,7 @@ def test_strength_is_linear_and_negative_works(tiny, tmp_path):
         assert np.abs(neg[name] + full[name]).max() <= 1e-6 * max(scale, 1.0), name
 
 
+@pytest.mark.slow
 def test_base_untouched_and_removal_restores_it_bit_for_bit(tiny, tmp_path):
     lora = write_lora(tmp_path / "b.safetensors", 1, tiny)
     before = params(tiny["unet"])
@@ -129,6 +131,7 @@ def test_lora_stack_applies_model_and_clip_strengths(tiny, tmp_path):
     assert apply_lora_stack(tiny["unet"], None, [(a, 0.0, 1.0)]) == (tiny["unet"], None)
 
 
+@pytest.mark.slow
 def test_half_precision_weights_stay_half_and_get_the_fp32_sum(tiny, tmp_path):
     half = load_checkpoint(tiny["path"], dtype="float16")
     lora = write_lora(tmp_path / "h.safetensors", 10, tiny)

@@ -44,6 +44,7 @@ def test_hypernetwork_workflow_at_strength_zero_is_the_checkpoint(world):
     assert not np.array_equal(zero, hn)
 
 
+@pytest.mark.slow
 def test_add_difference_inpaint_workflow(world):
     from sd.io.checkpoint_io import open_tensors
     from sd.loading.checkpoint import load_checkpoint

@@ -131,6 +131,7 @@ def _comfy_args(node: str, args: dict) -> dict:
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("node,args", MODEL_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(MODEL_CASES)])
 def test_model_merge_nodes_equal_comfyui_semantics(files, node, args):
     a, b = FileRef.of(files["a"]), FileRef.of(files["b"])
@@ -144,6 +145,7 @@ CLIP_CASES = [("CLIPMergeSimple", {"ratio": 0.35}), ("CLIPMergeSubtract", {"mult
               ("CLIPMergeAdd", {})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("node,args", CLIP_CASES, ids=[n for n, _ in CLIP_CASES])
 def test_clip_merge_nodes_equal_comfyui_semantics(files, node, args):
     a, b = FileRef.of(files["a"]), FileRef.of(files["b"])
@@ -183,6 +185,7 @@ def _lora_name(name: str) -> str:
     return "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
 
 
+@pytest.mark.slow
 def test_merges_chain_with_loras_in_any_order_and_leave_the_bases_alone(files):
     ctx = Ctx()
     a, b = FileRef.of(files["a"]), FileRef.of(files["b"])
@@ -220,6 +223,7 @@ def test_merges_chain_with_loras_in_any_order_and_leave_the_bases_alone(files):
     assert_equal_weights(models.unet_for(base_b), sd_b, atol=0)
 
 
+@pytest.mark.slow
 def test_a_merged_unet_runs_exactly_as_one_loaded_from_premerged_weights(files):
     a, b = FileRef.of(files["a"]), FileRef.of(files["b"])
     recipe = merging.ModelMergeBlocks(ModelRecipe(a), ModelRecipe(b), 0.25, 0.6, 0.8, ctx=Ctx())
@@ -251,6 +255,7 @@ def _unet(in_channels: int, seed: int):
     return model
 
 
+@pytest.mark.slow
 def test_add_difference_keeps_the_inpainting_input_conv_at_the_state_dict_level():
     from sd.lora.patching import MergeStep, apply_patches
     from sd.merge import rules
@@ -280,6 +285,7 @@ def test_add_difference_keeps_the_inpainting_input_conv_at_the_state_dict_level(
     assert np.array_equal(torch_layout(dict(tree_flatten(inpaint.parameters())))[first], sd["inpaint"][first])
 
 
+@pytest.mark.slow
 def test_a_merge_of_differently_shaped_unets_says_what_it_keeps(files):
     inpaint = make_checkpoint(files["root"] / "inpaint.safetensors", seed=4, parts=("unet",))
     sd = load_file(inpaint)
@@ -295,6 +301,7 @@ def test_a_merge_of_differently_shaped_unets_says_what_it_keeps(files):
     assert len([m for m in ctx.messages if m.startswith("warning")]) == 1  # only that one weight differs
 
 
+@pytest.mark.slow
 def test_ratio_one_is_a_pass_through_and_lora_loader_still_applies(files, tmp_path):
     from graph import Folders
 

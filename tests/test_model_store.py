@@ -141,6 +141,7 @@ def checkpoint(tmp_path_factory, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_the_same_file_has_one_identity_and_a_changed_one_a_new_one(checkpoint):
     from graph.fingerprint import FingerprintIndex
 
@@ -158,6 +159,7 @@ def test_the_same_file_has_one_identity_and_a_changed_one_a_new_one(checkpoint):
     assert FileRef.of(checkpoint).identity != touched.identity
 
 
+@pytest.mark.slow
 def test_the_store_keys_weights_by_file_identity_and_counts_shared_arrays_once(checkpoint, tmp_path_factory,
                                                                                 tmp_path):
     models.clear()

@@ -45,6 +45,7 @@ def test_the_corpus_has_one_file_per_expectation():
     assert {p.stem for p in BROKEN.glob("*.yaml")} == set(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_broken_workflow_is_refused_before_anything_runs(world, name):
     line, node, inp, words = EXPECTED[name]

@@ -69,6 +69,7 @@ nodes:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,canonical", [
     # the *_gpu SDE samplers are samplers of their own (their tree's generator differs in noise_device cuda)
     ("dpmpp_2m_sde_gpu", "dpmpp_2m_sde_gpu"), ("dpmpp_sde_gpu", "dpmpp_sde_gpu"),
@@ -128,6 +129,7 @@ def test_checkpoint_loader_refuses_a_config_at_validation(world):
     assert "node 'c' input 'config_name'" in str(e.value) and "v-prediction" in str(e.value)
 
 
+@pytest.mark.slow
 def test_checkpoint_loader_sets_clip_skip_and_lora_model_only(world):
     ctx = Ctx(Folders(world.models, world.input, world.output))
     model, clip, vae = loaders.CheckpointLoader("v1-inference_clip_skip_2.yaml", world.checkpoint.name,

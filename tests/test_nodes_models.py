@@ -41,6 +41,7 @@ class Ctx:
         self.messages.append(msg)
 
 
+@pytest.mark.slow
 def test_load_lora_reads_only_the_lora_and_reports_coverage(world):
     reset_loads()
     ctx = Ctx(Folders(world.models, world.input, world.output))
@@ -114,6 +115,7 @@ def test_cancelling_mid_sampling_stops_between_steps_and_leaves_no_files(world):
     assert not world.output.exists() or not list(world.output.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_vae_encode_crops_to_multiples_of_8_centred(world):
     ctx = Ctx(Folders(world.models, world.input, world.output))
     pixels = mx.array(np.random.default_rng(0).random((1, 70, 67, 3), dtype=np.float32))
@@ -178,6 +180,7 @@ def test_branches_with_different_loras_share_one_base(world, tmp_path):
     assert np.array_equal(pixels(world.output / "alone_00001_.png"), base)
 
 
+@pytest.mark.slow
 def test_a_lora_patched_unet_gets_its_own_fast_path_after_its_base_had_one(world):
     ref = FileRef.of(world.checkpoint)
     lora = FileRef.of(world.models / "loras" / "detail.safetensors")

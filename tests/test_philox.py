@@ -93,6 +93,7 @@ def _reference_cases():
     return [(i, row) for i, row in enumerate(data["cases"])]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not REFERENCE.exists(),
     reason="tests/data/philox_reference.npz is absent: run tests/data/make_philox_reference.py on a GPU",

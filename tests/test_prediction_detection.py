@@ -43,6 +43,7 @@ def load(tmp_path, name="model.safetensors"):
     return model, logs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("markers, prediction, zsnr", [
     ((), "eps", False),
     (("v_pred",), "v_prediction", False),
@@ -59,6 +60,7 @@ def test_marker_keys(tmp_path, markers, prediction, zsnr):
     assert load_component(path, "unet") is not None  # the markers are not taken for unknown weights
 
 
+@pytest.mark.slow
 def test_companion_yaml(tmp_path):
     path = checkpoint_with(tmp_path)
     config = path.with_suffix(".yaml")
@@ -70,6 +72,7 @@ def test_companion_yaml(tmp_path):
     assert load(tmp_path)[0].sampling.prediction == "eps"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["model: [unclosed", "!!python/object/apply:os.system ['echo hi']",
                                   "model:\n  params:\n    parameterization: x0_magic\n"])
 def test_bad_companion_yaml_is_a_clear_error(tmp_path, text):
@@ -79,6 +82,7 @@ def test_bad_companion_yaml_is_a_clear_error(tmp_path, text):
         detect_sampling(path, set())
 
 
+@pytest.mark.slow
 def test_companion_yaml_is_part_of_the_cache_key(tmp_path):
     checkpoint_with(tmp_path, name="v1-5-pruned-emaonly.safetensors")
     folders = Folders(tmp_path / "models", tmp_path, tmp_path / "out")
@@ -97,6 +101,7 @@ def test_companion_yaml_is_part_of_the_cache_key(tmp_path):
     assert key() == plain
 
 
+@pytest.mark.slow
 def test_model_sampling_discrete_node_replaces_the_detected_sampling(tmp_path):
     checkpoint_with(tmp_path, "v_pred")
     model, _ = load(tmp_path)
@@ -106,6 +111,7 @@ def test_model_sampling_discrete_node_replaces_the_detected_sampling(tmp_path):
     assert model_sampling_of(patched).skip_steps == 20
 
 
+@pytest.mark.slow
 def test_v_prediction_workflow_runs_after_demo(tmp_path_factory, tmp_path):
     world = make_world(tmp_path_factory, tmp_path)
     result = run(world, WORKFLOWS / "v_prediction.yaml", *SMALL)

@@ -64,6 +64,7 @@ def ids(hf_tokenizer, text: str) -> list[int]:
     return hf_tokenizer(text)["input_ids"][1:-1]
 
 
+@pytest.mark.slow
 def test_token_groups_one_per_segment(hf_tokenizer):
     groups = tokenize_weighted("A photo of a (red:1.3) ((fluffy cat)), [blurry]")
     # the blank between two groups is a segment of its own: an empty token group
@@ -127,6 +128,7 @@ def _reference_layer(ref, rows: list[list[int]], clip_skip: int) -> np.ndarray:
         return norm(out.hidden_states[clip_skip]).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip_skip", [-1, -2])
 def test_weighting_interpolates_from_the_empty_prompt(tiny_clip, hf_tokenizer, clip_skip):
     ours, ref = tiny_clip

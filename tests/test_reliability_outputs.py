@@ -38,6 +38,7 @@ def folder_args(world, output) -> list[str]:
 
 # -- item 1: a cached SaveImage still writes into this run's output folder -----------------------------
 
+@pytest.mark.slow
 def test_cached_save_materialises_in_the_new_output_folder(world, tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
     first = run_cli("run", TXT2IMG, *folder_args(world, a), "--cache-dir", world.cache, *TINY, "--json")
@@ -54,6 +55,7 @@ def test_cached_save_materialises_in_the_new_output_folder(world, tmp_path):
     assert again.statuses()["save"] == "disk cache" and len(list(b.glob("*.png"))) == 1  # already there
 
 
+@pytest.mark.slow
 def test_cached_save_takes_a_fresh_counter_when_the_name_is_taken(world, tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
     b.mkdir()
@@ -67,6 +69,7 @@ def test_cached_save_takes_a_fresh_counter_when_the_name_is_taken(world, tmp_pat
 
 # -- item 2: file-system errors are bounded, clear, and found before running where they can be ----------
 
+@pytest.mark.slow
 def test_output_dir_that_is_a_file_is_refused_before_running(world, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("x")
@@ -96,6 +99,7 @@ def test_unwritable_output_folder_is_refused_before_running(world, tmp_path, mon
     assert res.rc == 2 and "not writable" in res.err and str(out) in res.err
 
 
+@pytest.mark.slow
 def test_a_write_error_while_running_is_one_line_and_exit_1(world, tmp_path, monkeypatch):
     spec = get_spec("SaveImage")
     monkeypatch.setitem(spec.writes_files, "filename_prefix", lambda value, folders: None)  # not checked
@@ -160,6 +164,7 @@ def test_save_loop_is_bounded_on_every_error(tmp_path, monkeypatch):
 
 # -- item 3: every user-supplied name is checked before running ---------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workflow,target,value", [
     (TXT2IMG, "ckpt", LONG + ".safetensors"),
     (WORKFLOWS / "multi_lora.yaml", "lora1_name", LONG + ".safetensors"),
@@ -267,6 +272,7 @@ nodes:
 """
 
 
+@pytest.mark.slow
 def test_comfy_class_names_are_aliases_in_yaml(world, tmp_path):
     wf = tmp_path / "comfy_named.yaml"
     wf.write_text(COMFY_NAMED)
@@ -276,6 +282,7 @@ def test_comfy_class_names_are_aliases_in_yaml(world, tmp_path):
     assert run_cli("nodes", "CheckpointLoaderSimple").out.startswith("LoadCheckpoint")
 
 
+@pytest.mark.slow
 def test_img2img_takes_width_and_height_and_keeps_its_default_output(world, tmp_path):
     from PIL import Image
 
@@ -295,6 +302,7 @@ def test_img2img_takes_width_and_height_and_keeps_its_default_output(world, tmp_
         assert img.size == (128, 128)  # height from the aspect ratio of the 64x64 input
 
 
+@pytest.mark.slow
 def test_output_pngs_follow_the_umask(world, tmp_path):
     old = os.umask(0o022)
     try:

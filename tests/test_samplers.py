@@ -58,6 +58,7 @@ ORDERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "min_ratio", "bound"), ORDERS)
 def test_deterministic_samplers_converge_at_their_order(name, min_ratio, bound):
     errors = [relative_error(name, n) for n in (10, 20, 40, 80)]
@@ -91,6 +92,7 @@ STOCHASTIC = [
 SLOW_SDE = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")  # 5-11 s each here: the slow tier
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "steps", "tolerance"), [
     pytest.param(*case, marks=pytest.mark.slow) if case[0] in SLOW_SDE else case for case in STOCHASTIC])
 def test_stochastic_samplers_give_the_data_distribution(name, steps, tolerance):
@@ -104,6 +106,7 @@ def test_stochastic_samplers_give_the_data_distribution(name, steps, tolerance):
     assert np.abs(out - exact).mean() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, _, _ in STOCHASTIC] + ["lcm"])
 def test_stochastic_samplers_are_seeded(name):
     sigmas = ksampler_sigmas(SD1_MODEL_SAMPLING, "karras", 6, 1.0, name)
@@ -160,6 +163,7 @@ def test_lms_coefficients_integrate_lagrange_polynomials_exactly():
 OWN_STEPS = {"dpm_fast": [0, 1], "dpm_adaptive": None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_callback_once_per_step_and_cancel_between_steps(name):
     sigmas = ksampler_sigmas(SD1_MODEL_SAMPLING, "karras", 5, 1.0, name)

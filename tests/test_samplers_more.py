@@ -28,6 +28,7 @@ ORDERS = [  # (sampler, minimum error ratio 40 -> 80 steps, error bound at 80 st
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "min_ratio", "bound"), ORDERS)
 def test_new_deterministic_samplers_converge_at_their_order(name, min_ratio, bound):
     errors = [relative_error(name, n) for n in (10, 20, 40, 80)]
@@ -46,6 +47,7 @@ STOCHASTIC = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "steps", "tolerance"), STOCHASTIC)
 def test_new_stochastic_samplers_give_the_data_distribution(name, steps, tolerance):
     sigmas = ksampler_sigmas(SD1_MODEL_SAMPLING, "karras", steps, 1.0, name)
@@ -474,6 +476,7 @@ class Replay:
         return mx.array(self._draw().transpose(0, 2, 3, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(COMFY))
 @pytest.mark.parametrize(("scheduler", "steps"), [("karras", 7), ("normal", 10), ("exponential", 4)])
 def test_new_samplers_equal_comfyui(name, scheduler, steps):

@@ -30,6 +30,7 @@ def _holds_arrays(value, depth: int = 3) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m", "euler_ancestral", "uni_pc"])
 @pytest.mark.parametrize("with_callback", [False, True])
 def test_a_finished_sampling_keeps_no_reference_to_its_arrays(monkeypatch, sampler_name, with_callback):

@@ -125,6 +125,7 @@ def test_sigma_table_and_timestep_maps():
     np.testing.assert_allclose(MS.sigma(t.numpy()), REF.sigma(t).numpy(), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULERS)
 @pytest.mark.parametrize("steps", [1, 2, 10, 20, 37])
 @pytest.mark.parametrize("denoise", [1.0, 0.75, 0.3])

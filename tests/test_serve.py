@@ -138,6 +138,7 @@ async def post(url: str, path: str, body=None, headers=None):
         return r.status, (await r.json() if r.content_type == "application/json" else await r.text())
 
 
+@pytest.mark.slow
 def test_queue_progress_executed_view_history(server):
     url = server["url"]
     pid, msgs = run(queue_and_wait(url, {"prompt": prompt(seed=1)}))
@@ -170,6 +171,7 @@ def test_queue_progress_executed_view_history(server):
     assert queue == {"queue_running": [], "queue_pending": []}
 
 
+@pytest.mark.slow
 def test_new_seed_reruns_only_the_sampler_onward(server):
     url = server["url"]
     run(queue_and_wait(url, {"prompt": prompt(seed=11)}))
@@ -277,6 +279,7 @@ async def _interrupt_flow(url: str):
         return pid, msgs, history, queue
 
 
+@pytest.mark.slow
 def test_interrupt_and_queue_operations(server):
     pid, msgs, history, queue = run(_interrupt_flow(server["url"]))
     last = msgs[-1]
@@ -311,6 +314,7 @@ def test_bounded_queue(server):
     assert statuses[-1][1]["error"]["type"] == "queue_full"
 
 
+@pytest.mark.slow
 def test_history_delete_and_clear(server):
     url = server["url"]
     pid, _ = run(queue_and_wait(url, {"prompt": prompt(seed=31)}))
@@ -469,6 +473,7 @@ def test_twenty_queued_prompts_none_lost_or_duplicated(server):
     assert sorted(p.name for p in (server["root"] / "output").glob("load*.png")) == sorted(names)
 
 
+@pytest.mark.slow
 def test_comfy_api_simplified_unchanged(server, tmp_path):
     """A ComfyUI client from PyPI (comfy-api-simplified), used as it is: a titled workflow, a seed set by
     title, queue-and-wait over its own WebSocket, the images fetched through /history and /view."""
@@ -490,6 +495,7 @@ def test_comfy_api_simplified_unchanged(server, tmp_path):
     assert "argv" in api.get_system_stats()["system"]
 
 
+@pytest.mark.slow
 def test_preview_image_is_a_temp_image(server):
     p = prompt(seed=8)
     p["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
@@ -502,6 +508,7 @@ def test_preview_image_is_a_temp_image(server):
     assert run(get(server["url"], f"/history/{pid}"))[1][pid]["outputs"]["9"]["images"] == [image]
 
 
+@pytest.mark.slow
 def test_a_taken_port_and_a_public_address_are_reported(server):
     """--listen other than loopback warns (no authentication); a port in use is one clear error, exit 1."""
     port = server["url"].rsplit(":", 1)[1]

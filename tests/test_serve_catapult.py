@@ -16,6 +16,7 @@ from tests.test_serve import TIMEOUT, live_server, prompt
 pytest.importorskip("comfy_catapult")
 
 
+@pytest.mark.slow
 def test_comfy_catapult_unchanged(tmp_path):
     from anyio import Path as APath
     from comfy_catapult.api_client import ComfyAPIClient

@@ -72,6 +72,7 @@ def test_only_registered_names_are_booleans():
         flag("SDGRAPH_NOT_A_SWITCH")
 
 
+@pytest.mark.slow
 def test_every_sdgraph_variable_in_the_code_is_registered():
     """A string constant SDGRAPH_* anywhere in sd/, graph/, nodes/, cli.py names a registered switch."""
     names = set()

@@ -55,6 +55,7 @@ def test_full_vae_layout_equals_sd15():
     assert {k: v for k, v in ours.items() if reference[k] != v} == {}
 
 
+@pytest.mark.slow
 def test_full_clip_layout_equals_sd15():
     from sd.synthetic.clip import SD15_CLIP, random_clip_weights
 
@@ -65,6 +66,7 @@ def test_full_clip_layout_equals_sd15():
     assert {k: v for k, v in ours.items() if reference[k] != v} == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("float16", marks=pytest.mark.slow),
                                    pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_both_formats_hold_the_same_weights_and_torch_reads_them(tmp_path, dtype):
@@ -80,6 +82,7 @@ def test_both_formats_hold_the_same_weights_and_torch_reads_them(tmp_path, dtype
         assert tensor.dtype == (torch.int64 if key.endswith("position_ids") else expected), key
 
 
+@pytest.mark.slow
 def test_parts_and_seed_are_independent(tmp_path):
     """A UNet-only file holds the same UNet as a complete one; another seed gives other weights."""
     full = load_file(make_checkpoint(tmp_path / "full.safetensors", seed=9))

@@ -57,6 +57,7 @@ def _pixelwise(latent):
     return mx.broadcast_to(rgb[:, :, None, :, None, :], (b, h, 8, w, 8, 3)).reshape(b, h * 8, w * 8, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,tile,overlap", [((40, 56), 24, 8), ((37, 29), 16, 4), ((64, 20), 16, 15)])
 def test_blending_is_seamless_for_a_local_decoder(shape, tile, overlap):
     latent = _latent(*shape, seed=1)

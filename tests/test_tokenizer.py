@@ -64,6 +64,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_ids_match_transformers(reference, prompt):
     expected = reference(prompt)["input_ids"]

@@ -71,6 +71,7 @@ def test_control_residuals_match_diffusers_additional_residuals(tiny):
     assert np.abs(ours - want).max() / np.abs(want).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_input_control_feeds_the_following_blocks(tiny):
     """control.input[i] changes what block i+1 sees (T2I-adapter style), unlike control.output[i]."""
     _, ckpt = tiny
@@ -83,6 +84,7 @@ def test_input_control_feeds_the_following_blocks(tiny):
     assert float(mx.abs(a - b).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_concat_channels_are_appended_to_x():
     rng = np.random.default_rng(2)
     unet = UNetModel(replace(TINY_UNET, in_channels=9))
@@ -110,6 +112,7 @@ def test_attention_replacement_at_one_site(tiny):
     assert len(seen) == 1 and float(np.abs(np.array(perturbed) - plain).max()) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiles", [True, False])
 def test_fast_unet_takes_the_same_extras(tiny, compiles):
     _, ckpt = tiny

@@ -49,6 +49,7 @@ def _run_both(path, inputs) -> float:
     return relative_error(ours, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", pytest.param("ckpt", marks=pytest.mark.slow)])
 def test_unet_matches_diffusers(tmp_path, inputs, fmt):
     path = make_checkpoint(tmp_path / f"tiny.{fmt}", seed=1)

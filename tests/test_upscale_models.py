@@ -47,6 +47,7 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_upscale_model_equals_spandrel(tmp_path, name):
     make, suffix = VARIANTS[name]
@@ -101,6 +102,7 @@ def test_basicsr_wrappers_prefixes_and_config(tmp_path):
     assert (config.num_feat, config.num_conv, config.upscale, config.out_channels) == (12, 5, 4, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size, tile, overlap", [
     ("compact-x2", (70, 45), 32, 8),           # 3 x 2 tiles, narrow last ones
     ("real-esrgan-x2plus", (50, 61), 24, 6),   # tiles of odd widths through the padding model
@@ -142,6 +144,7 @@ def test_tiled_equals_untiled_away_from_the_seams(tmp_path):
     assert np.abs(tiled - whole).max() > 1e-3  # the comparison can see a seam
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_tile_as_comfyui_does(tmp_path):
     state = compact_state(scale=2, seed=5)
     model = load_upscale_model(write_upscale_model(tmp_path / "c.pth", state), dtype=mx.float32)
@@ -174,6 +177,7 @@ def test_out_of_memory_halves_the_tile_as_comfyui_does(tmp_path):
         tiled_scale(broken, x, 2)
 
 
+@pytest.mark.slow
 def test_large_images_are_tiled_by_default():
     """The default 512-pixel tiles bound the model's working memory: a 4x model never sees more than a
     512x512 tile, whatever the image size."""
@@ -197,6 +201,7 @@ def _write(tmp_path, name, state):
     return write_upscale_model(tmp_path / name, state)
 
 
+@pytest.mark.slow
 def test_bad_files_fail_clearly(tmp_path):
     from sd.synthetic import make_checkpoint
 
@@ -253,6 +258,7 @@ def test_a_safetensors_header_whose_length_starts_like_a_pickle_loads(tmp_path):
     pytest.fail("no header length with a low byte of 0x80 was produced")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", ["here", "compiled", "im2col"])
 def test_the_accelerated_upscaler_equals_the_plain_model(tmp_path, opts):
     """sd.accel's FastUpscaler (this device's levers: the C 3x3 convs on a CPU with 64+ channels; or

@@ -41,6 +41,7 @@ def workflow(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_upscale_workflow_writes_the_models_output_and_caches_it(world, workflow):
     from sd.image.upscale import upscale_image
     from sd.loading.upscale_models import load_upscale_model
@@ -109,6 +110,7 @@ def _blank_png(path, side: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
 
 
+@pytest.mark.slow
 def test_an_upscale_too_large_for_this_machine_is_refused_before_running(world, tmp_path):
     """The plan's memory estimate knows the model's scale from the file's header: a 9000x9000 image
     upscaled 8x (over 100 GB of output and sums) is refused at validation, naming the upscaling node."""

@@ -80,6 +80,7 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_each_layout_encodes_and_decodes_like_diffusers(layout, weights, reference, tmp_path):
     name, expected, make, wrapped = LAYOUTS[layout]
@@ -139,6 +140,7 @@ def test_a_pickle_that_calls_something_is_refused(tmp_path):
         vae_layout(path)
 
 
+@pytest.mark.slow
 def test_a_whole_checkpoint_in_models_vae_gives_its_vae(tmp_path):
     from mlx.utils import tree_flatten
 

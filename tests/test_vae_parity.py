@@ -45,6 +45,7 @@ def test_sd15_shapes_give_sd15_config():
     assert random_vae_weights(TINY_VAE, np.random.default_rng(0)).keys() == shapes.keys()
 
 
+@pytest.mark.slow
 def test_encode_matches_diffusers(vae_pair):
     ours, ref = vae_pair
     image = np.random.default_rng(2).uniform(-1, 1, (2, 3, 48, 32)).astype(np.float32)  # NCHW, non-square
@@ -69,6 +70,7 @@ def test_decode_matches_diffusers(vae_pair):
     assert err <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_decode_fp16_vs_fp32(vae_pair):
     """Not a parity check: records how far fp16 drifts from fp32 on the tiny decoder (see report)."""
     ours, _ = vae_pair

@@ -125,6 +125,7 @@ def test_vae_encode_tiled_matches_comfyui(vae_file):
     assert _max_rel(got, want) <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_encode_overlap_must_leave_room(vae_file):
     recipe = VaeRecipe(FileRef.of(vae_file[0]), source="vae_file")
     with pytest.raises(ValueError, match="smaller than half"):
