@@ -210,7 +210,9 @@ def table(result: dict) -> str:
     later, second = "later process, new seed", "second image in one process"
     if later in s and second in s:
         mine = s[later]["seconds"] - s[second]["seconds"]
-        theirs = d[later.split(",")[0]]["seconds"] - d[second]["seconds"] if d else None
+        their_later, their_second = (dict(pairs)[k] for k in (later, second))
+        theirs = (d[their_later]["seconds"] - d[their_second]["seconds"]
+                  if their_later in d and their_second in d else None)
         lines.append(f"| a new process's overhead (later process − second image) | {mine:.2f} s | "
                      + (f"{theirs:.2f} s | {mine / theirs:.2f} |" if theirs else "– | – |"))
     return "\n".join(lines)

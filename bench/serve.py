@@ -76,7 +76,8 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _wait_done(url: str, prompt_id: str, timeout: float) -> None:
+def _wait_done(url: str, prompt_id: str, timeout: float) -> dict:
+    """Poll /history every 2 ms until the prompt's entry is there; return it (raise unless it succeeded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         entry = _get(f"{url}/history/{prompt_id}").get(prompt_id)
@@ -84,7 +85,7 @@ def _wait_done(url: str, prompt_id: str, timeout: float) -> None:
             status = entry.get("status", {})
             if status.get("status_str") != "success":
                 raise RuntimeError(f"prompt {prompt_id} failed: {json.dumps(status)[:2000]}")
-            return
+            return entry
         time.sleep(0.002)
     raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s")
 
@@ -101,10 +102,9 @@ def _poll_times(url: str, ckpt: str, size: int, steps: int, images: int) -> tupl
     for i in range(images + 1):  # the first one loads the models and builds the graphs
         t0 = time.perf_counter()
         body = {"prompt": api_prompt(ckpt, SEED_BASE + i, size, steps), "client_id": "bench"}
-        answer = _post(url + "/prompt", body)
-        _wait_done(url, answer["prompt_id"], 1800)
+        entry = _wait_done(url, _post(url + "/prompt", body)["prompt_id"], 1800)
         times.append(time.perf_counter() - t0)
-        server.append(_server_seconds(_get(f"{url}/history/{answer['prompt_id']}")[answer["prompt_id"]]))
+        server.append(_server_seconds(entry))
         print(f"[serve] image {i}: {times[-1]:.3f} s", flush=True)
     return times, server
 
